@@ -1,0 +1,9 @@
+"""ligerzoo's Triton kernels: each file holds one kernel's forward and backward, its launchers
+(registered as torch.library ops so they trace inside torch.compile), its autograd.Function and
+its public function or module."""
+
+from ligerzoo.kernels.rms_norm import RMSNorm, add_rms_norm, rms_norm
+from ligerzoo.kernels.rope import apply_rope
+from ligerzoo.kernels.swiglu import swiglu
+
+__all__ = ["RMSNorm", "add_rms_norm", "apply_rope", "rms_norm", "swiglu"]

@@ -1,0 +1,102 @@
+"""What every kernel file shares: where a tensor's kernel runs, tile sizes, argument checks.
+
+Kernel files import nothing of the package but this module.
+"""
+
+import functools
+import os
+
+import torch
+import triton
+from torch._library.triton import set_wrap_triton_enabled
+from torch.library import triton_op
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# A row-per-program kernel holds one row in registers; past this many elements it would spill.
+MAX_ROW_BLOCK = 65536
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run on CPU tensors through Triton's interpreter (CI's mode)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def runs_triton(t: torch.Tensor) -> bool:
+    """CUDA tensors run the Triton kernels; CPU tensors do too under the interpreter,
+    and otherwise fall back to each kernel's PyTorch reference path."""
+    return t.is_cuda or (t.device.type == "cpu" and interpreting())
+
+
+def row_block(n_cols: int, max_block: int = MAX_ROW_BLOCK) -> tuple[int, int]:
+    """Block size covering one row (next power of two, capped) and the warps that suit it."""
+    block = min(max_block, triton.next_power_of_2(max(n_cols, 1)))
+    if block >= 32768:
+        num_warps = 32
+    elif block >= 8192:
+        num_warps = 16
+    elif block >= 2048:
+        num_warps = 8
+    else:
+        num_warps = 4
+    return block, num_warps
+
+
+def program_count(device: torch.device, per_sm: int = 1) -> int:
+    """Programs for a persistent grid: a few per multiprocessor on the GPU, a handful when
+    interpreting (each interpreted program is a Python loop)."""
+    if device.type == "cuda":
+        return per_sm * _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
+    return 4
+
+
+@functools.cache
+def _multiprocessors(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def check_float(name: str, t: torch.Tensor) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+
+
+def check_same_device(**tensors: torch.Tensor) -> None:
+    devices = {name: t.device for name, t in tensors.items() if t is not None}
+    if len(set(devices.values())) > 1:
+        listed = ", ".join(f"{name} on {device}" for name, device in devices.items())
+        raise ValueError(f"tensors must be on one device: {listed}")
+
+
+def as_rows(x: torch.Tensor) -> torch.Tensor:
+    """View x as [rows, last dim] with unit stride along the row (copying only when needed)."""
+    x2 = x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
+    if x2.shape[-1] > 1 and x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    return x2
+
+
+def kernel_op(name: str, mutates_args=()):
+    """Register a launcher as the torch.library op `ligerzoo::<name>` (a `triton_op`, so Inductor
+    sees the Triton kernels inside and schedules them with the code around it) and return a
+    callable that takes the op while torch.compile traces, and in eager mode calls the launcher
+    directly with `wrap_triton` switched off (as the op itself does when it runs): through the
+    custom-op dispatcher a call costs about 75 us of host time, through `wrap_triton`'s
+    higher-order op about 300 us (H100, torch 2.11), more than these kernels take on the GPU."""
+
+    def register(launcher):
+        op = triton_op(f"ligerzoo::{name}", mutates_args=mutates_args)(launcher)
+
+        def call(*args):
+            if torch.compiler.is_compiling():
+                return op(*args)
+            with set_wrap_triton_enabled(False):
+                return launcher(*args)
+
+        call.op = op
+        call.__name__ = call.__qualname__ = launcher.__name__
+        call.__doc__ = launcher.__doc__
+        return call
+
+    return register

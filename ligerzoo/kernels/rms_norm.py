@@ -1,0 +1,223 @@
+"""RMSNorm, alone or fused with the residual add before it.
+
+    y = x / sqrt(mean(x^2) + eps) * weight
+
+`add_rms_norm(x, residual, weight, eps)` returns `(rms_norm(x + residual), x + residual)` in one
+pass over memory: every decoder block needs that pair twice per layer.
+"""
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import wrap_triton
+
+from ligerzoo.kernels._utils import (
+    MAX_ROW_BLOCK,
+    as_rows,
+    check_float,
+    check_same_device,
+    kernel_op,
+    program_count,
+    row_block,
+    runs_triton,
+)
+
+
+@triton.jit
+def _rms_norm_forward_kernel(
+    x_ptr, residual_ptr, weight_ptr, y_ptr, sum_ptr, rstd_ptr,
+    x_row_stride, residual_row_stride, y_row_stride, sum_row_stride,
+    n_cols, eps,
+    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    x = tl.load(x_ptr + row * x_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        r = tl.load(residual_ptr + row * residual_row_stride + cols, mask=mask, other=0.0)
+        # Round the sum to the storage dtype first: the norm must see the same tensor we return.
+        s = (x + r.to(tl.float32)).to(sum_ptr.dtype.element_ty)
+        tl.store(sum_ptr + row * sum_row_stride + cols, s, mask=mask)
+        x = s.to(tl.float32)
+    w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n_cols + eps)
+    tl.store(rstd_ptr + row, rstd)
+    tl.store(y_ptr + row * y_row_stride + cols, (x * rstd * w).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rms_norm_backward_kernel(
+    dy_ptr, x_ptr, weight_ptr, rstd_ptr, dsum_ptr, dx_ptr, dweight_partial_ptr,
+    dy_row_stride, x_row_stride, dsum_row_stride, dx_row_stride,
+    n_rows, n_cols,
+    HAS_SUM_GRAD: tl.constexpr, BLOCK: tl.constexpr,
+):
+    # Persistent programs walk rows pid, pid + P, ...; each keeps its own float32 partial of
+    # dweight in registers and writes it once, so the weight gradient needs no atomics and
+    # reduces in the same order on every run.
+    pid = tl.program_id(0)
+    n_programs = tl.num_programs(0)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    dw = tl.zeros([BLOCK], dtype=tl.float32)
+    for row in range(pid.to(tl.int64), n_rows, n_programs):
+        dy = tl.load(dy_ptr + row * dy_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + row * x_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(rstd_ptr + row)
+        x_hat = x * rstd
+        dy_w = dy * w
+        dx = rstd * (dy_w - x_hat * (tl.sum(dy_w * x_hat, axis=0) / n_cols))
+        if HAS_SUM_GRAD:
+            dx += tl.load(dsum_ptr + row * dsum_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(dx_ptr + row * dx_row_stride + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        dw += dy * x_hat
+    tl.store(dweight_partial_ptr + pid * n_cols + cols, dw, mask=mask)
+
+
+# Enough resident programs per multiprocessor to hide each row's load latency (every program
+# walks its rows one after another).
+BACKWARD_PROGRAMS_PER_SM = 8
+
+
+def _check_width(n_cols: int) -> None:
+    if n_cols > MAX_ROW_BLOCK:
+        raise ValueError(f"rms_norm: rows of {n_cols} elements exceed the supported {MAX_ROW_BLOCK}")
+
+
+@kernel_op("rms_norm_forward")
+def _forward(
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x, residual: [N, D] with unit column stride. Returns (y, x + residual or an empty
+    placeholder, per-row reciprocal RMS in float32)."""
+    n_rows, n_cols = x.shape
+    y = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
+    summed = torch.empty((n_rows, n_cols) if residual is not None else (0, n_cols), dtype=x.dtype, device=x.device)
+    rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
+    if n_rows == 0:
+        return y, summed, rstd
+    if not runs_triton(x):
+        h = x.float() if residual is None else (x.float() + residual.float()).to(x.dtype)
+        if residual is not None:
+            summed.copy_(h)
+        h = h.float()
+        rstd.copy_(torch.rsqrt(h.pow(2).mean(-1) + eps))
+        y.copy_(h * rstd[:, None] * weight.float())
+        return y, summed, rstd
+    block, num_warps = row_block(n_cols)
+    wrap_triton(_rms_norm_forward_kernel)[(n_rows,)](
+        x, residual if residual is not None else x, weight, y, summed, rstd,
+        x.stride(0), residual.stride(0) if residual is not None else 0, y.stride(0), summed.stride(0),
+        n_cols, eps,
+        HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=num_warps,
+    )
+    return y, summed, rstd
+
+
+@kernel_op("rms_norm_backward")
+def _backward(
+    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
+    dsum: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of x (plus dsum, the gradient reaching the returned sum, when fused) and weight."""
+    n_rows, n_cols = x.shape
+    dx = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
+    if n_rows == 0:
+        return dx, torch.zeros_like(weight)
+    if not runs_triton(x):
+        x_hat = x.float() * rstd[:, None]
+        dy_w = dy.float() * weight.float()
+        grad = rstd[:, None] * (dy_w - x_hat * (dy_w * x_hat).mean(-1, keepdim=True))
+        if dsum is not None:
+            grad = grad + dsum.float()
+        dx.copy_(grad)
+        return dx, (dy.float() * x_hat).sum(0).to(weight.dtype)
+    block, num_warps = row_block(n_cols)
+    n_programs = min(n_rows, program_count(x.device, per_sm=BACKWARD_PROGRAMS_PER_SM))
+    dweight_partial = torch.empty((n_programs, n_cols), dtype=torch.float32, device=x.device)
+    wrap_triton(_rms_norm_backward_kernel)[(n_programs,)](
+        dy, x, weight, rstd, dsum if dsum is not None else dy, dx, dweight_partial,
+        dy.stride(0), x.stride(0), dsum.stride(0) if dsum is not None else 0, dx.stride(0),
+        n_rows, n_cols,
+        HAS_SUM_GRAD=dsum is not None, BLOCK=block, num_warps=num_warps,
+    )
+    return dx, dweight_partial.sum(0).to(weight.dtype)
+
+
+class _RMSNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, residual, weight, eps):
+        shape = x.shape
+        x2 = as_rows(x)
+        r2 = as_rows(residual) if residual is not None else None
+        y, summed, rstd = _forward(x2, r2, weight, eps)
+        # The backward needs only the normalised input and the per-row 1/rms: we save the
+        # input (or the sum, which is an output anyway) and recompute x_hat from it.
+        ctx.save_for_backward(summed if residual is not None else x2, weight, rstd)
+        ctx.has_residual = residual is not None
+        if residual is None:
+            return y.view(shape)
+        return y.view(shape), summed.view(shape)
+
+    @staticmethod
+    def backward(ctx, dy, dsum=None):
+        h, weight, rstd = ctx.saved_tensors
+        dy2 = as_rows(dy)
+        dsum2 = as_rows(dsum) if (ctx.has_residual and dsum is not None) else None
+        dh, dweight = _backward(dy2, h, weight, rstd, dsum2)
+        dh = dh.view(dy.shape)
+        if ctx.has_residual:
+            return dh, dh, dweight, None
+        return dh, None, dweight, None
+
+
+def _check(x, weight, residual=None):
+    check_float("x", x)
+    check_float("weight", weight)
+    if weight.dim() != 1 or (x.dim() > 0 and weight.shape[0] != x.shape[-1]):
+        raise ValueError(f"weight must have shape [{x.shape[-1] if x.dim() else '?'}], got {list(weight.shape)}")
+    if x.dim() == 0:
+        raise ValueError("x must have at least one dimension")
+    if residual is not None:
+        check_float("residual", residual)
+        if residual.shape != x.shape:
+            raise ValueError(f"residual must have x's shape {list(x.shape)}, got {list(residual.shape)}")
+        if residual.dtype != x.dtype:
+            raise ValueError(f"residual must have x's dtype {x.dtype}, got {residual.dtype}")
+    check_same_device(x=x, weight=weight, residual=residual)
+    _check_width(x.shape[-1])
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """RMSNorm over the last dimension of x (any leading dims); output in x's dtype."""
+    _check(x, weight)
+    return _RMSNormFunction.apply(x, None, weight, eps)
+
+
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(x + residual), x + residual) in one pass; the sum is rounded to x's dtype."""
+    _check(x, weight, residual)
+    return _RMSNormFunction.apply(x, residual, weight, eps)
+
+
+class RMSNorm(torch.nn.Module):
+    def __init__(self, hidden_size: int, eps: float = 1e-6, device=None, dtype=None):
+        super().__init__()
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size, device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """rms_norm(x); with a residual, the pair (rms_norm(x + residual), x + residual)."""
+        if residual is None:
+            return rms_norm(x, self.weight, self.eps)
+        return add_rms_norm(x, residual, self.weight, self.eps)
+
+    def reset_parameters(self) -> None:
+        torch.nn.init.ones_(self.weight)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"

@@ -1,0 +1,188 @@
+"""Rotary position embedding on q and k, in Hugging Face's rotate-half convention.
+
+    out = x * cos + rotate_half(x) * sin,   rotate_half(x) = cat(-x2, x1)
+
+with x1, x2 the two halves of each head and cos/sin built with duplicated halves
+(`emb = cat(freqs, freqs)`), as HF's rotary modules build them. Per head, with c, s the first
+halves of cos and sin:
+
+    out1 = x1 * c - x2 * s
+    out2 = x2 * c + x1 * s
+
+The map is a rotation, so its backward is the rotation by -sin: the same kernel with a flag.
+"""
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import wrap_triton
+
+from ligerzoo.kernels._utils import check_float, check_same_device, kernel_op, row_block, runs_triton
+
+
+@triton.jit
+def _rotate_heads(
+    x_ptr, out_ptr, x_head_stride, x_dim_stride,
+    n_heads, half_dim, cos, sin,
+    HEAD_BLOCK: tl.constexpr, HALF_BLOCK: tl.constexpr,
+):
+    """Rotates every head of one token. x_ptr, out_ptr: that token's first element in x and in the
+    contiguous output; cos, sin: [1, HALF_BLOCK] float32 first halves for the token."""
+    dims = tl.arange(0, HALF_BLOCK)[None, :]
+    dim_mask = dims < half_dim
+    head_dim = 2 * half_dim
+    for first_head in range(0, n_heads, HEAD_BLOCK):
+        heads = first_head + tl.arange(0, HEAD_BLOCK)[:, None]
+        mask = (heads < n_heads) & dim_mask
+        x1_ptrs = x_ptr + heads * x_head_stride + dims * x_dim_stride
+        x1 = tl.load(x1_ptrs, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(x1_ptrs + half_dim * x_dim_stride, mask=mask, other=0.0).to(tl.float32)
+        out1_ptrs = out_ptr + heads * head_dim + dims
+        tl.store(out1_ptrs, (x1 * cos - x2 * sin).to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out1_ptrs + half_dim, (x2 * cos + x1 * sin).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rope_kernel(
+    q_ptr, k_ptr, cos_ptr, sin_ptr, q_out_ptr, k_out_ptr,
+    q_batch_stride, q_seq_stride, q_head_stride, q_dim_stride,
+    k_batch_stride, k_seq_stride, k_head_stride, k_dim_stride,
+    cos_batch_stride, cos_seq_stride, cos_dim_stride,
+    sin_batch_stride, sin_seq_stride, sin_dim_stride,
+    seq_len, n_q_heads, n_k_heads, half_dim,
+    INVERSE: tl.constexpr, Q_HEAD_BLOCK: tl.constexpr, K_HEAD_BLOCK: tl.constexpr,
+    HALF_BLOCK: tl.constexpr,
+):
+    """One program per token (b, t): q, k [B, T, H, D] with any strides; cos, sin [B or 1, T, D]
+    (batch stride 0 when shared), of which only the first half of D is read; q_out, k_out
+    contiguous [B, T, H, D]. INVERSE rotates by -sin (the backward)."""
+    token = tl.program_id(0).to(tl.int64)
+    b = token // seq_len
+    t = token % seq_len
+    # cos/sin are read once per token and reused for all q and k heads, so their traffic is
+    # 1/(Hq + Hk) of q and k's.
+    dims = tl.arange(0, HALF_BLOCK)[None, :]
+    dim_mask = dims < half_dim
+    cos = tl.load(cos_ptr + b * cos_batch_stride + t * cos_seq_stride + dims * cos_dim_stride,
+                  mask=dim_mask, other=0.0).to(tl.float32)
+    sin = tl.load(sin_ptr + b * sin_batch_stride + t * sin_seq_stride + dims * sin_dim_stride,
+                  mask=dim_mask, other=0.0).to(tl.float32)
+    if INVERSE:
+        sin = -sin
+    head_dim = 2 * half_dim
+    _rotate_heads(
+        q_ptr + b * q_batch_stride + t * q_seq_stride, q_out_ptr + token * n_q_heads * head_dim,
+        q_head_stride, q_dim_stride, n_q_heads, half_dim, cos, sin, Q_HEAD_BLOCK, HALF_BLOCK,
+    )
+    _rotate_heads(
+        k_ptr + b * k_batch_stride + t * k_seq_stride, k_out_ptr + token * n_k_heads * head_dim,
+        k_head_stride, k_dim_stride, n_k_heads, half_dim, cos, sin, K_HEAD_BLOCK, HALF_BLOCK,
+    )
+
+
+# Elements of one half-head tile [heads, D/2]: with 4 warps one 16-byte access per thread in
+# 16-bit dtypes, so Llama's 32 q heads of 128 take two iterations and its 8 k heads one.
+_HALF_TILE = 1024
+
+
+def _cos_sin_strides(t: torch.Tensor) -> tuple[int, int, int]:
+    """(batch, seq, dim) strides of a [T, D] or [B or 1, T, D] cos/sin; batch 0 when shared."""
+    if t.dim() == 2:
+        return 0, t.stride(0), t.stride(1)
+    return (0 if t.shape[0] == 1 else t.stride(0)), t.stride(1), t.stride(2)
+
+
+def _rotate_reference(x: torch.Tensor, cos_half: torch.Tensor, sin_half: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    x1, x2 = x.float().split(half, dim=-1)
+    return torch.cat((x1 * cos_half - x2 * sin_half, x2 * cos_half + x1 * sin_half), dim=-1)
+
+
+@kernel_op("rope")
+def _rope(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [B, T, Hq, D], k [B, T, Hk, D] (any strides) rotated in one launch; contiguous outputs."""
+    batch, seq_len, n_q_heads, head_dim = q.shape
+    n_k_heads = k.shape[2]
+    q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    if batch * seq_len == 0 or head_dim == 0:
+        return q_out, k_out
+    half_dim = head_dim // 2
+    if not runs_triton(q):
+        # [T, D] -> [1, T, 1, D/2]; [B or 1, T, D] -> [B or 1, T, 1, D/2]
+        cos_half = cos[..., :half_dim].float().reshape(-1, seq_len, 1, half_dim)
+        sin_half = sin[..., :half_dim].float().reshape(-1, seq_len, 1, half_dim)
+        if inverse:
+            sin_half = -sin_half
+        q_out.copy_(_rotate_reference(q, cos_half, sin_half))
+        k_out.copy_(_rotate_reference(k, cos_half, sin_half))
+        return q_out, k_out
+    half_block = triton.next_power_of_2(half_dim)
+    heads_per_tile = max(1, _HALF_TILE // half_block)
+    q_head_block = min(heads_per_tile, triton.next_power_of_2(max(n_q_heads, 1)))
+    k_head_block = min(heads_per_tile, triton.next_power_of_2(max(n_k_heads, 1)))
+    _, num_warps = row_block(q_head_block * half_block)
+    wrap_triton(_rope_kernel)[(batch * seq_len,)](
+        q, k, cos, sin, q_out, k_out,
+        *q.stride(), *k.stride(), *_cos_sin_strides(cos), *_cos_sin_strides(sin),
+        seq_len, n_q_heads, n_k_heads, half_dim,
+        INVERSE=inverse, Q_HEAD_BLOCK=q_head_block, K_HEAD_BLOCK=k_head_block, HALF_BLOCK=half_block,
+        num_warps=num_warps,
+    )
+    return q_out, k_out
+
+
+class _RopeFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, cos, sin):
+        q_rot, k_rot = _rope(q, k, cos, sin, False)
+        # A rotation's backward needs only the angle: nothing of q or k is saved.
+        ctx.save_for_backward(cos, sin)
+        return q_rot, k_rot
+
+    @staticmethod
+    def backward(ctx, dq_rot, dk_rot):
+        cos, sin = ctx.saved_tensors
+        dq, dk = _rope(dq_rot, dk_rot, cos, sin, True)
+        return dq, dk, None, None
+
+
+def _check(q, k, cos, sin):
+    for name, t in (("q", q), ("k", k), ("cos", cos), ("sin", sin)):
+        check_float(name, t)
+    if q.dim() != 4:
+        raise ValueError(f"q must be [B, T, Hq, D], got shape {list(q.shape)}")
+    batch, seq_len, _, head_dim = q.shape
+    if k.dim() != 4 or k.shape[0] != batch or k.shape[1] != seq_len or k.shape[3] != head_dim:
+        raise ValueError(
+            f"k must be [{batch}, {seq_len}, Hk, {head_dim}] to match q, got shape {list(k.shape)}"
+        )
+    if k.dtype != q.dtype:
+        raise ValueError(f"k must have q's dtype {q.dtype}, got {k.dtype}")
+    if head_dim % 2:
+        raise ValueError(f"q and k have head dim {head_dim}: rotate-half needs an even head dim")
+    shapes = ([seq_len, head_dim], [1, seq_len, head_dim], [batch, seq_len, head_dim])
+    if list(cos.shape) not in shapes:
+        raise ValueError(
+            f"cos must be [T, D] or [B, T, D] = [{batch}, {seq_len}, {head_dim}] (B may be 1), "
+            f"got shape {list(cos.shape)}"
+        )
+    if sin.shape != cos.shape:
+        raise ValueError(f"sin must have cos's shape {list(cos.shape)}, got {list(sin.shape)}")
+    check_same_device(q=q, k=k, cos=cos, sin=sin)
+
+
+def apply_rope(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q * cos + rotate_half(q) * sin, the same for k) in one launch, math in float32.
+
+    q: [B, T, Hq, D], k: [B, T, Hk, D] (any strides, e.g. views into a fused QKV projection).
+    cos, sin: [T, D] or [B, T, D] (B may be 1), any float dtype, with duplicated halves as
+    Hugging Face builds them: only their first halves are read. They get no gradient.
+    Returns new contiguous tensors in q's dtype.
+    """
+    _check(q, k, cos, sin)
+    return _RopeFunction.apply(q, k, cos, sin)

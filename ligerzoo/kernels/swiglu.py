@@ -1,0 +1,161 @@
+"""SwiGLU, the gate of Llama's MLP: `silu(gate) * up`, elementwise.
+
+    y      = silu(g) * u,  silu(g) = g * sigmoid(g)
+    d_gate = dy * u * sigmoid(g) * (1 + g * (1 - sigmoid(g)))
+    d_up   = dy * silu(g)
+
+Purely memory bound: the forward reads two tensors and writes one, the backward reads three and
+writes two, so both kernels are one pass with wide tiles and nothing else.
+"""
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import wrap_triton
+
+from ligerzoo.kernels._utils import as_rows, check_float, check_same_device, kernel_op, row_block, runs_triton
+
+
+@triton.jit
+def _tile(n_rows, n_cols, n_col_blocks, ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
+    """Row and column indices ([ROWS, 1] and [1, BLOCK_COLS]) and mask of this program's tile."""
+    pid = tl.program_id(0)
+    # int64: a flattened tensor's column index can pass 2**31.
+    rows = (pid // n_col_blocks).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    cols = (pid % n_col_blocks).to(tl.int64) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
+    mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
+    return rows[:, None], cols[None, :], mask
+
+
+@triton.jit
+def _swiglu_forward_kernel(
+    gate_ptr, up_ptr, y_ptr,
+    gate_row_stride, up_row_stride, y_row_stride,
+    n_rows, n_cols, n_col_blocks,
+    ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
+):
+    rows, cols, mask = _tile(n_rows, n_cols, n_col_blocks, ROWS, BLOCK_COLS)
+    g = tl.load(gate_ptr + rows * gate_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(up_ptr + rows * up_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    y = g * tl.sigmoid(g) * u
+    tl.store(y_ptr + rows * y_row_stride + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _swiglu_backward_kernel(
+    dy_ptr, gate_ptr, up_ptr, dgate_ptr, dup_ptr,
+    dy_row_stride, gate_row_stride, up_row_stride, dgate_row_stride, dup_row_stride,
+    n_rows, n_cols, n_col_blocks,
+    ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
+):
+    """dy: gradient of y; gate, up: the forward's inputs; dgate, dup: the gradients written."""
+    rows, cols, mask = _tile(n_rows, n_cols, n_col_blocks, ROWS, BLOCK_COLS)
+    dy = tl.load(dy_ptr + rows * dy_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(gate_ptr + rows * gate_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(up_ptr + rows * up_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    sig = tl.sigmoid(g)
+    silu = g * sig
+    dgate = dy * u * sig * (1.0 + g * (1.0 - sig))
+    tl.store(dgate_ptr + rows * dgate_row_stride + cols, dgate.to(dgate_ptr.dtype.element_ty), mask=mask)
+    tl.store(dup_ptr + rows * dup_row_stride + cols, (dy * silu).to(dup_ptr.dtype.element_ty), mask=mask)
+
+
+# Elements per program: with 8 warps one 16-byte access per thread in 16-bit dtypes (two in
+# float32), and enough programs at LLM sizes that the last wave's tail is negligible.
+_TILE = 2048
+
+
+def _tiling(n_rows: int, n_cols: int, *tensors: torch.Tensor) -> tuple[int, int, int, int, int]:
+    """(rows, cols, rows per tile, columns per tile, warps) to launch with. When every operand's
+    rows follow one another in memory (the usual case) the tensor is launched as one long row, so
+    no tile is cut short by a row end that is not a multiple of the tile."""
+    if n_rows == 1 or all(t.stride(0) == n_cols for t in tensors):
+        n_rows, n_cols = 1, n_rows * n_cols
+    block_cols, _ = row_block(n_cols, max_block=_TILE)
+    _, num_warps = row_block(_TILE)
+    return n_rows, n_cols, _TILE // block_cols, block_cols, num_warps
+
+
+@kernel_op("swiglu_forward")
+def _forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """gate, up: [N, D] with unit column stride. Returns silu(gate) * up, [N, D] contiguous."""
+    n_rows, n_cols = gate.shape
+    y = torch.empty((n_rows, n_cols), dtype=gate.dtype, device=gate.device)
+    if y.numel() == 0:
+        return y
+    if not runs_triton(gate):
+        g = gate.float()
+        y.copy_(g * torch.sigmoid(g) * up.float())
+        return y
+    rows, cols, rows_per_tile, block_cols, num_warps = _tiling(n_rows, n_cols, gate, up, y)
+    n_col_blocks = triton.cdiv(cols, block_cols)
+    grid = (triton.cdiv(rows, rows_per_tile) * n_col_blocks,)
+    wrap_triton(_swiglu_forward_kernel)[grid](
+        gate, up, y,
+        gate.stride(0), up.stride(0), y.stride(0),
+        rows, cols, n_col_blocks,
+        ROWS=rows_per_tile, BLOCK_COLS=block_cols, num_warps=num_warps,
+    )
+    return y
+
+
+@kernel_op("swiglu_backward")
+def _backward(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of gate and up, [N, D] contiguous, in one pass over dy, gate and up."""
+    n_rows, n_cols = gate.shape
+    dgate = torch.empty((n_rows, n_cols), dtype=gate.dtype, device=gate.device)
+    dup = torch.empty((n_rows, n_cols), dtype=up.dtype, device=up.device)
+    if dgate.numel() == 0:
+        return dgate, dup
+    if not runs_triton(gate):
+        g, u, d = gate.float(), up.float(), dy.float()
+        sig = torch.sigmoid(g)
+        dgate.copy_(d * u * sig * (1.0 + g * (1.0 - sig)))
+        dup.copy_(d * g * sig)
+        return dgate, dup
+    rows, cols, rows_per_tile, block_cols, num_warps = _tiling(n_rows, n_cols, dy, gate, up, dgate, dup)
+    n_col_blocks = triton.cdiv(cols, block_cols)
+    grid = (triton.cdiv(rows, rows_per_tile) * n_col_blocks,)
+    wrap_triton(_swiglu_backward_kernel)[grid](
+        dy, gate, up, dgate, dup,
+        dy.stride(0), gate.stride(0), up.stride(0), dgate.stride(0), dup.stride(0),
+        rows, cols, n_col_blocks,
+        ROWS=rows_per_tile, BLOCK_COLS=block_cols, num_warps=num_warps,
+    )
+    return dgate, dup
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    # reshape(-1, 0) cannot infer the row count, so empty tensors get an explicit one.
+    return as_rows(t) if t.numel() else t.reshape(0, t.shape[-1])
+
+
+class _SwiGLUFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate, up):
+        gate2, up2 = _rows(gate), _rows(up)
+        y = _forward(gate2, up2)
+        # Only the inputs are saved: sigmoid(gate) is cheaper to recompute than to store and
+        # read back. The backward writes new tensors, never into these (others may hold them).
+        ctx.save_for_backward(gate2, up2)
+        return y.view(gate.shape)
+
+    @staticmethod
+    def backward(ctx, dy):
+        gate2, up2 = ctx.saved_tensors
+        dgate, dup = _backward(_rows(dy), gate2, up2)
+        return dgate.view(dy.shape), dup.view(dy.shape)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up, elementwise over tensors of one shape and dtype (any leading dims)."""
+    check_float("gate", gate)
+    check_float("up", up)
+    if gate.dim() == 0:
+        raise ValueError("gate must have at least one dimension")
+    if up.shape != gate.shape:
+        raise ValueError(f"up must have gate's shape {list(gate.shape)}, got {list(up.shape)}")
+    if up.dtype != gate.dtype:
+        raise ValueError(f"up must have gate's dtype {gate.dtype}, got {up.dtype}")
+    check_same_device(gate=gate, up=up)
+    return _SwiGLUFunction.apply(gate, up)
