@@ -2,8 +2,9 @@
 (registered as torch.library ops so they trace inside torch.compile), its autograd.Function and
 its public function or module."""
 
+from ligerzoo.kernels.cross_entropy import CrossEntropyLoss, cross_entropy
 from ligerzoo.kernels.rms_norm import RMSNorm, add_rms_norm, rms_norm
 from ligerzoo.kernels.rope import apply_rope
 from ligerzoo.kernels.swiglu import swiglu
 
-__all__ = ["RMSNorm", "add_rms_norm", "apply_rope", "rms_norm", "swiglu"]
+__all__ = ["CrossEntropyLoss", "RMSNorm", "add_rms_norm", "apply_rope", "cross_entropy", "rms_norm", "swiglu"]

@@ -4,6 +4,7 @@ Kernel files import nothing of the package but this module.
 """
 
 import functools
+import inspect
 import os
 
 import torch
@@ -87,12 +88,19 @@ def kernel_op(name: str, mutates_args=()):
 
     def register(launcher):
         op = triton_op(f"ligerzoo::{name}", mutates_args=mutates_args)(launcher)
+        parameters = list(inspect.signature(launcher).parameters)
+        mutated = [parameters.index(arg) for arg in mutates_args]
 
         def call(*args):
             if torch.compiler.is_compiling():
                 return op(*args)
             with set_wrap_triton_enabled(False):
-                return launcher(*args)
+                result = launcher(*args)
+            # Raw kernel writes are invisible to autograd: bump the version the op would have
+            # bumped, so a saved tensor modified in place is caught on reuse.
+            for index in mutated:
+                torch.autograd.graph.increment_version(args[index])
+            return result
 
         call.op = op
         call.__name__ = call.__qualname__ = launcher.__name__

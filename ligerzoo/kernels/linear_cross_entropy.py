@@ -1,0 +1,243 @@
+"""Cross-entropy of a linear layer's output, `cross_entropy(hidden @ weight.T + bias, target)`,
+without ever holding the [N, V] logits.
+
+For a chunk of c rows (h = hidden[rows], W = weight, G = d loss / d logits of those rows):
+
+    logits  = h @ W.T + bias           [c, V]   cuBLAS, into one reused buffer
+    G       = cross_entropy gradient   [c, V]   the cross-entropy kernel, in place over logits
+    dhidden[rows]  = G @ W             [c, H]
+    dweight       += G.T @ h           [V, H]
+    dbias         += sum over rows of G   (float32)
+
+For "mean" and "sum" the gradient of the loss does not depend on anything the backward brings
+but one scalar, so all three matmuls run in the forward, while the chunk's logits are at hand,
+and the backward only scales the finished gradients (in place, skipped when the scalar is 1).
+For "none" the per-row incoming gradient is unknown until the backward, which therefore
+recomputes each chunk's logits (a fourth matmul) and scales the gradient rows before the two
+gradient matmuls.
+
+Chunk size. Each chunk streams all of W twice (logits, dhidden) and reads and writes all of
+dweight once: 4*V*H*itemsize bytes per chunk against 6*c*V*H flops, so the number of chunks,
+not the vocabulary, decides whether the loop is memory- or compute-bound. At the Llama-3-8B head
+(N 8192, H 4096, V 128256, bf16) on an H100 (742 TFLOP/s, 3.0 TB/s) the three matmuls take
+34.8 ms; 256-row chunks (a 64 MiB buffer) move 134 GB, at least 45 ms, the dweight update alone
+being twice as slow as its flops; 512-row chunks (125 MiB) move 67 GB (22 ms), under the
+flops. So the buffer gets CHUNK_BUFFER_BYTES and the chunk the most rows, a multiple of 128
+(cuBLAS tiles), that fit in it.
+"""
+
+import torch
+
+from ligerzoo.kernels._utils import as_rows, check_float, check_same_device
+from ligerzoo.kernels.cross_entropy import _check_options, launch_cross_entropy
+
+# Memory for one chunk of logits: the 128 MiB allowed beyond inputs and gradients, less 2 MiB
+# for what else is live (per-row float32 losses, the float32 bias gradient). 512 rows of the
+# 128256-wide Llama-3 vocabulary in bf16 fit (125.25 MiB); see the module docstring for why
+# 512 and not 256.
+CHUNK_BUFFER_BYTES = 126 * 2**20
+
+_BAD_TARGET_MESSAGE = "linear_cross_entropy: target index outside [0, V) (and not ignore_index)"
+
+
+def _chunk_rows(vocab: int, itemsize: int) -> int:
+    """Rows per chunk: as many as CHUNK_BUFFER_BYTES holds, rounded down to a multiple of 128."""
+    rows = max(1, CHUNK_BUFFER_BYTES // (vocab * itemsize))
+    return rows // 128 * 128 if rows >= 128 else rows
+
+
+@torch.library.custom_op("ligerzoo::linear_cross_entropy", mutates_args=())
+def _loss_and_grads(
+    hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, bias: torch.Tensor | None,
+    grad_scale: torch.Tensor, ignore_index: int, label_smoothing: float, chunk_rows: int,
+    want_grad_hidden: bool, want_grad_weight: bool, want_grad_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """hidden [N, H] (unit column stride), weight [V, H], target [N], bias [V] or None.
+
+    grad_scale: float32 scalar multiplying every row's gradient (1 / non-ignored count for
+    "mean"), or [N] per-row factors (the incoming gradient of a "none" loss).
+    Returns (per-row unscaled losses, float32 [N]; grad of hidden [N, H]; grad of weight [V, H];
+    grad of bias [V]; int32 [1] flag, nonzero when a target was out of range). A gradient not
+    asked for is an empty placeholder with no rows.
+
+    An opaque custom op rather than a triton_op: Inductor would otherwise trace and unroll the
+    chunk loop, and has nothing to fuse inside it (matmuls and one kernel per chunk).
+    """
+    n_rows, width = hidden.shape
+    vocab = weight.shape[0]
+    device = hidden.device
+    loss_rows = torch.empty(n_rows, dtype=torch.float32, device=device)
+    error_flag = torch.zeros(1, dtype=torch.int32, device=device)
+    grad_hidden = torch.empty((n_rows if want_grad_hidden else 0, width), dtype=hidden.dtype, device=device)
+    # The first chunk's matmul writes dweight without reading it (beta = 0): no zero-fill pass.
+    new_grad_weight = torch.zeros if n_rows == 0 else torch.empty
+    grad_weight = new_grad_weight((vocab if want_grad_weight else 0, width), dtype=weight.dtype, device=device)
+    grad_bias = torch.zeros(vocab if want_grad_bias else 0, dtype=torch.float32, device=device)
+    computes_grad = want_grad_hidden or want_grad_weight or want_grad_bias
+    per_row_scale = grad_scale.dim() == 1
+    kernel_scale = torch.ones((), dtype=torch.float32, device=device) if per_row_scale else grad_scale
+
+    rows = min(chunk_rows, n_rows)
+    logits = torch.empty((rows, vocab), dtype=hidden.dtype, device=device)
+    for start in range(0, n_rows, max(rows, 1)):
+        end = min(start + rows, n_rows)
+        hidden_chunk = hidden[start:end]
+        logits_chunk = logits[: end - start]
+        if bias is None:
+            torch.mm(hidden_chunk, weight.t(), out=logits_chunk)
+        else:
+            torch.addmm(bias, hidden_chunk, weight.t(), out=logits_chunk)
+        launch_cross_entropy(
+            logits_chunk, target[start:end], logits_chunk if computes_grad else None, kernel_scale,
+            ignore_index, label_smoothing, loss_out=loss_rows[start:end], error_flag=error_flag,
+        )
+        if not computes_grad:
+            continue
+        grad_logits = logits_chunk
+        if per_row_scale:
+            torch.ops.ligerzoo.cross_entropy_scale_grad_(grad_logits, grad_scale[start:end])
+        if want_grad_hidden:
+            torch.mm(grad_logits, weight, out=grad_hidden[start:end])
+        if want_grad_weight:
+            if start == 0:
+                torch.mm(grad_logits.t(), hidden_chunk, out=grad_weight)
+            else:
+                grad_weight.addmm_(grad_logits.t(), hidden_chunk)
+        if want_grad_bias:
+            grad_bias += grad_logits.sum(0, dtype=torch.float32)
+    bias_dtype = bias.dtype if bias is not None else hidden.dtype
+    return loss_rows, grad_hidden, grad_weight, grad_bias.to(bias_dtype), error_flag
+
+
+@_loss_and_grads.register_fake
+def _(hidden, weight, target, bias, grad_scale, ignore_index, label_smoothing, chunk_rows,
+      want_grad_hidden, want_grad_weight, want_grad_bias):
+    n_rows, width = hidden.shape
+    vocab = weight.shape[0]
+    return (
+        hidden.new_empty(n_rows, dtype=torch.float32),
+        hidden.new_empty((n_rows if want_grad_hidden else 0, width)),
+        weight.new_empty((vocab if want_grad_weight else 0, width)),
+        hidden.new_empty(vocab if want_grad_bias else 0, dtype=bias.dtype if bias is not None else hidden.dtype),
+        hidden.new_empty(1, dtype=torch.int32),
+    )
+
+
+class _LinearCrossEntropyFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, target, bias, ignore_index, label_smoothing, reduction, grad_enabled):
+        hidden2 = as_rows(hidden)
+        target1 = target.reshape(-1)
+        # needs_input_grad ignores torch.no_grad(), hence grad_enabled from the caller.
+        ctx.wants = tuple(grad_enabled and ctx.needs_input_grad[i] for i in (0, 1, 3))
+        ctx.options = (ignore_index, label_smoothing, _chunk_rows(weight.shape[0], hidden.element_size()))
+        ctx.reduction = reduction
+        ctx.hidden_shape = hidden.shape
+        counted = (target1 != ignore_index).sum()
+        if reduction == "mean":
+            scale = 1.0 / counted.to(torch.float32)
+        else:
+            scale = torch.ones((), dtype=torch.float32, device=hidden.device)
+        grads_now = ctx.wants if reduction != "none" else (False, False, False)
+        loss_rows, grad_hidden, grad_weight, grad_bias, error_flag = torch.ops.ligerzoo.linear_cross_entropy(
+            hidden2, weight, target1, bias, scale, *ctx.options, *grads_now
+        )
+        torch.ops.aten._assert_async.msg(error_flag == 0, _BAD_TARGET_MESSAGE)
+        if reduction == "none":
+            # The backward recomputes the logits chunk by chunk from these (no copies).
+            ctx.save_for_backward(hidden2, weight, target1, bias)
+            return loss_rows.to(hidden.dtype).view(target.shape)
+        # Finished gradients, scaled in place by the backward: a retained graph must not run
+        # backward twice.
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        loss = loss_rows.sum() if reduction == "sum" else loss_rows.sum() / counted
+        return loss.to(hidden.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        want_hidden, want_weight, want_bias = ctx.wants
+        if ctx.reduction == "none":
+            hidden2, weight, target1, bias = ctx.saved_tensors
+            _, grad_hidden, grad_weight, grad_bias, _ = torch.ops.ligerzoo.linear_cross_entropy(
+                hidden2, weight, target1, bias, grad_loss.reshape(-1), *ctx.options, *ctx.wants
+            )
+        else:
+            grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+            factor = grad_loss.reshape(1)
+            # Reuses cross-entropy's row-scaling op: in place, a no-op when the factor is 1.
+            for grad, wanted in ((grad_hidden, want_hidden), (grad_weight, want_weight), (grad_bias.view(1, -1), want_bias)):
+                if wanted:
+                    torch.ops.ligerzoo.cross_entropy_scale_grad_(grad, factor)
+        return (
+            grad_hidden.view(ctx.hidden_shape) if want_hidden else None,
+            grad_weight if want_weight else None,
+            None,
+            grad_bias if want_bias else None,
+            None, None, None, None,
+        )
+
+
+def _check(hidden, weight, target, bias) -> None:
+    check_float("hidden", hidden)
+    check_float("weight", weight)
+    if hidden.dim() == 0 or hidden.shape[-1] == 0:
+        raise ValueError(f"hidden must have a non-empty last (feature) dimension, got shape {list(hidden.shape)}")
+    if weight.dim() != 2 or weight.shape[0] == 0 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"weight must have shape [V, {hidden.shape[-1]}] with V >= 1, got {list(weight.shape)}")
+    if weight.dtype != hidden.dtype:
+        raise ValueError(f"weight must have hidden's dtype {hidden.dtype}, got {weight.dtype}")
+    if not isinstance(target, torch.Tensor) or target.dtype not in (torch.int64, torch.int32):
+        got = target.dtype if isinstance(target, torch.Tensor) else type(target).__name__
+        raise ValueError(f"target must be an int64 or int32 tensor of class indices, got {got}")
+    if target.shape != hidden.shape[:-1]:
+        raise ValueError(
+            f"target has shape {list(target.shape)}, expected hidden's shape without its last "
+            f"dimension, {list(hidden.shape[:-1])}"
+        )
+    if bias is not None:
+        check_float("bias", bias)
+        if bias.shape != (weight.shape[0],):
+            raise ValueError(f"bias must have shape [{weight.shape[0]}], got {list(bias.shape)}")
+        if bias.dtype != hidden.dtype:
+            raise ValueError(f"bias must have hidden's dtype {hidden.dtype}, got {bias.dtype}")
+    check_same_device(hidden=hidden, weight=weight, target=target, bias=bias)
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """cross_entropy(hidden @ weight.T + bias, target) without materialising the logits.
+
+    hidden: [..., H] float; weight: [V, H] and bias: [V] of hidden's dtype; target: [...] int64
+    or int32 class indices. Options as torch.nn.functional.cross_entropy. A target outside
+    [0, V) that is not ignore_index fails an asynchronous assert. The result has hidden's dtype.
+    """
+    _check(hidden, weight, target, bias)
+    _check_options(ignore_index, label_smoothing, reduction)
+    return _LinearCrossEntropyFunction.apply(
+        hidden, weight, target, bias, ignore_index, float(label_smoothing), reduction, torch.is_grad_enabled()
+    )
+
+
+class LinearCrossEntropyLoss(torch.nn.Module):
+    def __init__(self, ignore_index: int = -100, label_smoothing: float = 0.0, reduction: str = "mean"):
+        super().__init__()
+        _check_options(ignore_index, label_smoothing, reduction)
+        self.ignore_index = ignore_index
+        self.label_smoothing = float(label_smoothing)
+        self.reduction = reduction
+
+    def forward(self, hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+        """linear_cross_entropy(hidden [..., H], weight [V, H], target [...], bias [V]) with
+        this module's options."""
+        return linear_cross_entropy(hidden, weight, target, bias, self.ignore_index, self.label_smoothing, self.reduction)
+
+    def extra_repr(self) -> str:
+        return f"ignore_index={self.ignore_index}, label_smoothing={self.label_smoothing}, reduction={self.reduction!r}"
