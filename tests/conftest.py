@@ -61,3 +61,21 @@ def non_contiguous(t: torch.Tensor) -> torch.Tensor:
     padded = torch.empty(*t.shape[:-1], t.shape[-1] + 7, dtype=t.dtype, device=t.device)
     padded[..., : t.shape[-1]] = t
     return padded[..., : t.shape[-1]]
+
+
+def assert_device_assert(code: str, message: str) -> None:
+    """Run `code` (which must trip a device-side assertion) in a fresh Python process and check
+    the assertion's message: on CUDA a device-side assert leaves the context unusable, so it
+    cannot be caught in the test process."""
+    import re
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run(
+        [sys.executable, "-c", "import torch\n" + code + "\ntorch.cuda.synchronize()"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert proc.returncode != 0, "expected a device-side assertion, the process succeeded"
+    assert re.search(message, proc.stderr), proc.stderr[-2000:]

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import DEVICE, DTYPES, assert_close, non_contiguous
+from conftest import DEVICE, DTYPES, assert_close, assert_device_assert, non_contiguous
 from ligerzoo.kernels.cross_entropy import CrossEntropyLoss, cross_entropy, launch_cross_entropy
 
 SHAPES = [(1, 1), (1, 37), (5, 100), (3, 7, 64), (40, 4099)]
@@ -130,6 +130,14 @@ def test_masked_vocabulary_entries_without_smoothing(kernel_path):
 
 @pytest.mark.parametrize("bad_target", [10, 11, -1, -101])
 def test_out_of_range_target_raises(kernel_path, bad_target):
+    if DEVICE.type == "cuda":
+        assert_device_assert(
+            "from ligerzoo.kernels import cross_entropy\n"
+            f"target = torch.tensor([0, {bad_target}, 3], device='cuda')\n"
+            "cross_entropy(torch.randn(3, 10, device='cuda', requires_grad=True), target)",
+            BAD_TARGET,
+        )
+        return
     logits, target = make_inputs((4, 10), torch.float32)
     target[2] = bad_target
     with pytest.raises(RuntimeError, match=BAD_TARGET):

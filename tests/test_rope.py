@@ -185,7 +185,7 @@ def test_traces_as_one_graph(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     torch._dynamo.reset()
     q, k = random_qk(2, 3, 4, 2, 8)
-    cos, sin = hf_cos_sin(torch.arange(3), 8)
+    cos, sin = hf_cos_sin(torch.arange(3, device=DEVICE), 8)
     compiled = torch.compile(apply_rope, fullgraph=True, backend="aot_eager")
     q_rot, k_rot = compiled(q, k, cos, sin)
     (q_rot.square().sum() + k_rot.square().sum()).backward()

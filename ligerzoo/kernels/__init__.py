@@ -3,8 +3,19 @@
 its public function or module."""
 
 from ligerzoo.kernels.cross_entropy import CrossEntropyLoss, cross_entropy
+from ligerzoo.kernels.linear_cross_entropy import LinearCrossEntropyLoss, linear_cross_entropy
 from ligerzoo.kernels.rms_norm import RMSNorm, add_rms_norm, rms_norm
 from ligerzoo.kernels.rope import apply_rope
 from ligerzoo.kernels.swiglu import swiglu
 
-__all__ = ["CrossEntropyLoss", "RMSNorm", "add_rms_norm", "apply_rope", "cross_entropy", "rms_norm", "swiglu"]
+__all__ = [
+    "CrossEntropyLoss",
+    "LinearCrossEntropyLoss",
+    "RMSNorm",
+    "add_rms_norm",
+    "apply_rope",
+    "cross_entropy",
+    "linear_cross_entropy",
+    "rms_norm",
+    "swiglu",
+]

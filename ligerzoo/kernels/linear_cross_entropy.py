@@ -17,24 +17,26 @@ recomputes each chunk's logits (a fourth matmul) and scales the gradient rows be
 gradient matmuls.
 
 Chunk size. Each chunk streams all of W twice (logits, dhidden) and reads and writes all of
-dweight once: 4*V*H*itemsize bytes per chunk against 6*c*V*H flops, so the number of chunks,
-not the vocabulary, decides whether the loop is memory- or compute-bound. At the Llama-3-8B head
+dweight once: 4*V*H*itemsize bytes per chunk against 6*c*V*H flops, so the rows per chunk, not
+the vocabulary, decide whether the loop is memory- or compute-bound. At the Llama-3-8B head
 (N 8192, H 4096, V 128256, bf16) on an H100 (742 TFLOP/s, 3.0 TB/s) the three matmuls take
-34.8 ms; 256-row chunks (a 64 MiB buffer) move 134 GB, at least 45 ms, the dweight update alone
-being twice as slow as its flops; 512-row chunks (125 MiB) move 67 GB (22 ms), under the
-flops. So the buffer gets CHUNK_BUFFER_BYTES and the chunk the most rows, a multiple of 128
-(cuBLAS tiles), that fit in it.
+34.8 ms. 256-row chunks (a 64 MiB buffer) move 134 GB, 45 ms at least, and each dweight update
+takes twice as long as its flops (0.70 ms of traffic for 0.36 ms of math). 512-row chunks
+(125 MiB) move 67 GB (22 ms) and put the dweight update at the ridge (0.70 ms for 0.72 ms).
+Fewer chunks also mean fewer bf16 roundings of the accumulating dweight. So the buffer gets
+CHUNK_BUFFER_BYTES, and a chunk the most rows, a multiple of 128 (cuBLAS tiles), that fit.
 """
 
 import torch
+from torch._library.triton import set_wrap_triton_enabled
 
 from ligerzoo.kernels._utils import as_rows, check_float, check_same_device
-from ligerzoo.kernels.cross_entropy import _check_options, launch_cross_entropy
+from ligerzoo.kernels.cross_entropy import _check_options, _scale_grad_, launch_cross_entropy
 
 # Memory for one chunk of logits: the 128 MiB allowed beyond inputs and gradients, less 2 MiB
 # for what else is live (per-row float32 losses, the float32 bias gradient). 512 rows of the
 # 128256-wide Llama-3 vocabulary in bf16 fit (125.25 MiB); see the module docstring for why
-# 512 and not 256.
+# 512 and not 256. 64 MiB (256 rows there) matches Liger's footprint at >= 45 ms instead.
 CHUNK_BUFFER_BYTES = 126 * 2**20
 
 _BAD_TARGET_MESSAGE = "linear_cross_entropy: target index outside [0, V) (and not ignore_index)"
@@ -46,7 +48,6 @@ def _chunk_rows(vocab: int, itemsize: int) -> int:
     return rows // 128 * 128 if rows >= 128 else rows
 
 
-@torch.library.custom_op("ligerzoo::linear_cross_entropy", mutates_args=())
 def _loss_and_grads(
     hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, bias: torch.Tensor | None,
     grad_scale: torch.Tensor, ignore_index: int, label_smoothing: float, chunk_rows: int,
@@ -60,8 +61,9 @@ def _loss_and_grads(
     grad of bias [V]; int32 [1] flag, nonzero when a target was out of range). A gradient not
     asked for is an empty placeholder with no rows.
 
-    An opaque custom op rather than a triton_op: Inductor would otherwise trace and unroll the
-    chunk loop, and has nothing to fuse inside it (matmuls and one kernel per chunk).
+    Registered below as an opaque custom op rather than a triton_op: Inductor would otherwise
+    trace and unroll the chunk loop, and has nothing to fuse inside it (matmuls and one kernel
+    per chunk).
     """
     n_rows, width = hidden.shape
     vocab = weight.shape[0]
@@ -71,7 +73,8 @@ def _loss_and_grads(
     grad_hidden = torch.empty((n_rows if want_grad_hidden else 0, width), dtype=hidden.dtype, device=device)
     # The first chunk's matmul writes dweight without reading it (beta = 0): no zero-fill pass.
     new_grad_weight = torch.zeros if n_rows == 0 else torch.empty
-    grad_weight = new_grad_weight((vocab if want_grad_weight else 0, width), dtype=weight.dtype, device=device)
+    grad_weight_shape = (vocab if want_grad_weight else 0, width)
+    grad_weight = new_grad_weight(grad_weight_shape, dtype=weight.dtype, device=device)
     grad_bias = torch.zeros(vocab if want_grad_bias else 0, dtype=torch.float32, device=device)
     computes_grad = want_grad_hidden or want_grad_weight or want_grad_bias
     per_row_scale = grad_scale.dim() == 1
@@ -79,48 +82,62 @@ def _loss_and_grads(
 
     rows = min(chunk_rows, n_rows)
     logits = torch.empty((rows, vocab), dtype=hidden.dtype, device=device)
-    for start in range(0, n_rows, max(rows, 1)):
-        end = min(start + rows, n_rows)
-        hidden_chunk = hidden[start:end]
-        logits_chunk = logits[: end - start]
-        if bias is None:
-            torch.mm(hidden_chunk, weight.t(), out=logits_chunk)
-        else:
-            torch.addmm(bias, hidden_chunk, weight.t(), out=logits_chunk)
-        launch_cross_entropy(
-            logits_chunk, target[start:end], logits_chunk if computes_grad else None, kernel_scale,
-            ignore_index, label_smoothing, loss_out=loss_rows[start:end], error_flag=error_flag,
-        )
-        if not computes_grad:
-            continue
-        grad_logits = logits_chunk
-        if per_row_scale:
-            torch.ops.ligerzoo.cross_entropy_scale_grad_(grad_logits, grad_scale[start:end])
-        if want_grad_hidden:
-            torch.mm(grad_logits, weight, out=grad_hidden[start:end])
-        if want_grad_weight:
-            if start == 0:
-                torch.mm(grad_logits.t(), hidden_chunk, out=grad_weight)
+    # Raw Triton launches: wrap_triton's higher-order op costs ~300 us of host time per launch.
+    with set_wrap_triton_enabled(False):
+        for start in range(0, n_rows, max(rows, 1)):
+            end = min(start + rows, n_rows)
+            hidden_chunk = hidden[start:end]
+            logits_chunk = logits[: end - start]
+            if bias is None:
+                torch.mm(hidden_chunk, weight.t(), out=logits_chunk)
             else:
-                grad_weight.addmm_(grad_logits.t(), hidden_chunk)
-        if want_grad_bias:
-            grad_bias += grad_logits.sum(0, dtype=torch.float32)
+                torch.addmm(bias, hidden_chunk, weight.t(), out=logits_chunk)
+            launch_cross_entropy(
+                logits_chunk, target[start:end], logits_chunk if computes_grad else None, kernel_scale,
+                ignore_index, label_smoothing, loss_out=loss_rows[start:end], error_flag=error_flag,
+            )
+            if not computes_grad:
+                continue
+            grad_logits = logits_chunk
+            if per_row_scale:
+                _scale_grad_(grad_logits, grad_scale[start:end])
+            if want_grad_hidden:
+                torch.mm(grad_logits, weight, out=grad_hidden[start:end])
+            if want_grad_weight:
+                if start == 0:
+                    torch.mm(grad_logits.t(), hidden_chunk, out=grad_weight)
+                else:
+                    grad_weight.addmm_(grad_logits.t(), hidden_chunk)
+            if want_grad_bias:
+                grad_bias += grad_logits.sum(0, dtype=torch.float32)
     bias_dtype = bias.dtype if bias is not None else hidden.dtype
     return loss_rows, grad_hidden, grad_weight, grad_bias.to(bias_dtype), error_flag
 
 
-@_loss_and_grads.register_fake
+_loss_and_grads_op = torch.library.custom_op(
+    "ligerzoo::linear_cross_entropy", _loss_and_grads, mutates_args=()
+)
+
+
+@_loss_and_grads_op.register_fake
 def _(hidden, weight, target, bias, grad_scale, ignore_index, label_smoothing, chunk_rows,
       want_grad_hidden, want_grad_weight, want_grad_bias):
     n_rows, width = hidden.shape
     vocab = weight.shape[0]
+    bias_dtype = bias.dtype if bias is not None else hidden.dtype
     return (
         hidden.new_empty(n_rows, dtype=torch.float32),
         hidden.new_empty((n_rows if want_grad_hidden else 0, width)),
         weight.new_empty((vocab if want_grad_weight else 0, width)),
-        hidden.new_empty(vocab if want_grad_bias else 0, dtype=bias.dtype if bias is not None else hidden.dtype),
+        hidden.new_empty(vocab if want_grad_bias else 0, dtype=bias_dtype),
         hidden.new_empty(1, dtype=torch.int32),
     )
+
+
+def _run_loss_and_grads(*args):
+    """The custom op while torch.compile traces; in eager mode the launcher itself, as the op
+    would run it (the dispatcher costs about 75 us of host time a call)."""
+    return _loss_and_grads_op(*args) if torch.compiler.is_compiling() else _loss_and_grads(*args)
 
 
 class _LinearCrossEntropyFunction(torch.autograd.Function):
@@ -139,35 +156,37 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
         else:
             scale = torch.ones((), dtype=torch.float32, device=hidden.device)
         grads_now = ctx.wants if reduction != "none" else (False, False, False)
-        loss_rows, grad_hidden, grad_weight, grad_bias, error_flag = torch.ops.ligerzoo.linear_cross_entropy(
+        loss_rows, grad_hidden, grad_weight, grad_bias, error_flag = _run_loss_and_grads(
             hidden2, weight, target1, bias, scale, *ctx.options, *grads_now
         )
         torch.ops.aten._assert_async.msg(error_flag == 0, _BAD_TARGET_MESSAGE)
         if reduction == "none":
             # The backward recomputes the logits chunk by chunk from these (no copies).
             ctx.save_for_backward(hidden2, weight, target1, bias)
-            return loss_rows.to(hidden.dtype).view(target.shape)
+            return loss_rows.view(target.shape)
         # Finished gradients, scaled in place by the backward: a retained graph must not run
         # backward twice.
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
-        loss = loss_rows.sum() if reduction == "sum" else loss_rows.sum() / counted
-        return loss.to(hidden.dtype)
+        # float32 whatever hidden's dtype, as a model that upcasts its logits before the loss
+        # reports it: the logits are never seen here, so there is nothing to match but precision.
+        return loss_rows.sum() if reduction == "sum" else loss_rows.sum() / counted
 
     @staticmethod
     def backward(ctx, grad_loss):
         want_hidden, want_weight, want_bias = ctx.wants
         if ctx.reduction == "none":
             hidden2, weight, target1, bias = ctx.saved_tensors
-            _, grad_hidden, grad_weight, grad_bias, _ = torch.ops.ligerzoo.linear_cross_entropy(
+            _, grad_hidden, grad_weight, grad_bias, _ = _run_loss_and_grads(
                 hidden2, weight, target1, bias, grad_loss.reshape(-1), *ctx.options, *ctx.wants
             )
         else:
             grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
             factor = grad_loss.reshape(1)
             # Reuses cross-entropy's row-scaling op: in place, a no-op when the factor is 1.
-            for grad, wanted in ((grad_hidden, want_hidden), (grad_weight, want_weight), (grad_bias.view(1, -1), want_bias)):
+            grads = (grad_hidden, grad_weight, grad_bias.view(1, -1))
+            for grad, wanted in zip(grads, ctx.wants):
                 if wanted:
-                    torch.ops.ligerzoo.cross_entropy_scale_grad_(grad, factor)
+                    _scale_grad_(grad, factor)
         return (
             grad_hidden.view(ctx.hidden_shape) if want_hidden else None,
             grad_weight if want_weight else None,
@@ -181,9 +200,13 @@ def _check(hidden, weight, target, bias) -> None:
     check_float("hidden", hidden)
     check_float("weight", weight)
     if hidden.dim() == 0 or hidden.shape[-1] == 0:
-        raise ValueError(f"hidden must have a non-empty last (feature) dimension, got shape {list(hidden.shape)}")
+        raise ValueError(
+            f"hidden must have a non-empty last (feature) dimension, got shape {list(hidden.shape)}"
+        )
     if weight.dim() != 2 or weight.shape[0] == 0 or weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(f"weight must have shape [V, {hidden.shape[-1]}] with V >= 1, got {list(weight.shape)}")
+        raise ValueError(
+            f"weight must have shape [V, {hidden.shape[-1]}] with V >= 1, got {list(weight.shape)}"
+        )
     if weight.dtype != hidden.dtype:
         raise ValueError(f"weight must have hidden's dtype {hidden.dtype}, got {weight.dtype}")
     if not isinstance(target, torch.Tensor) or target.dtype not in (torch.int64, torch.int32):
@@ -216,7 +239,7 @@ def linear_cross_entropy(
 
     hidden: [..., H] float; weight: [V, H] and bias: [V] of hidden's dtype; target: [...] int64
     or int32 class indices. Options as torch.nn.functional.cross_entropy. A target outside
-    [0, V) that is not ignore_index fails an asynchronous assert. The result has hidden's dtype.
+    [0, V) that is not ignore_index fails an asynchronous assert. The loss is float32.
     """
     _check(hidden, weight, target, bias)
     _check_options(ignore_index, label_smoothing, reduction)
@@ -237,7 +260,12 @@ class LinearCrossEntropyLoss(torch.nn.Module):
                 bias: torch.Tensor | None = None) -> torch.Tensor:
         """linear_cross_entropy(hidden [..., H], weight [V, H], target [...], bias [V]) with
         this module's options."""
-        return linear_cross_entropy(hidden, weight, target, bias, self.ignore_index, self.label_smoothing, self.reduction)
+        return linear_cross_entropy(
+            hidden, weight, target, bias, self.ignore_index, self.label_smoothing, self.reduction
+        )
 
     def extra_repr(self) -> str:
-        return f"ignore_index={self.ignore_index}, label_smoothing={self.label_smoothing}, reduction={self.reduction!r}"
+        return (
+            f"ignore_index={self.ignore_index}, label_smoothing={self.label_smoothing}, "
+            f"reduction={self.reduction!r}"
+        )
