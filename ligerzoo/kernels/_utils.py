@@ -103,6 +103,7 @@ def kernel_op(name: str, mutates_args=()):
             return result
 
         call.op = op
+        call.launcher = launcher
         call.__name__ = call.__qualname__ = launcher.__name__
         call.__doc__ = launcher.__doc__
         return call

@@ -81,6 +81,19 @@ def _rms_norm_backward_kernel(
 BACKWARD_PROGRAMS_PER_SM = 8
 
 
+@triton.jit
+def _sum_partials_kernel(partial_ptr, out_ptr, n_partials, n_cols, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
+    """out[c] = sum over p of partial[p, c], in a fixed order, cast to out's dtype on store."""
+    cols = tl.program_id(0) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
+    col_mask = cols < n_cols
+    acc = tl.zeros([BLOCK_ROWS, BLOCK_COLS], dtype=tl.float32)
+    for first in range(0, n_partials, BLOCK_ROWS):
+        rows = first + tl.arange(0, BLOCK_ROWS)
+        mask = (rows < n_partials)[:, None] & col_mask[None, :]
+        acc += tl.load(partial_ptr + rows[:, None] * n_cols + cols[None, :], mask=mask, other=0.0)
+    tl.store(out_ptr + cols, tl.sum(acc, axis=0).to(out_ptr.dtype.element_ty), mask=col_mask)
+
+
 def _check_width(n_cols: int) -> None:
     if n_cols > MAX_ROW_BLOCK:
         raise ValueError(f"rms_norm: rows of {n_cols} elements exceed the supported {MAX_ROW_BLOCK}")
@@ -137,13 +150,20 @@ def _backward(
     block, num_warps = row_block(n_cols)
     n_programs = min(n_rows, program_count(x.device, per_sm=BACKWARD_PROGRAMS_PER_SM))
     dweight_partial = torch.empty((n_programs, n_cols), dtype=torch.float32, device=x.device)
+    dweight = torch.empty_like(weight)
     wrap_triton(_rms_norm_backward_kernel)[(n_programs,)](
         dy, x, weight, rstd, dsum if dsum is not None else dy, dx, dweight_partial,
         dy.stride(0), x.stride(0), dsum.stride(0) if dsum is not None else 0, dx.stride(0),
         n_rows, n_cols,
         HAS_SUM_GRAD=dsum is not None, BLOCK=block, num_warps=num_warps,
     )
-    return dx, dweight_partial.sum(0).to(weight.dtype)
+    # A kernel rather than `.sum(0).to(dtype)`: one launch instead of two ops, which matters
+    # because the backward runs on autograd's device thread, where each PyTorch op costs about
+    # 150 us of host time (H100 machine, torch 2.11) against a few for a Triton launch.
+    wrap_triton(_sum_partials_kernel)[(triton.cdiv(n_cols, 64),)](
+        dweight_partial, dweight, n_programs, n_cols, BLOCK_ROWS=32, BLOCK_COLS=64, num_warps=4,
+    )
+    return dx, dweight
 
 
 class _RMSNormFunction(torch.autograd.Function):
