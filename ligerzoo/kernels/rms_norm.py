@@ -76,9 +76,10 @@ def _rms_norm_backward_kernel(
     tl.store(dweight_partial_ptr + pid * n_cols + cols, dw, mask=mask)
 
 
-# Enough resident programs per multiprocessor to hide each row's load latency (every program
-# walks its rows one after another).
-BACKWARD_PROGRAMS_PER_SM = 8
+# Programs per multiprocessor for the backward's persistent grid (each walks its rows one after
+# another). Measured on the H100 at [8192, 4096] bf16: 1 -> 101 us, 2 -> 73 us (2750 GB/s),
+# 4 -> 100 us, 8 -> 103 us; more programs also mean more float32 partials of dweight to reduce.
+BACKWARD_PROGRAMS_PER_SM = 2
 
 
 @triton.jit
