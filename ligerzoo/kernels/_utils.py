@@ -9,8 +9,8 @@ import os
 
 import torch
 import triton
-from torch._library.triton import set_wrap_triton_enabled
-from torch.library import triton_op
+from torch._library.triton import is_wrap_triton_enabled, set_wrap_triton_enabled
+from torch.library import triton_op, wrap_triton
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -29,6 +29,7 @@ def runs_triton(t: torch.Tensor) -> bool:
     return t.is_cuda or (t.device.type == "cpu" and interpreting())
 
 
+@functools.cache
 def row_block(n_cols: int, max_block: int = MAX_ROW_BLOCK) -> tuple[int, int]:
     """Block size covering one row (next power of two, capped) and the warps that suit it."""
     block = min(max_block, triton.next_power_of_2(max(n_cols, 1)))
@@ -41,6 +42,13 @@ def row_block(n_cols: int, max_block: int = MAX_ROW_BLOCK) -> tuple[int, int]:
     else:
         num_warps = 4
     return block, num_warps
+
+
+def launch(kernel):
+    """`wrap_triton(kernel)` while torch.compile traces a launcher (so Inductor sees the kernel),
+    the kernel itself when the launcher simply runs (see `kernel_op`): even switched off,
+    wrap_triton's checks cost several microseconds a launch."""
+    return wrap_triton(kernel) if is_wrap_triton_enabled() else kernel
 
 
 def program_count(device: torch.device, per_sm: int = 1) -> int:

@@ -18,9 +18,16 @@ gradient, in place, and skips rows whose incoming gradient is exactly 1 (`loss.b
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
-from ligerzoo.kernels._utils import as_rows, check_float, check_same_device, kernel_op, row_block, runs_triton
+from ligerzoo.kernels._utils import (
+    as_rows,
+    check_float,
+    check_same_device,
+    kernel_op,
+    launch,
+    row_block,
+    runs_triton,
+)
 
 # Elements of a row one loop step holds. Large, so that few cross-warp reductions are paid per
 # row, but small enough that two programs fit on a multiprocessor and the rows in flight stay
@@ -201,7 +208,7 @@ def launch_cross_entropy(
         )
         return loss_out, error_flag
     block, num_warps = row_block(n_cols, MAX_BLOCK)
-    wrap_triton(_cross_entropy_kernel)[(n_rows,)](
+    launch(_cross_entropy_kernel)[(n_rows,)](
         logits2d, logits2d.stride(0),
         grad_out if grad_out is not None else logits2d,
         grad_out.stride(0) if grad_out is not None else 0,
@@ -252,7 +259,7 @@ def _scale_grad_(grad: torch.Tensor, grad_output: torch.Tensor) -> None:
         grad.copy_(grad.float() * grad_output.float()[:, None])
         return
     block, num_warps = row_block(n_cols, MAX_BLOCK)
-    wrap_triton(_scale_rows_kernel)[(n_rows,)](
+    launch(_scale_rows_kernel)[(n_rows,)](
         grad, grad.stride(0), grad_output, grad_output.stride(0) if grad_output.shape[0] == n_rows else 0,
         n_cols,
         BLOCK=block, num_warps=num_warps,

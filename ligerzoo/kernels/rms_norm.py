@@ -9,7 +9,6 @@ pass over memory: every decoder block needs that pair twice per layer.
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
 from ligerzoo.kernels._utils import (
     MAX_ROW_BLOCK,
@@ -17,6 +16,7 @@ from ligerzoo.kernels._utils import (
     check_float,
     check_same_device,
     kernel_op,
+    launch,
     program_count,
     row_block,
     runs_triton,
@@ -121,7 +121,7 @@ def _forward(
         y.copy_(h * rstd[:, None] * weight.float())
         return y, summed, rstd
     block, num_warps = row_block(n_cols)
-    wrap_triton(_rms_norm_forward_kernel)[(n_rows,)](
+    launch(_rms_norm_forward_kernel)[(n_rows,)](
         x, residual if residual is not None else x, weight, y, summed, rstd,
         x.stride(0), residual.stride(0) if residual is not None else 0, y.stride(0), summed.stride(0),
         n_cols, eps,
@@ -152,7 +152,7 @@ def _backward(
     n_programs = min(n_rows, program_count(x.device, per_sm=BACKWARD_PROGRAMS_PER_SM))
     dweight_partial = torch.empty((n_programs, n_cols), dtype=torch.float32, device=x.device)
     dweight = torch.empty_like(weight)
-    wrap_triton(_rms_norm_backward_kernel)[(n_programs,)](
+    launch(_rms_norm_backward_kernel)[(n_programs,)](
         dy, x, weight, rstd, dsum if dsum is not None else dy, dx, dweight_partial,
         dy.stride(0), x.stride(0), dsum.stride(0) if dsum is not None else 0, dx.stride(0),
         n_rows, n_cols,
@@ -161,7 +161,7 @@ def _backward(
     # A kernel rather than `.sum(0).to(dtype)`: one launch instead of two ops, which matters
     # because the backward runs on autograd's device thread, where each PyTorch op costs about
     # 150 us of host time (H100 machine, torch 2.11) against a few for a Triton launch.
-    wrap_triton(_sum_partials_kernel)[(triton.cdiv(n_cols, 64),)](
+    launch(_sum_partials_kernel)[(triton.cdiv(n_cols, 64),)](
         dweight_partial, dweight, n_programs, n_cols, BLOCK_ROWS=32, BLOCK_COLS=64, num_warps=4,
     )
     return dx, dweight

@@ -15,9 +15,8 @@ The map is a rotation, so its backward is the rotation by -sin: the same kernel 
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
-from ligerzoo.kernels._utils import check_float, check_same_device, kernel_op, row_block, runs_triton
+from ligerzoo.kernels._utils import check_float, check_same_device, kernel_op, launch, row_block, runs_triton
 
 
 @triton.jit
@@ -124,7 +123,7 @@ def _rope(
     q_head_block = min(heads_per_tile, triton.next_power_of_2(max(n_q_heads, 1)))
     k_head_block = min(heads_per_tile, triton.next_power_of_2(max(n_k_heads, 1)))
     _, num_warps = row_block(q_head_block * half_block)
-    wrap_triton(_rope_kernel)[(batch * seq_len,)](
+    launch(_rope_kernel)[(batch * seq_len,)](
         q, k, cos, sin, q_out, k_out,
         *q.stride(), *k.stride(), *_cos_sin_strides(cos), *_cos_sin_strides(sin),
         seq_len, n_q_heads, n_k_heads, half_dim,

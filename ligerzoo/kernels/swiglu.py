@@ -11,9 +11,16 @@ writes two, so both kernels are one pass with wide tiles and nothing else.
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
-from ligerzoo.kernels._utils import as_rows, check_float, check_same_device, kernel_op, row_block, runs_triton
+from ligerzoo.kernels._utils import (
+    as_rows,
+    check_float,
+    check_same_device,
+    kernel_op,
+    launch,
+    row_block,
+    runs_triton,
+)
 
 
 @triton.jit
@@ -90,7 +97,7 @@ def _forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     rows, cols, rows_per_tile, block_cols, num_warps = _tiling(n_rows, n_cols, gate, up, y)
     n_col_blocks = triton.cdiv(cols, block_cols)
     grid = (triton.cdiv(rows, rows_per_tile) * n_col_blocks,)
-    wrap_triton(_swiglu_forward_kernel)[grid](
+    launch(_swiglu_forward_kernel)[grid](
         gate, up, y,
         gate.stride(0), up.stride(0), y.stride(0),
         rows, cols, n_col_blocks,
@@ -116,7 +123,7 @@ def _backward(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[t
     rows, cols, rows_per_tile, block_cols, num_warps = _tiling(n_rows, n_cols, dy, gate, up, dgate, dup)
     n_col_blocks = triton.cdiv(cols, block_cols)
     grid = (triton.cdiv(rows, rows_per_tile) * n_col_blocks,)
-    wrap_triton(_swiglu_backward_kernel)[grid](
+    launch(_swiglu_backward_kernel)[grid](
         dy, gate, up, dgate, dup,
         dy.stride(0), gate.stride(0), up.stride(0), dgate.stride(0), dup.stride(0),
         rows, cols, n_col_blocks,
