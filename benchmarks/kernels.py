@@ -2,10 +2,12 @@
 """Kernel benchmarks: ligerzoo against torch eager, torch.compile and liger-kernel, in one run.
 
 Shapes, peers and targets come from BENCHMARKS.md. For every (kernel, peer, direction) this
-measures the median time (triton.testing.do_bench), the achieved GB/s (TFLOP/s for the fused
-linear cross-entropy) against the copy and matmul ceilings, the peak memory above the inputs,
-and the relative error of the output and gradients against a float64 reference, then prints a
-markdown table. See benchmarks/README.md for the columns.
+measures two median times (triton.testing.do_bench): the wall time of eager calls (host work
+included: Python, autograd, launches) and the GPU time (the call captured in a CUDA graph, graph
+replays timed), the achieved GB/s (TFLOP/s for the fused linear cross-entropy) against the copy
+and matmul ceilings from each, the peak memory above the inputs, and the relative error of the
+output and gradients against a float64 reference, then prints a markdown table. See
+benchmarks/README.md for the columns.
 
     python benchmarks/kernels.py [--only rms_norm,swiglu] [--quick] [--out benchmarks/RESULTS-kernels.md]
     python benchmarks/kernels.py --dry-run        # CPU, tiny shapes, no GPU timing: checks the plumbing
@@ -38,6 +40,10 @@ IGNORE = -100
 COPY_CEILING_GBS = 3000.0  # H100 device-to-device copy, bytes read + written (BENCHMARKS.md)
 MATMUL_CEILING_TFLOPS = 742.0  # H100 bf16 matmul 8192^3 (BENCHMARKS.md)
 PEERS = ("eager", "compile", "liger", "ligerzoo")
+# CUDA-graph capture order within a kernel: peers whose capture is likelier to fail last, so a
+# failed capture that left the context unusable would cost the fewest GPU times.
+GRAPH_ORDER = ("ligerzoo", "eager", "compile", "liger")
+GRAPH_WARMUP_CALLS = 3
 DIRECTIONS = ("fwd", "fwd+bwd")
 MiB = float(2**20)
 BAD_REL_ERR = 1e-2  # bf16 results land between 1e-3 and 1e-2 of a float64 reference; above is wrong
@@ -553,7 +559,9 @@ def build_cases(small: bool) -> list[Case]:
 
 @dataclass
 class Result:
-    ms: float | None = None
+    ms: float | None = None  # wall time of eager calls (host work included)
+    graph_ms: float | None = None  # GPU time: replays of the call captured in a CUDA graph
+    graph_error: str | None = None  # why there is no graph_ms (not capturable, capture failed)
     peak_mib: float | None = None  # max allocated during one call, minus allocated before it
     grad_mib: float | None = None  # gradient outputs that are new storage (not written over an input)
     rel_errs: dict = field(default_factory=dict)
@@ -668,6 +676,10 @@ def measure_memory(case, step, leaves, t, dev):
     return peak, sum(grads.values()) / MiB
 
 
+def bench_params(args, rep_ms):
+    return (10, max(30, rep_ms // 3)) if args.quick else (25, rep_ms)
+
+
 def time_step(step, leaves, args, rep_ms, dev):
     if dev.type != "cuda":  # dry run: a rough host clock, only to fill the table
         step()
@@ -681,7 +693,7 @@ def time_step(step, leaves, args, rep_ms, dev):
         return statistics.median(times)
     import triton.testing
 
-    warmup, rep = (10, max(30, rep_ms // 3)) if args.quick else (25, rep_ms)
+    warmup, rep = bench_params(args, rep_ms)
     return triton.testing.do_bench(
         step, warmup=warmup, rep=rep, grad_to_none=leaves or None, return_mode="median"
     )
@@ -698,6 +710,101 @@ def run_peer(case, fn, master, ref, direction, args, dev) -> Result:
     res.ms = time_step(step, leaves, args, case.rep_ms, dev)
     del step, leaves, t
     return res
+
+
+def _first_line(e):
+    return f"{type(e).__name__}: " + (str(e).strip().splitlines() or [""])[0]
+
+
+def _sync_site(exc):
+    """file:line of the innermost frame outside torch and this script (where a host sync was made)."""
+    here = os.path.abspath(__file__)
+    site = None
+    for fr in traceback.extract_tb(exc.__traceback__):
+        f = fr.filename.replace(os.sep, "/")
+        if "/torch/" in f or os.path.abspath(fr.filename) == here:
+            continue
+        site = "/".join(f.split("/")[-2:]) + f":{fr.lineno}"
+    return site
+
+
+class NotCapturable(Exception):
+    pass
+
+
+def graph_time(case, fn, master, direction, args, dev):
+    """GPU time of one call: capture it in a CUDA graph, time replays (no host work in the timing).
+
+    Fresh input clones; warm-up on a side stream (PyTorch's recipe), the first warm-up call with
+    sync debug mode "error", so that a host sync (.item(), a blocking copy), which capture forbids,
+    is caught before any capture starts. fwd+bwd captures forward and backward together, the input
+    gradients None before capture so the backward allocates them from the graph's pool; replays
+    overwrite them in place. Raises NotCapturable (with the reason) or any other error.
+    """
+    import triton.testing
+
+    t = clone_inputs(case, master, direction != "fwd")
+    step, leaves = make_step(case, fn, t, direction)
+    prev_stream = torch.cuda.current_stream(dev)
+    g = inner = None  # inner: the error raised inside the capture, which a failing capture_end masks
+    try:
+        s = torch.cuda.Stream(dev)
+        s.wait_stream(prev_stream)
+        with torch.cuda.stream(s):
+            old_mode = torch.cuda.get_sync_debug_mode()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                step()
+            except RuntimeError as e:
+                if "synchroniz" not in str(e):
+                    raise
+                site = _sync_site(e)
+                raise NotCapturable(
+                    "host sync in the call" + (f" at {site}" if site else "") + f" ({_first_line(e)})"
+                ) from None
+            finally:
+                torch.cuda.set_sync_debug_mode(old_mode)
+            for _ in range(GRAPH_WARMUP_CALLS - 1):
+                step()
+        prev_stream.wait_stream(s)
+        for leaf in leaves:
+            leaf.grad = None
+        g = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(g):
+                try:
+                    step()
+                except Exception as e:
+                    inner = e
+                    raise
+        except Exception as e:
+            raise NotCapturable(f"capture failed: {_first_line(inner or e)}") from None
+        warmup, rep = bench_params(args, case.rep_ms)
+        return triton.testing.do_bench(g.replay, warmup=warmup, rep=rep, return_mode="median")
+    finally:
+        # torch.cuda.graph leaves its capture stream current when capture_end raises
+        torch.cuda.set_stream(prev_stream)
+        for leaf in leaves:
+            leaf.grad = None
+        del step, leaves, t, g, inner
+
+
+def run_graph(case, fn, master, direction, args, dev, r):
+    """Fills r.graph_ms or r.graph_error; returns False if the CUDA context looks unusable after it."""
+    try:
+        r.graph_ms = graph_time(case, fn, master, direction, args, dev)
+    except NotCapturable as e:
+        r.graph_error = f"n/c: {e}"
+    except Exception as e:
+        traceback.print_exc()
+        r.graph_error = f"graph timing failed: {_first_line(e)}"
+    try:
+        cleanup(dev)
+        torch.zeros(1, device=dev).add_(1).item()
+        return True
+    except Exception as e:
+        r.graph_error = (r.graph_error or "") + f"; CUDA context unusable after it: {_first_line(e)}"
+        return False
 
 
 def measure_ceilings(dev, args):
@@ -782,6 +889,14 @@ def peer_cell(r):
     return fmt_ms(r.ms)
 
 
+def graph_cell(r):
+    if r is None or r.error is not None:
+        return "—"
+    if r.graph_error is not None:
+        return "n/c" if r.graph_error.startswith("n/c") else "ERR"
+    return fmt_ms(r.graph_ms)
+
+
 def table_memory(case, direction, r):
     if r is None or r.error is not None or r.peak_mib is None:
         return "—"
@@ -799,12 +914,17 @@ def memory_basis(case, direction):
 
 def build_report(cases, results, header, peers) -> str:
     out = [header, ""]
-    cols = [
-        "kernel", "shape", "direction", "eager", "compile", "liger", "ligerzoo",
-        "ligerzoo vs liger (speedup)", "ligerzoo GB/s or TFLOP/s (% ceiling)",
-        "peak extra MiB (eager / compile / liger / ligerzoo)", "memory basis",
-        "rel err ligerzoo (worst tensor)",
-    ]  # fmt: skip
+    cols = (
+        ["kernel", "shape", "direction"]
+        + [f"{p} wall (eager)" for p in PEERS]
+        + [f"{p} GPU (graph)" for p in PEERS]
+        + [
+            "ligerzoo vs liger (speedup, wall)", "ligerzoo vs liger (GPU)",
+            "ligerzoo GB/s or TFLOP/s (% ceiling), wall", "ligerzoo GB/s or TFLOP/s (% ceiling), GPU",
+            "peak extra MiB (eager / compile / liger / ligerzoo)", "memory basis",
+            "rel err ligerzoo (worst tensor)",
+        ]
+    )  # fmt: skip
     out.append("| " + " | ".join(cols) + " |")
     out.append("|" + "---|" * len(cols))
     for case in cases:
@@ -814,8 +934,11 @@ def build_report(cases, results, header, peers) -> str:
                 continue
             zoo, lig = rs["ligerzoo"], rs["liger"]
             ok = lambda r: r is not None and r.error is None and r.ms  # noqa: E731
+            gok = lambda r: r is not None and r.error is None and r.graph_ms  # noqa: E731
             speed = f"{lig.ms / zoo.ms:.2f}x" if ok(zoo) and ok(lig) else "—"
+            gspeed = f"{lig.graph_ms / zoo.graph_ms:.2f}x" if gok(zoo) and gok(lig) else "—"
             rate = fmt_rate(case, d, zoo.ms)[0] if ok(zoo) else "—"
+            grate = fmt_rate(case, d, zoo.graph_ms)[0] if gok(zoo) else "—"
             mem = " / ".join(table_memory(case, d, rs[p]) for p in PEERS)
             if ok(zoo) or (zoo is not None and zoo.rel_errs):
                 n, e = worst_err(zoo.rel_errs)
@@ -823,13 +946,15 @@ def build_report(cases, results, header, peers) -> str:
             else:
                 err = "—"
             row = [case.label, case.shape, d] + [peer_cell(rs[p]) for p in PEERS]
-            row += [speed, rate, mem, memory_basis(case, d), err]
+            row += [graph_cell(rs[p]) for p in PEERS]
+            row += [speed, gspeed, rate, grate, mem, memory_basis(case, d), err]
             out.append("| " + " | ".join(_cell(x) if i < 3 else x for i, x in enumerate(row)) + " |")
 
     out += ["", "## Every peer", ""]
     cols = [
-        "kernel", "direction", "floor", "peer", "median", "x floor", "GB/s or TFLOP/s (% ceiling)",
-        "peak extra MiB", "peak extra minus grad outputs MiB", "rel err vs float64 (each output / grad)",
+        "kernel", "direction", "floor", "peer", "wall (eager)", "x floor", "GB/s or TFLOP/s (% ceiling)",
+        "GPU (graph)", "GPU x floor", "GPU GB/s or TFLOP/s (% ceiling)", "peak extra MiB",
+        "peak extra minus grad outputs MiB", "rel err vs float64 (each output / grad)",
         "first call s",
     ]  # fmt: skip
     out.append("| " + " | ".join(cols) + " |")
@@ -844,9 +969,14 @@ def build_report(cases, results, header, peers) -> str:
                 fl = floor_ms(case, d)
                 if r.error is not None:
                     errors.setdefault(r.error, []).append(f"{case.label} {d} {p}")
+                elif r.graph_error is not None:
+                    errors.setdefault(r.graph_error, []).append(f"{case.label} {d} {p} (GPU time)")
                 ms = r.ms if r.error is None else None
                 rate = fmt_rate(case, d, ms)[0]
                 xfloor = f"{ms / fl:.2f}" if ms else "—"
+                gms = r.graph_ms if r.error is None else None
+                grate = fmt_rate(case, d, gms)[0]
+                gxfloor = f"{gms / fl:.2f}" if gms else "—"
                 pk = f"{r.peak_mib:.0f}" if r.peak_mib is not None else "—"
                 pkx = "—"
                 if r.peak_excl_grads_mib is not None and d != "fwd":
@@ -855,7 +985,8 @@ def build_report(cases, results, header, peers) -> str:
                 if r.error is not None:
                     errs = errs if r.rel_errs else short_error(r.error)
                 first = f"{r.first_call_s:.2f}" if r.first_call_s is not None else "—"
-                row = [case.label, d, fmt_ms(fl), p, fmt_ms(ms), xfloor, rate, pk, pkx, errs, first]
+                row = [case.label, d, fmt_ms(fl), p, fmt_ms(ms), xfloor, rate]
+                row += [graph_cell(r), gxfloor, grate, pk, pkx, errs, first]
                 out.append("| " + " | ".join(_cell(x) for x in row) + " |")
 
     notes = []
@@ -868,7 +999,13 @@ def build_report(cases, results, header, peers) -> str:
         "- floor: bytes (each input read once, each output written once, per pass) at "
         f"{COPY_CEILING_GBS:.0f} GB/s, or the matmul flops at {MATMUL_CEILING_TFLOPS:.0f} TFLOP/s.",
         f"- rel err: ||out - ref|| / ||ref|| against float64; BAD above {BAD_REL_ERR:.0e} or NaN.",
-        "- ligerzoo vs liger: liger's median over ligerzoo's (above 1: ligerzoo is faster).",
+        "- wall (eager): median wall time of eager calls, host work included (Python, autograd, kernel "
+        "launches; the backward runs on autograd's device thread); for the small kernels this is mostly "
+        "host overhead. GPU (graph): median of replays of the call captured in one CUDA graph (forward "
+        "and backward together for fwd+bwd): the GPU work alone. n/c: not capturable (see Errors); "
+        "— in a dry run.",
+        "- ligerzoo vs liger: liger's median over ligerzoo's (above 1: ligerzoo is faster), from the wall "
+        "times and from the GPU times.",
     ]
     out += [f"- {n}" for n in notes]
     if "compile" in peers:
@@ -965,6 +1102,7 @@ def main(argv=None):
     )
 
     results = {}
+    graph_ok = True  # False once a failed capture left the CUDA context unusable: no more captures
     gen = torch.Generator(device=dev)
     for case in cases:
         torch._dynamo.reset()
@@ -1009,6 +1147,19 @@ def main(argv=None):
                     log(f"{case.name} {d} {p}: ERROR {r.error}")
                 results[(case.name, d, p)] = r
                 cleanup(dev)
+        # GPU times, after every eager time of this kernel is in (a failed capture cannot spoil those)
+        if dev.type == "cuda":
+            for p in sorted(peers, key=GRAPH_ORDER.index):
+                for d in DIRECTIONS:
+                    r = results.get((case.name, d, p))
+                    if r is None or r.error is not None:
+                        continue
+                    if not graph_ok:
+                        r.graph_error = "graph timing skipped: a failed capture broke the CUDA context"
+                        continue
+                    graph_ok = run_graph(case, fns[p], master, d, args, dev, r)
+                    log(f"{case.name} {d} {p}: GPU (graph) "
+                        f"{fmt_ms(r.graph_ms) if r.graph_error is None else r.graph_error}")  # fmt: skip
         del master, ref, fns
         cleanup(dev)
 
