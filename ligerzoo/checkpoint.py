@@ -25,6 +25,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from ligerzoo.hub import resolve_model_dir
 from ligerzoo.models import ModelConfig, Transformer, build_model
 
 SINGLE_FILE = "model.safetensors"
@@ -48,36 +49,31 @@ class CheckpointError(ValueError):
 # Loading
 
 
-def resolve_checkpoint_dir(name_or_path: str | os.PathLike) -> Path:
-    """The local directory holding the checkpoint `name_or_path` names.
-
-    This is the seam for Hub repo ids: today only local directories are accepted.
-    """
-    path = Path(name_or_path).expanduser()
-    if path.is_dir():
-        return path
-    if path.exists():
-        raise NotADirectoryError(f"{str(path)!r} is a file; pass the checkpoint's directory")
-    raise FileNotFoundError(
-        f"{str(name_or_path)!r} is not a local directory. Hugging Face Hub repo ids are not supported "
-        "yet: download the repository (e.g. `huggingface-cli download REPO --local-dir DIR`) and pass DIR"
-    )
+def resolve_checkpoint_dir(name_or_path: str | os.PathLike, revision: str | None = None) -> Path:
+    """The local directory holding the checkpoint `name_or_path` names: the directory itself, or
+    a Hub repo id's snapshot (configs and weights only) in huggingface_hub's cache."""
+    return resolve_model_dir(name_or_path, revision, tokenizer=False)
 
 
 def from_pretrained(
     name_or_path: str | os.PathLike,
     dtype: torch.dtype | str | None = None,
     device: torch.device | str | None = None,
+    *,
+    revision: str | None = None,
 ) -> Transformer:
-    """Build the model a checkpoint directory describes and fill it with the checkpoint's weights.
+    """Build the model a checkpoint describes and fill it with the checkpoint's weights.
 
+    name_or_path: a checkpoint directory, or a Hub repo id (fetched through huggingface_hub's
+        cache: only the configs and the safetensors weights; see ligerzoo.hub).
     dtype: the parameters' dtype. None does what transformers' default `dtype="auto"` does: the
         config's `dtype` (or older `torch_dtype`), else the checkpoint's first floating tensor's.
     device: where the parameters live (default "cpu"); tensors are cast and copied straight there.
+    revision: a branch, tag or commit hash of the Hub repo (default: its main branch).
     The model comes back in eval mode, as transformers returns it (no ligerzoo module behaves
     differently in train mode; a training loop calls `.train()`), with requires_grad=True.
     """
-    directory = resolve_checkpoint_dir(name_or_path)
+    directory = resolve_checkpoint_dir(name_or_path, revision)
     config_dict = _read_json(directory / CONFIG_FILE)
     try:
         config = ModelConfig.from_dict(config_dict)

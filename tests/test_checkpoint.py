@@ -218,9 +218,7 @@ def test_directory_without_weights_is_rejected(tmp_path):
         ligerzoo.from_pretrained(tmp_path)
 
 
-def test_missing_path_says_hub_ids_are_not_supported_yet(tmp_path):
-    with pytest.raises(FileNotFoundError, match="Hub repo ids are not supported yet"):
-        ligerzoo.from_pretrained("meta-llama/Llama-3.2-1B")
+def test_missing_local_path_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="nothing' is not a local directory"):
         ligerzoo.from_pretrained(tmp_path / "nothing")
 
