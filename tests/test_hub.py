@@ -265,7 +265,10 @@ print("RESULTS " + json.dumps(results))
 def hub_env(hf_home: Path, endpoint: str, offline: bool = False, token: str | None = None) -> dict:
     """This process's environment with huggingface_hub's settings replaced."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING_FACE_"))}
+    # Generous timeouts: on a loaded 2-core CI machine the fake Hub can be slow to answer, and a
+    # timed-out request would read as "Hub unreachable".
     env.update(HF_HOME=str(hf_home), HF_ENDPOINT=endpoint, HF_HUB_DISABLE_TELEMETRY="1",
+               HF_HUB_ETAG_TIMEOUT="60", HF_HUB_DOWNLOAD_TIMEOUT="60",
                PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     if offline:
         env["HF_HUB_OFFLINE"] = "1"

@@ -15,6 +15,10 @@ model builds the mask once per forward, in the form the attention call wants:
 
 Passing position_ids selects the document-aware path (its cost is a block mask per forward):
 nothing here reads tensor values on the host to find out whether a row is really packed.
+
+Generation with a KV cache (kv_cache.py) uses the same predicate: left padding is a document of
+its own, and the mask is an additive [B, 1, T, S] tensor over the cache's S slots (`padded_mask`),
+small enough for a decode step (T = 1) to rebuild it on the device every step, inside a CUDA graph.
 """
 
 import functools
@@ -77,6 +81,19 @@ def build_mask(position_ids: torch.Tensor | None, batch: int, seq_len: int, wind
     return allowed(batches, None, positions[:, None], positions[None, :])  # [B, 1, T, T] or [T, T]
 
 
+def padded_mask(slots: torch.Tensor, padding: torch.Tensor, window: int | None, n_keys: int,
+                dtype: torch.dtype) -> torch.Tensor:
+    """The additive [B, 1, T, n_keys] mask (0 or -inf, in `dtype`) of queries at cache slots
+    `slots` [T] over slots 0..n_keys-1 of rows left-padded by `padding` [B] tokens (kv_cache.py):
+    causal, within the window, and the padding a document of its own. Additive rather than boolean
+    because SDPA would convert a boolean mask in every layer."""
+    keys = torch.arange(n_keys, device=slots.device)
+    documents = (keys >= padding[:, None]).to(torch.int32)  # [B, n_keys]: 0 padding, 1 the prompt
+    batches = torch.arange(padding.shape[0], device=slots.device)[:, None, None, None]
+    keep = mask_predicate(documents, window)(batches, None, slots[:, None], keys[None, :])
+    return torch.zeros(keep.shape, dtype=dtype, device=slots.device).masked_fill_(~keep, float("-inf"))
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
     """Softmax attention of q [B, T, Hq, D] over k, v [B, T, Hk, D] (any strides; Hq a multiple of
     Hk: grouped-query attention without copying k and v) -> [B, T, Hq, D]."""
@@ -90,6 +107,23 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMas
     return out.transpose(1, 2)
 
 
+def attend_grouped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Softmax attention of q [B, T, Hq, D] over a cache's k, v [B, Hk, S, D] with an additive mask
+    [B, 1, T, S] -> [B, T, Hq, D]. The G = Hq / Hk query heads that share a key head are folded
+    into the query rows ([B, Hk, T G, D]), so k and v are read once per key head by whichever SDPA
+    kernel runs, none of which has to support grouped-query attention (for a decode step, T = 1,
+    the fold is a view)."""
+    batch, seq_len, n_heads, head_dim = q.shape
+    n_kv_heads, n_keys = k.shape[1], k.shape[2]
+    group = n_heads // n_kv_heads
+    q = q.view(batch, seq_len, n_kv_heads, group, head_dim).transpose(1, 2)  # [B, Hk, T, G, D]
+    q = q.reshape(batch, n_kv_heads, seq_len * group, head_dim)
+    mask = mask[:, :, :, None, :].expand(-1, -1, -1, group, -1).reshape(-1, 1, seq_len * group, n_keys)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, Hk, T G, D]
+    return out.view(batch, n_kv_heads, seq_len, group, head_dim).transpose(1, 2).reshape(
+        batch, seq_len, n_heads, head_dim)
+
+
 def _compiled(fn):
     """fn compiled once per process; fn itself while torch.compile traces (the caller is being
     compiled, so it gets fused there)."""
@@ -99,3 +133,4 @@ def _compiled(fn):
 @functools.cache
 def _compile_once(fn):
     return torch.compile(fn)
+

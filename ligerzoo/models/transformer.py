@@ -8,6 +8,9 @@ file) says where every checkpoint tensor lives in them.
 
 The residual add is fused into the following norm (`add_rms_norm`): a block takes the previous
 block's output and the residual stream, and returns its own output and the updated stream.
+
+For generation, `forward` takes a KVCache (kv_cache.py): it sets the positions and the mask, and
+each layer's attention writes its keys and values there and attends over them.
 """
 
 from dataclasses import dataclass
@@ -19,6 +22,7 @@ from torch import nn
 from ligerzoo.kernels import RMSNorm, apply_rope, linear_cross_entropy, swiglu
 from ligerzoo.models.attention import AttentionMask, attend, build_mask
 from ligerzoo.models.config import ModelConfig
+from ligerzoo.models.kv_cache import KVCache, LayerCache
 from ligerzoo.models.rotary import RotaryEmbedding
 
 IGNORE_INDEX = -100
@@ -40,12 +44,12 @@ class Attention(nn.Module):
         self.wqkv = nn.Linear(config.hidden_size, qkv_width, bias=config.attention_bias)
         self.wo = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=config.attention_bias)
 
-    def forward(self, x, cos, sin, mask: AttentionMask):
+    def forward(self, x, cos, sin, mask: AttentionMask, cache: LayerCache | None = None):
         batch, seq_len, _ = x.shape
         qkv = self.wqkv(x).view(batch, seq_len, -1, self.head_dim)  # [B, T, Hq + 2 Hk, D]
         q, k, v = qkv.split([self.n_heads, self.n_kv_heads, self.n_kv_heads], dim=2)
         q, k = apply_rope(q, k, cos, sin)  # reads the strided views of qkv, writes new tensors
-        y = attend(q, k, v, mask)  # [B, T, Hq, D]
+        y = attend(q, k, v, mask) if cache is None else cache.attend(q, k, v, mask)  # [B, T, Hq, D]
         return self.wo(y.reshape(batch, seq_len, -1))
 
 
@@ -112,7 +116,7 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.feed_forward = feed_forward
 
-    def forward(self, x, residual, cos, sin, mask: AttentionMask):
+    def forward(self, x, residual, cos, sin, mask: AttentionMask, cache: LayerCache | None = None):
         """x: the previous block's output, not yet added to the residual stream (the first block
         gets the embeddings and residual None). Returns the same pair for the next block, and the
         router statistics (None for a dense block)."""
@@ -120,7 +124,7 @@ class Block(nn.Module):
             h, residual = self.attention_norm(x), x
         else:
             h, residual = self.attention_norm(x, residual)  # residual += x; h = norm(residual)
-        h, residual = self.ffn_norm(self.attention(h, cos, sin, mask), residual)
+        h, residual = self.ffn_norm(self.attention(h, cos, sin, mask, cache), residual)
         out, router_stats = self.feed_forward(h)
         return out, residual, router_stats
 
@@ -151,23 +155,36 @@ class Transformer(nn.Module):
         """[V, H]: the head's weight, or the embedding when they are tied."""
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
-    def forward(self, input_ids, labels=None, position_ids=None) -> CausalLMOutput:
+    def forward(self, input_ids, labels=None, position_ids=None, cache: KVCache | None = None,
+                logits_to_keep: int = 0) -> CausalLMOutput:
         """input_ids [B, T]; labels [B, T] aligned with input_ids (shifted here, -100 ignored);
         position_ids [B, T] or [1, T], which may restart inside a row (packed documents: attention
-        then stays within each document), or None for 0..T-1."""
-        batch, seq_len = self._check_inputs(input_ids, labels, position_ids)
+        then stays within each document), or None for 0..T-1.
+
+        cache: a KVCache to extend (generation): the tokens go to its next T slots, their positions
+        and mask come from the cache, and attention covers everything cached before them (no
+        labels or position_ids then). logits_to_keep: return the logits of the last N positions
+        only (0: all), e.g. 1 for the next token of a prompt.
+        """
+        batch, seq_len = self._check_inputs(input_ids, labels, position_ids, cache)
         x = self.embed_tokens(input_ids)
-        cos, sin = self.rotary(position_ids, seq_len)
-        mask = build_mask(position_ids, batch, seq_len, self.config.sliding_window, input_ids.device)
+        if cache is None:
+            cos, sin = self.rotary(position_ids, seq_len)
+            mask = build_mask(position_ids, batch, seq_len, self.config.sliding_window, input_ids.device)
+            layer_caches = [None] * len(self.layers)
+        else:
+            position_ids, mask, layer_caches = cache.claim(seq_len, self.config.sliding_window)
+            cos, sin = self.rotary(position_ids, seq_len)
         residual, router_stats = None, []
-        for layer in self.layers:
-            x, residual, stats = layer(x, residual, cos, sin, mask)
+        for layer, layer_cache in zip(self.layers, layer_caches, strict=True):
+            x, residual, stats = layer(x, residual, cos, sin, mask, layer_cache)
             if stats is not None:
                 router_stats.append(stats)
         h, _ = self.norm(x, residual)
 
         aux_loss = load_balancing_loss(torch.stack(router_stats), batch * seq_len) if router_stats else None
         if labels is None:
+            h = h[:, -logits_to_keep:] if logits_to_keep else h
             return CausalLMOutput(logits=F.linear(h, self.output_weight), aux_loss=aux_loss)
         # Shift by padding the labels, not by slicing h: h stays contiguous and unsliced.
         targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
@@ -176,12 +193,17 @@ class Transformer(nn.Module):
             loss = loss + self.config.router_aux_loss_coef * aux_loss
         return CausalLMOutput(loss=loss, aux_loss=aux_loss)
 
-    def _check_inputs(self, input_ids, labels, position_ids) -> tuple[int, int]:
+    def _check_inputs(self, input_ids, labels, position_ids, cache) -> tuple[int, int]:
         if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
             raise ValueError(
                 f"input_ids must be an integer [B, T] tensor, got {input_ids.dtype} {list(input_ids.shape)}"
             )
         batch, seq_len = input_ids.shape
+        if cache is not None:
+            if labels is not None or position_ids is not None:
+                raise ValueError("with a cache, labels and position_ids must be None (it sets the positions)")
+            if cache.batch_size != batch:
+                raise ValueError(f"input_ids has {batch} rows but the cache was made for {cache.batch_size}")
         if labels is not None and labels.shape != input_ids.shape:
             raise ValueError(
                 f"labels must have input_ids' shape {list(input_ids.shape)}, got {list(labels.shape)}"

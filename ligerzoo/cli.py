@@ -1,0 +1,166 @@
+"""The `ligerzoo` command.
+
+    ligerzoo download MODEL [--revision R] [--no-weights] [--no-tokenizer]
+    ligerzoo generate MODEL "prompt" [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P]
+                      [--seed S] [--dtype bf16] [--device cuda] [--chat] [--chat-format F]
+
+MODEL is a local checkpoint directory or a Hugging Face Hub repo id. Generated text goes to
+stdout as it is produced; progress, timings and errors go to stderr. Each command imports what it
+uses when it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16",
+          "fp32": "float32", "float32": "float32"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line `argv` (default: sys.argv[1:]); returns the exit status."""
+    args = _parser().parse_args(argv)
+    try:
+        return args.command(args)
+    except (ValueError, OSError) as error:  # bad input: the package's errors say what to do
+        print(f"ligerzoo {args.name}: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+
+
+def download(args: argparse.Namespace) -> int:
+    """Fetch a Hub repo's files into the cache (huggingface_hub's progress bars on stderr) and
+    print the local directory."""
+    from ligerzoo.hub import resolve_model_dir
+
+    directory = resolve_model_dir(args.model, args.revision, weights=args.weights, tokenizer=args.tokenizer)
+    print(directory)
+    return 0
+
+
+def generate(args: argparse.Namespace) -> int:
+    """Load a model and its tokenizer, and stream the continuation of the prompt to stdout."""
+    import torch
+
+    from ligerzoo.checkpoint import from_pretrained
+    from ligerzoo.generate import generate as generate_ids
+    from ligerzoo.hub import resolve_model_dir
+    from ligerzoo.tokenizer import load_tokenizer
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = DTYPES[args.dtype] if args.dtype else ("bfloat16" if device.type == "cuda" else "float32")
+    directory = resolve_model_dir(args.model, args.revision)  # one fetch for the weights and tokenizer
+    tokenizer = load_tokenizer(directory, chat_format=args.chat_format)
+    if args.chat:
+        prompt = tokenizer.format_chat([{"role": "user", "content": args.prompt}])
+    else:
+        prompt = tokenizer.encode(args.prompt, bos=True)
+    start = time.perf_counter()
+    model = from_pretrained(directory, dtype=dtype, device=device)
+    _status(f"loaded {args.model} ({dtype}, {device}) in {time.perf_counter() - start:.1f} s; "
+            f"prompt of {len(prompt)} tokens")
+
+    decoder = tokenizer.decoder()
+    produced = 0
+
+    def on_token(row: int, token_id: int) -> None:
+        nonlocal produced
+        produced += 1
+        if token_id not in tokenizer.stop_ids:  # a stop token ends the reply; it is not text
+            sys.stdout.write(decoder.step(token_id))
+            sys.stdout.flush()
+
+    start = time.perf_counter()
+    generate_ids(model, [prompt], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                 top_k=args.top_k, top_p=args.top_p, stop_ids=tokenizer.stop_ids, on_token=on_token,
+                 seed=args.seed)
+    sys.stdout.write(decoder.flush() + "\n")
+    sys.stdout.flush()
+    seconds = time.perf_counter() - start
+    _status(f"{produced} tokens in {seconds:.2f} s "
+            f"({produced / max(seconds, 1e-9):.1f} tokens/s, prefill included)")
+    return 0
+
+
+def _status(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Arguments
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ligerzoo", description="Llama-family models on their own kernels.")
+    commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
+
+    fetch = commands.add_parser(
+        "download", help="fetch a Hub repo's checkpoint and tokenizer into the cache",
+        description="Fetch the files ligerzoo reads (configs, safetensors weights, tokenizer) of a Hugging "
+                    "Face Hub repo into huggingface_hub's cache, and print the local directory. HF_TOKEN, "
+                    "HF_HOME, HF_HUB_CACHE and HF_ENDPOINT apply.")
+    fetch.add_argument("model", help="Hub repo id, e.g. meta-llama/Llama-3.2-1B")
+    fetch.add_argument("--revision", help="branch, tag or commit hash (default: main)")
+    fetch.add_argument("--weights", action=argparse.BooleanOptionalAction, default=True,
+                       help="fetch the safetensors weights (default: yes)")
+    fetch.add_argument("--tokenizer", action=argparse.BooleanOptionalAction, default=True,
+                       help="fetch the tokenizer files (default: yes)")
+    fetch.set_defaults(command=download, name="download")
+
+    gen = commands.add_parser(
+        "generate", help="continue a prompt (or answer it, with --chat), streaming the text",
+        description="Continue PROMPT with MODEL, streaming the text to stdout as it is produced.")
+    gen.add_argument("model", help="local checkpoint directory or Hub repo id")
+    gen.add_argument("prompt")
+    gen.add_argument("--revision", help="branch, tag or commit hash of a Hub repo (default: main)")
+    gen.add_argument("--max-new-tokens", type=_positive_int, default=256, metavar="N", help="default: 256")
+    gen.add_argument("--temperature", type=_non_negative_float, default=0.0, metavar="T",
+                     help="0 (the default) is greedy")
+    gen.add_argument("--top-k", type=_positive_int, metavar="K", help="sample among the K likeliest tokens")
+    gen.add_argument("--top-p", type=_probability, metavar="P",
+                     help="sample among the likeliest tokens whose probabilities add up to P")
+    gen.add_argument("--seed", type=int, metavar="S", help="seed of the sampling")
+    gen.add_argument("--dtype", choices=sorted(DTYPES), help="default: bf16 on cuda, fp32 on cpu")
+    gen.add_argument("--device", help="default: cuda if available, else cpu")
+    gen.add_argument("--chat", action="store_true",
+                     help="wrap the prompt as a user message in the model's instruct format")
+    gen.add_argument("--chat-format", metavar="F",
+                     help="the instruct format, where the tokenizer files do not say it "
+                          "(llama2, llama3, mistral-v1, mistral-v2, mistral-v3)")
+    gen.set_defaults(command=generate, name="generate")
+    return parser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = _float(text)
+    if not value >= 0:  # also rejects nan
+        raise argparse.ArgumentTypeError(f"{text} is negative; 0 is greedy")
+    return value
+
+
+def _probability(text: str) -> float:
+    value = _float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{text} is not in (0, 1]")
+    return value
+
+
+def _float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
