@@ -331,7 +331,9 @@ def cross_entropy(
     )
 
 
-class CrossEntropyLoss(torch.nn.Module):
+class LossOptions(torch.nn.Module):
+    """The options every cross-entropy module holds, checked once at construction."""
+
     def __init__(self, ignore_index: int = -100, label_smoothing: float = 0.0, reduction: str = "mean"):
         super().__init__()
         _check_options(ignore_index, label_smoothing, reduction)
@@ -339,6 +341,12 @@ class CrossEntropyLoss(torch.nn.Module):
         self.label_smoothing = float(label_smoothing)
         self.reduction = reduction
 
+    def extra_repr(self) -> str:
+        return (f"ignore_index={self.ignore_index}, label_smoothing={self.label_smoothing}, "
+                f"reduction={self.reduction!r}")
+
+
+class CrossEntropyLoss(LossOptions):
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """cross_entropy(logits [..., V], target [...]) with this module's options."""
         return cross_entropy(logits, target, self.ignore_index, self.label_smoothing, self.reduction)

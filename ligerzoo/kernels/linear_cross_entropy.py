@@ -31,7 +31,7 @@ import torch
 from torch._library.triton import set_wrap_triton_enabled
 
 from ligerzoo.kernels._utils import as_rows, check_float, check_same_device
-from ligerzoo.kernels.cross_entropy import _check_options, _scale_grad_, launch_cross_entropy
+from ligerzoo.kernels.cross_entropy import LossOptions, _check_options, _scale_grad_, launch_cross_entropy
 
 # Memory for one chunk of logits: the 128 MiB allowed beyond inputs and gradients, less 2 MiB
 # for what else is live (per-row float32 losses, the float32 bias gradient). 512 rows of the
@@ -248,14 +248,7 @@ def linear_cross_entropy(
     )
 
 
-class LinearCrossEntropyLoss(torch.nn.Module):
-    def __init__(self, ignore_index: int = -100, label_smoothing: float = 0.0, reduction: str = "mean"):
-        super().__init__()
-        _check_options(ignore_index, label_smoothing, reduction)
-        self.ignore_index = ignore_index
-        self.label_smoothing = float(label_smoothing)
-        self.reduction = reduction
-
+class LinearCrossEntropyLoss(LossOptions):
     def forward(self, hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
                 bias: torch.Tensor | None = None) -> torch.Tensor:
         """linear_cross_entropy(hidden [..., H], weight [V, H], target [...], bias [V]) with
