@@ -1,0 +1,146 @@
+"""The training configuration: one typed object, read from TOML, then `--section.key value` flags.
+
+`--config`, `--max_steps`, `--output_dir` and `--checkpoint_every` are short forms of
+`--config`, `--train.max_steps`, `--train.output_dir` and `--train.checkpoint_every`.
+"""
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ModelSection:
+    name: str | None = None  # Hub repo id or local checkpoint dir to fine-tune; None: from scratch
+    # The from-scratch shape (a Llama), ignored when `name` is set.
+    vocab_size: int = 320  # the byte tokenizer's 258 ids, padded to a multiple of 64
+    hidden_size: int = 128
+    intermediate_size: int = 384
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    max_position_embeddings: int = 2048
+
+
+@dataclass
+class DataSection:
+    path: str | None = None  # a .txt file (documents split at blank lines) or .jsonl ("text"); None: built-in corpus
+    tokenizer: str | None = None  # default: the model's tokenizer, or bytes for a from-scratch model
+    seq_len: int = 256
+    batch_size: int = 8  # rows per micro-batch per rank
+    grad_accum: int = 1  # micro-batches per step
+    num_documents: int = 4000  # size of the built-in corpus
+
+
+@dataclass
+class TrainSection:
+    output_dir: str = "runs/default"
+    max_steps: int = 200
+    checkpoint_every: int = 100  # 0: only the final export
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    max_grad_norm: float = 1.0
+    activation_checkpointing: str = "off"  # off | full
+    compile: bool = False
+    dtype: str = "bfloat16"  # parameter and compute dtype on the GPU (CPU runs in float32)
+    seed: int = 0
+
+
+@dataclass
+class Config:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+
+
+SHORT_FLAGS = {"max_steps": "train.max_steps", "output_dir": "train.output_dir",
+               "checkpoint_every": "train.checkpoint_every"}
+
+
+def load_config(argv: list[str]) -> Config:
+    """Parse `[--config FILE] [--section.key value | --section.key=value ...]` into a Config."""
+    pairs = _pairs(argv)
+    config = Config()
+    for key, value in pairs:
+        if key == "config":
+            with open(value, "rb") as file:
+                for section, values in tomllib.load(file).items():
+                    if not isinstance(values, dict):
+                        raise ValueError(f"{value}: top-level key {section!r} must be a [section]")
+                    for name, item in values.items():
+                        _set(config, f"{section}.{name}", item, from_text=False)
+    for key, value in pairs:
+        if key != "config":
+            _set(config, SHORT_FLAGS.get(key, key), value, from_text=True)
+    if config.train.activation_checkpointing not in ("off", "full"):
+        raise ValueError(
+            f"train.activation_checkpointing is {config.train.activation_checkpointing!r}: use 'off' or 'full'"
+        )
+    return config
+
+
+def _pairs(argv: list[str]) -> list[tuple[str, str]]:
+    pairs, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise ValueError(f"unexpected argument {arg!r}: flags look like --section.key value")
+        if "=" in arg:
+            key, value = arg[2:].split("=", 1)
+            i += 1
+        elif i + 1 < len(argv):
+            key, value = arg[2:], argv[i + 1]
+            i += 2
+        else:
+            raise ValueError(f"flag {arg} has no value")
+        pairs.append((key, value))
+    return pairs
+
+
+def _set(config: Config, dotted: str, value, from_text: bool) -> None:
+    section_name, _, name = dotted.partition(".")
+    section = getattr(config, section_name, None)
+    names = {f.name for f in dataclasses.fields(section)} if dataclasses.is_dataclass(section) else set()
+    if name not in names:
+        known = sorted(f"{s.name}.{f.name}" for s in dataclasses.fields(Config)
+                       for f in dataclasses.fields(getattr(config, s.name)))
+        raise ValueError(f"unknown setting {dotted!r}; known: {', '.join(known)}")
+    hint = typing.get_type_hints(type(section))[name]
+    setattr(section, name, _coerce(value, hint, dotted) if from_text else _check(value, hint, dotted))
+
+
+def _coerce(text: str, hint, key: str):
+    """The value of a command-line string for a field of type `hint`."""
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    if type(None) in options and text.lower() in ("none", "null"):
+        return None
+    base = next(t for t in options if t is not type(None))
+    try:
+        if base is bool:
+            if text.lower() not in ("true", "false", "1", "0"):
+                raise ValueError
+            return text.lower() in ("true", "1")
+        if typing.get_origin(base) is tuple:
+            return tuple(float(part) for part in text.split(","))
+        return base(text)
+    except ValueError:
+        raise ValueError(f"--{key} {text!r} is not a valid {getattr(base, '__name__', base)}") from None
+
+
+def _check(value, hint, key: str):
+    """A TOML value, checked against the field's type (ints are accepted for floats)."""
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    for option in options:
+        origin = typing.get_origin(option) or option
+        if origin is tuple and isinstance(value, list):
+            return tuple(float(v) for v in value)
+        if option is float and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, origin) and not (origin is int and isinstance(value, bool)):
+            return value
+    raise ValueError(f"{key} = {value!r} in the config file: expected {hint}")

@@ -1,0 +1,76 @@
+"""Per-step metrics: one JSON object per line in <output_dir>/metrics.jsonl and a progress line,
+both on rank 0 only."""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+# Dense bf16 peak FLOP/s by GPU name (the spec sheets' figures without sparsity).
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12}
+
+
+def flops_per_token(model, seq_len: int) -> float:
+    """6 FLOPs per parameter per token (forward and backward), embedding lookup excluded, plus the
+    attention scores and weighted sum: 12 * layers * heads * head_dim * seq_len (as PaLM counts)."""
+    config = model.config
+    params = sum(p.numel() for name, p in model.named_parameters() if name != "embed_tokens.weight")
+    if model.lm_head is None:  # tied: the embedding is also the head, a matmul per token
+        params += model.embed_tokens.weight.numel()
+    attention = 12 * config.num_hidden_layers * config.num_attention_heads * config.head_dim * seq_len
+    return 6 * params + attention
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """The GPU's peak FLOP/s, or None where unknown (CPU, an unlisted GPU): MFU is then null."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in PEAK_FLOPS.items() if key in name), None)
+
+
+class MetricsLog:
+    """Appends to metrics.jsonl; on resuming from `resume_step`, first drops the lines a killed run
+    wrote after that checkpoint, so the file holds each step once."""
+
+    def __init__(self, output_dir: str, max_steps: int, resume_step: int, enabled: bool):
+        self.path, self.max_steps, self.enabled = Path(output_dir) / "metrics.jsonl", max_steps, enabled
+        self.live = sys.stderr.isatty()
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        kept = []
+        if self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= resume_step]
+        staging = self.path.with_suffix(".tmp")
+        staging.write_text("".join(line + "\n" for line in kept))
+        staging.replace(self.path)
+        self.file = open(self.path, "a")
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        line = (f"step {record['step']}/{self.max_steps}  loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
+                f"grad_norm {record['grad_norm']:.3f}  {record['tokens_per_s']:,.0f} tok/s")
+        if record.get("mfu") is not None:
+            line += f"  mfu {100 * record['mfu']:.1f}%"
+        if record.get("peak_memory_gib") is not None:
+            line += f"  mem {record['peak_memory_gib']:.1f} GiB"
+        print(("\r" + line + "\033[K") if self.live else line, end="" if self.live else "\n",
+              file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.file.close()
+            if self.live:
+                print(file=sys.stderr)
+
+
+def read_metrics(output_dir: str) -> list[dict]:
+    """The records of <output_dir>/metrics.jsonl."""
+    path = Path(output_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

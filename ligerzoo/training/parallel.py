@@ -1,0 +1,67 @@
+"""How a model is prepared for training: activation checkpointing, then compile, then FSDP2.
+
+The order is torchtitan's: checkpointing wraps each block's forward, compile then traces the
+wrapped forward (so recomputation is compiled too), and FSDP comes last so that its hooks see the
+final modules. Each step keeps the parameter names, so the export maps them to Hugging Face names.
+"""
+
+import functools
+import os
+import warnings
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.utils.checkpoint import checkpoint
+
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    """(rank, world size, device) from torchrun's environment; a plain `python train.py` becomes
+    a one-rank group, so every run takes the same path. NCCL on GPUs, gloo on CPU."""
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        import socket
+
+        with socket.socket() as probe:  # a free port for the one-rank group
+            probe.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(probe.getsockname()[1])
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def apply_activation_checkpointing(model) -> None:
+    """Recompute each block's activations in the backward instead of keeping them."""
+    for block in model.layers:
+        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+
+
+def apply_compile(model) -> None:
+    """Compile each block on its own: the blocks are identical, so one graph serves them all."""
+    for block in model.layers:
+        block.compile(fullgraph=True)
+
+
+def apply_fsdp(model, device: torch.device, param_dtype: torch.dtype) -> None:
+    """Shard every block, then the root (embedding, final norm, head). On the GPU parameters are
+    gathered and computed in `param_dtype` while gradients reduce in float32 and the sharded
+    master weights stay float32; on the CPU everything is float32."""
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    policy = MixedPrecisionPolicy()
+    if device.type == "cuda":
+        policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    # Blocks return views (the halves of fused projections); the model never writes to a block's
+    # output in place, which is what this warning is about.
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+    for block in model.layers:
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
