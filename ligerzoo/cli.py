@@ -3,17 +3,22 @@
     ligerzoo download MODEL [--revision R] [--no-weights] [--no-tokenizer]
     ligerzoo generate MODEL "prompt" [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P]
                       [--seed S] [--dtype bf16] [--device cuda] [--chat] [--chat-format F]
+    ligerzoo plot DIR [--out PATH]
 
 MODEL is a local checkpoint directory or a Hugging Face Hub repo id. Generated text goes to
-stdout as it is produced; progress, timings and errors go to stderr. Each command imports what it
+stdout as it is produced; progress, timings and errors go to stderr. DIR is a training run's
+output directory (the one holding metrics.jsonl). Each command imports what it
 uses when it runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import sys
 import time
+from pathlib import Path
 
 DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16",
           "fp32": "float32", "float32": "float32"}
@@ -86,6 +91,76 @@ def generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def plot(args: argparse.Namespace) -> int:
+    """Draw the loss and throughput of a training run against the step into a PNG and print its
+    path. matplotlib is the optional extra `plot`."""
+    steps, losses, throughputs = [], [], []
+    for record in load_metrics(args.directory):
+        steps.append(record["step"])
+        losses.append(record["loss"])
+        throughputs.append(record["tokens_per_s"])
+    try:
+        import matplotlib
+    except ImportError:
+        print(f'ligerzoo {args.name}: error: matplotlib is not installed; '
+              f'install the extra: pip install "ligerzoo[plot]"', file=sys.stderr)
+        return 1
+    matplotlib.use("Agg")  # files only, no display
+    from matplotlib import pyplot
+
+    out = Path(args.out) if args.out else Path(args.directory) / "metrics.png"
+    figure, (loss_axes, speed_axes) = pyplot.subplots(2, 1, sharex=True, figsize=(8, 6))
+    try:
+        loss_axes.plot(steps, losses, color="tab:blue")
+        loss_axes.set_ylabel("loss")
+        loss_axes.set_title(str(args.directory))
+        speed_axes.plot(steps, throughputs, color="tab:orange")
+        speed_axes.set_ylabel("tokens/s")
+        speed_axes.set_xlabel("step")
+        for axes in (loss_axes, speed_axes):
+            axes.grid(True, alpha=0.3)
+        figure.tight_layout()
+        figure.savefig(out, format="png", dpi=100)
+    finally:
+        pyplot.close(figure)
+    print(out)
+    return 0
+
+
+def load_metrics(directory: str | Path) -> list[dict]:
+    """The records of <directory>/metrics.jsonl sorted by step, the last one for a step written more
+    than once (a resumed run). Raises ValueError or FileNotFoundError naming what is wrong."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory} is not a directory")
+    path = directory / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: is {directory} a training run's output_dir?")
+    by_step = {}
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}, line {number}: not JSON ({error.msg})") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}, line {number}: not a JSON object")
+        for key in ("step", "loss", "tokens_per_s"):
+            if key not in record:
+                raise ValueError(f"{path}, line {number}: {key!r} is missing")
+            value = record[key]
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise ValueError(f"{path}, line {number}: {key!r} is {json.dumps(value)}, not a number")
+        if not isinstance(record["step"], int) and not (math.isfinite(record["step"])
+                                                         and record["step"] == int(record["step"])):
+            raise ValueError(f"{path}, line {number}: 'step' is {record['step']!r}, not an integer")
+        by_step[int(record["step"])] = record  # a later line for the same step wins
+    if not by_step:
+        raise ValueError(f"{path} holds no metrics yet")
+    return [{**by_step[step], "step": step} for step in sorted(by_step)]
+
+
 def _status(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -132,6 +207,14 @@ def _parser() -> argparse.ArgumentParser:
                      help="the instruct format, where the tokenizer files do not say it "
                           "(llama2, llama3, mistral-v1, mistral-v2, mistral-v3)")
     gen.set_defaults(command=generate, name="generate")
+
+    draw = commands.add_parser(
+        "plot", help="draw a training run's loss and throughput curves into a PNG",
+        description="Draw the loss and throughput (tokens/s) of DIR/metrics.jsonl against the step "
+                    "into a PNG and print its path. Needs matplotlib: pip install \"ligerzoo[plot]\".")
+    draw.add_argument("directory", metavar="DIR", help="a training run's output_dir")
+    draw.add_argument("--out", metavar="PATH", help="the PNG to write (default: DIR/metrics.png)")
+    draw.set_defaults(command=plot, name="plot")
     return parser
 
 
