@@ -107,3 +107,14 @@ def test_one_rank_and_two_ranks_give_the_same_loss_curve(reference_run, tmp_path
     run_train(tmp_path, "--max_steps", "12", "--checkpoint_every", "0", "--data.batch_size", "8", nproc=1)
     for step, loss in losses(reference_run).items():
         assert losses(tmp_path)[step] == pytest.approx(loss, rel=1e-4), step  # float32, other reduction order
+
+
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_activation_checkpointing_gives_the_same_losses(reference_run, tmp_path, mode):
+    """Recomputing activations (all of them, or only the elementwise ones) changes memory, not
+    the numbers: the losses equal those of the run that keeps everything."""
+    run_train(tmp_path, "--max_steps", "12", "--checkpoint_every", "0",
+              "--train.activation_checkpointing", mode)
+    reference = losses(reference_run)
+    for step, loss in losses(tmp_path).items():
+        assert loss == pytest.approx(reference[step], rel=1e-5), step

@@ -45,7 +45,7 @@ class TrainSection:
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.95)
     max_grad_norm: float = 1.0
-    activation_checkpointing: str = "off"  # off | full
+    activation_checkpointing: str = "off"  # off | full | selective (recompute only elementwise work)
     compile: bool = False
     dtype: str = "bfloat16"  # parameter and compute dtype on the GPU (CPU runs in float32)
     seed: int = 0
@@ -77,9 +77,10 @@ def load_config(argv: list[str]) -> Config:
     for key, value in pairs:
         if key != "config":
             _set(config, SHORT_FLAGS.get(key, key), value, from_text=True)
-    if config.train.activation_checkpointing not in ("off", "full"):
+    if config.train.activation_checkpointing not in ("off", "full", "selective"):
         raise ValueError(
-            f"train.activation_checkpointing is {config.train.activation_checkpointing!r}: use 'off' or 'full'"
+            f"train.activation_checkpointing is {config.train.activation_checkpointing!r}: "
+            "use 'off', 'full' or 'selective'"
         )
     return config
 

@@ -40,8 +40,8 @@ def _train(config: Config, rank: int, world_size: int, device: torch.device) -> 
     # Build: the same weights on every rank (same seed or same checkpoint), then sharded.
     model, tokenizer, tokenizer_dir = _build_model_and_tokenizer(config)
     seq_flops = flops_per_token(model, data_cfg.seq_len)
-    if train_cfg.activation_checkpointing == "full":
-        apply_activation_checkpointing(model)
+    if train_cfg.activation_checkpointing != "off":
+        apply_activation_checkpointing(model, train_cfg.activation_checkpointing)
     if train_cfg.compile:
         apply_compile(model)
     apply_fsdp(model, device, getattr(torch, train_cfg.dtype))

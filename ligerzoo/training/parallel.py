@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 
 def init_distributed() -> tuple[int, int, torch.device]:
@@ -39,10 +39,36 @@ def init_distributed() -> tuple[int, int, torch.device]:
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def apply_activation_checkpointing(model) -> None:
-    """Recompute each block's activations in the backward instead of keeping them."""
+def _saved_by_selective_checkpointing() -> set:
+    """The ops whose outputs selective checkpointing keeps: the matmuls and attention, which are
+    expensive to recompute. Everything else a block does (norms, RoPE, SwiGLU, residual adds:
+    the kernels' elementwise work) is cheap to redo and costly to keep."""
+    aten = torch.ops.aten
+    names = ["mm", "addmm", "bmm", "_grouped_mm", "_scaled_dot_product_flash_attention",
+             "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
+             "_scaled_dot_product_flash_attention_for_cpu", "_flash_attention_forward",
+             "_efficient_attention_forward"]
+    ops = {getattr(aten, name).default for name in names if hasattr(aten, name)}
+    ops.add(torch.ops.higher_order.flex_attention)
+    return ops
+
+
+def _selective_policy(saved_ops):
+    def policy(ctx, op, *args, **kwargs):
+        return CheckpointPolicy.MUST_SAVE if op in saved_ops else CheckpointPolicy.PREFER_RECOMPUTE
+    return policy
+
+
+def apply_activation_checkpointing(model, mode: str = "full") -> None:
+    """Recompute each block's activations in the backward instead of keeping them: all of them
+    ("full"), or only the cheap elementwise ones, keeping matmul and attention outputs
+    ("selective")."""
+    options = {"use_reentrant": False}
+    if mode == "selective":
+        policy = _selective_policy(_saved_by_selective_checkpointing())
+        options["context_fn"] = functools.partial(create_selective_checkpoint_contexts, policy)
     for block in model.layers:
-        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+        block.forward = functools.partial(checkpoint, block.forward, **options)
 
 
 def apply_compile(model) -> None:
