@@ -14,8 +14,6 @@ uses when it runs.
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -94,8 +92,10 @@ def generate(args: argparse.Namespace) -> int:
 def plot(args: argparse.Namespace) -> int:
     """Draw the loss and throughput of a training run against the step into a PNG and print its
     path. matplotlib is the optional extra `plot`."""
+    from ligerzoo.training.metrics import read_metrics
+
     steps, losses, throughputs = [], [], []
-    for record in load_metrics(args.directory):
+    for record in read_metrics(args.directory):
         steps.append(record["step"])
         losses.append(record["loss"])
         throughputs.append(record["tokens_per_s"])
@@ -125,40 +125,6 @@ def plot(args: argparse.Namespace) -> int:
         pyplot.close(figure)
     print(out)
     return 0
-
-
-def load_metrics(directory: str | Path) -> list[dict]:
-    """The records of <directory>/metrics.jsonl sorted by step, the last one for a step written more
-    than once (a resumed run). Raises ValueError or FileNotFoundError naming what is wrong."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise FileNotFoundError(f"{directory} is not a directory")
-    path = directory / "metrics.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: is {directory} a training run's output_dir?")
-    by_step = {}
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}, line {number}: not JSON ({error.msg})") from None
-        if not isinstance(record, dict):
-            raise ValueError(f"{path}, line {number}: not a JSON object")
-        for key in ("step", "loss", "tokens_per_s"):
-            if key not in record:
-                raise ValueError(f"{path}, line {number}: {key!r} is missing")
-            value = record[key]
-            if not isinstance(value, (int, float)) or isinstance(value, bool):
-                raise ValueError(f"{path}, line {number}: {key!r} is {json.dumps(value)}, not a number")
-        if not isinstance(record["step"], int) and not (math.isfinite(record["step"])
-                                                         and record["step"] == int(record["step"])):
-            raise ValueError(f"{path}, line {number}: 'step' is {record['step']!r}, not an integer")
-        by_step[int(record["step"])] = record  # a later line for the same step wins
-    if not by_step:
-        raise ValueError(f"{path} holds no metrics yet")
-    return [{**by_step[step], "step": step} for step in sorted(by_step)]
 
 
 def _status(message: str) -> None:

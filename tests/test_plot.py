@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from ligerzoo.cli import load_metrics, main
+from ligerzoo.cli import main
+from ligerzoo.training.metrics import read_metrics as load_metrics
 
 pytest.importorskip("matplotlib")
 

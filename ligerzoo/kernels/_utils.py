@@ -80,7 +80,11 @@ def check_same_device(**tensors: torch.Tensor) -> None:
 
 def as_rows(x: torch.Tensor) -> torch.Tensor:
     """View x as [rows, last dim] with unit stride along the row (copying only when needed)."""
-    x2 = x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
+    if x.dim() == 2:
+        x2 = x
+    else:
+        # An empty tensor's row count cannot be inferred by reshape(-1, 0): count it.
+        x2 = x.reshape(-1 if x.numel() else x.shape[:-1].numel(), x.shape[-1])
     if x2.shape[-1] > 1 and x2.stride(-1) != 1:
         x2 = x2.contiguous()
     return x2

@@ -132,15 +132,10 @@ def _backward(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[t
     return dgate, dup
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    # reshape(-1, 0) cannot infer the row count, so empty tensors get an explicit one.
-    return as_rows(t) if t.numel() else t.reshape(0, t.shape[-1])
-
-
 class _SwiGLUFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate, up):
-        gate2, up2 = _rows(gate), _rows(up)
+        gate2, up2 = as_rows(gate), as_rows(up)
         y = _forward(gate2, up2)
         # Only the inputs are saved: sigmoid(gate) is cheaper to recompute than to store and
         # read back. The backward writes new tensors, never into these (others may hold them).
@@ -150,7 +145,7 @@ class _SwiGLUFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         gate2, up2 = ctx.saved_tensors
-        dgate, dup = _backward(_rows(dy), gate2, up2)
+        dgate, dup = _backward(as_rows(dy), gate2, up2)
         return dgate.view(dy.shape), dup.view(dy.shape)
 
 

@@ -2,6 +2,7 @@
 both on rank 0 only."""
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -70,7 +71,35 @@ class MetricsLog:
                 print(file=sys.stderr)
 
 
-def read_metrics(output_dir: str) -> list[dict]:
-    """The records of <output_dir>/metrics.jsonl."""
-    path = Path(output_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def read_metrics(directory: str | Path) -> list[dict]:
+    """The records of <directory>/metrics.jsonl sorted by step, the last one for a step written more
+    than once (a resumed run). Raises ValueError or FileNotFoundError naming what is wrong."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory} is not a directory")
+    path = directory / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: is {directory} a training run's output_dir?")
+    by_step = {}
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}, line {number}: not JSON ({error.msg})") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}, line {number}: not a JSON object")
+        for key in ("step", "loss", "tokens_per_s"):
+            if key not in record:
+                raise ValueError(f"{path}, line {number}: {key!r} is missing")
+            value = record[key]
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise ValueError(f"{path}, line {number}: {key!r} is {json.dumps(value)}, not a number")
+        if not isinstance(record["step"], int) and not (math.isfinite(record["step"])
+                                                         and record["step"] == int(record["step"])):
+            raise ValueError(f"{path}, line {number}: 'step' is {record['step']!r}, not an integer")
+        by_step[int(record["step"])] = record  # a later line for the same step wins
+    if not by_step:
+        raise ValueError(f"{path} holds no metrics yet")
+    return [{**by_step[step], "step": step} for step in sorted(by_step)]
