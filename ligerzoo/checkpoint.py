@@ -275,6 +275,32 @@ def save_pretrained(
     _remove_stale_weights(directory, keep=set(filenames))
 
 
+def write_files_atomically(directory: str | os.PathLike, tensor_files: dict[str, dict[str, torch.Tensor]],
+                           json_files: dict[str, dict]) -> None:
+    """Write safetensors files ({filename: {name: tensor}}) and JSON files ({filename: content})
+    into `directory`: each under a hidden temporary name, fsynced, then all renamed into place, so
+    a crash leaves either the old files or the new ones."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    staged: list[tuple[Path, Path]] = []
+    try:
+        for filename, tensors in tensor_files.items():
+            staged.append((_temporary_path(directory, filename), directory / filename))
+            tensors = {name: t.detach().to("cpu", memory_format=torch.contiguous_format, copy=True)
+                       for name, t in tensors.items()}
+            save_file(tensors, staged[-1][0], metadata={"format": "pt"})
+            _fsync(staged[-1][0])
+        for filename, content in json_files.items():
+            staged.append(_stage_json(directory, filename, content))
+        for temporary, final in staged:
+            os.replace(temporary, final)
+    except BaseException:
+        for temporary, _ in staged:
+            temporary.unlink(missing_ok=True)
+        raise
+    _fsync_directory(directory)
+
+
 def parse_size(size: int | str) -> int:
     """Bytes from an int or a string such as "5GB" (10**9), "2GiB" (2**30), "500MB", "100KB"."""
     if isinstance(size, int) and not isinstance(size, bool):

@@ -33,6 +33,7 @@ class CausalLMOutput:
     loss: torch.Tensor | None = None  # float32 scalar when labels were given (Mixtral: + coef * aux_loss)
     logits: torch.Tensor | None = None  # [B, T, V] only when labels were not given
     aux_loss: torch.Tensor | None = None  # Mixtral's load-balancing loss, unscaled
+    hidden_states: torch.Tensor | None = None  # [B, T, H] after the final norm, when asked for
 
 
 class Attention(nn.Module):
@@ -156,7 +157,7 @@ class Transformer(nn.Module):
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
     def forward(self, input_ids, labels=None, position_ids=None, cache: KVCache | None = None,
-                logits_to_keep: int = 0) -> CausalLMOutput:
+                logits_to_keep: int = 0, output_hidden_states: bool = False) -> CausalLMOutput:
         """input_ids [B, T]; labels [B, T] aligned with input_ids (shifted here, -100 ignored);
         position_ids [B, T] or [1, T], which may restart inside a row (packed documents: attention
         then stays within each document), or None for 0..T-1.
@@ -164,7 +165,8 @@ class Transformer(nn.Module):
         cache: a KVCache to extend (generation): the tokens go to its next T slots, their positions
         and mask come from the cache, and attention covers everything cached before them (no
         labels or position_ids then). logits_to_keep: return the logits of the last N positions
-        only (0: all), e.g. 1 for the next token of a prompt.
+        only (0: all), e.g. 1 for the next token of a prompt. output_hidden_states: also return
+        the final hidden states (what Medusa heads read), and without labels no logits.
         """
         batch, seq_len = self._check_inputs(input_ids, labels, position_ids, cache)
         x = self.embed_tokens(input_ids)
@@ -183,7 +185,10 @@ class Transformer(nn.Module):
         h, _ = self.norm(x, residual)
 
         aux_loss = load_balancing_loss(torch.stack(router_stats), batch * seq_len) if router_stats else None
+        hidden_states = h if output_hidden_states else None
         if labels is None:
+            if output_hidden_states:
+                return CausalLMOutput(aux_loss=aux_loss, hidden_states=h)
             h = h[:, -logits_to_keep:] if logits_to_keep else h
             return CausalLMOutput(logits=F.linear(h, self.output_weight), aux_loss=aux_loss)
         # Shift by padding the labels, not by slicing h: h stays contiguous and unsliced.
@@ -191,7 +196,7 @@ class Transformer(nn.Module):
         loss = linear_cross_entropy(h, self.output_weight, targets, ignore_index=IGNORE_INDEX)
         if aux_loss is not None:
             loss = loss + self.config.router_aux_loss_coef * aux_loss
-        return CausalLMOutput(loss=loss, aux_loss=aux_loss)
+        return CausalLMOutput(loss=loss, aux_loss=aux_loss, hidden_states=hidden_states)
 
     def _check_inputs(self, input_ids, labels, position_ids, cache) -> tuple[int, int]:
         if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
