@@ -22,6 +22,7 @@ class ModelSection:
     num_attention_heads: int = 4
     num_key_value_heads: int = 2
     max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
 
 
 @dataclass
@@ -48,6 +49,9 @@ class TrainSection:
     activation_checkpointing: str = "off"  # off | full | selective (recompute only elementwise work)
     compile: bool = False
     dtype: str = "bfloat16"  # parameter and compute dtype on the GPU (CPU runs in float32)
+    # The sharded weights AdamW updates, and its state, on the GPU: float32 (master weights, 16
+    # bytes a parameter with the gradient and AdamW state) or bfloat16 (8 bytes: leaner, less exact).
+    master_dtype: str = "float32"
     seed: int = 0
 
 
@@ -82,6 +86,9 @@ def load_config(argv: list[str]) -> Config:
             f"train.activation_checkpointing is {config.train.activation_checkpointing!r}: "
             "use 'off', 'full' or 'selective'"
         )
+    for key in ("dtype", "master_dtype"):
+        if getattr(config.train, key) not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"train.{key} is {getattr(config.train, key)!r}: use 'float32' or 'bfloat16'")
     return config
 
 

@@ -44,7 +44,7 @@ def _train(config: Config, rank: int, world_size: int, device: torch.device) -> 
         apply_activation_checkpointing(model, train_cfg.activation_checkpointing)
     if train_cfg.compile:
         apply_compile(model)
-    apply_fsdp(model, device, getattr(torch, train_cfg.dtype))
+    apply_fsdp(model, device, getattr(torch, train_cfg.dtype), getattr(torch, train_cfg.master_dtype))
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=train_cfg.lr, betas=train_cfg.betas,
                                   weight_decay=train_cfg.weight_decay, fused=device.type == "cuda")

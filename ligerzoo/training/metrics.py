@@ -14,9 +14,15 @@ PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A
 
 def flops_per_token(model, seq_len: int) -> float:
     """6 FLOPs per parameter per token (forward and backward), embedding lookup excluded, plus the
-    attention scores and weighted sum: 12 * layers * heads * head_dim * seq_len (as PaLM counts)."""
+    attention scores and weighted sum: 12 * layers * heads * head_dim * seq_len (as PaLM counts).
+    Of a mixture of experts' weights only the top-k experts a token goes to count."""
     config = model.config
-    params = sum(p.numel() for name, p in model.named_parameters() if name != "embed_tokens.weight")
+    params = 0
+    for name, p in model.named_parameters():
+        if name == "embed_tokens.weight":
+            continue
+        is_expert = name.endswith(("feed_forward.w13", "feed_forward.w2")) and p.dim() == 3
+        params += p.numel() * config.num_experts_per_tok // config.num_local_experts if is_expert else p.numel()
     if model.lm_head is None:  # tied: the embedding is also the head, a matmul per token
         params += model.embed_tokens.weight.numel()
     attention = 12 * config.num_hidden_layers * config.num_attention_heads * config.head_dim * seq_len

@@ -77,17 +77,21 @@ def apply_compile(model) -> None:
         block.compile(fullgraph=True)
 
 
-def apply_fsdp(model, device: torch.device, param_dtype: torch.dtype) -> None:
+def apply_fsdp(model, device: torch.device, param_dtype: torch.dtype,
+               master_dtype: torch.dtype = torch.float32) -> None:
     """Shard every block, then the root (embedding, final norm, head). On the GPU parameters are
-    gathered and computed in `param_dtype` while gradients reduce in float32 and the sharded
-    master weights stay float32; on the CPU everything is float32."""
+    gathered and computed in `param_dtype`, gradients reduce in float32, and the sharded weights
+    AdamW updates (with its state) are `master_dtype`; on the CPU everything is float32."""
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     policy = MixedPrecisionPolicy()
     if device.type == "cuda":
+        model.to(master_dtype)
         policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     # Blocks return views (the halves of fused projections); the model never writes to a block's
     # output in place, which is what this warning is about.
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
     for block in model.layers:
         fully_shard(block, mesh=mesh, mp_policy=policy)
-    fully_shard(model, mesh=mesh, mp_policy=policy)
+    # The root's parameters (embedding, final norm, output head) are the first needed by the
+    # backward, right after the forward: keep them gathered rather than gather them again.
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)

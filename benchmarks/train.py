@@ -1,0 +1,157 @@
+"""One training step, end to end, against Hugging Face transformers with and without liger-kernel.
+
+    python benchmarks/train.py --shape llama-1b --checkpointing full off
+    python benchmarks/train.py --shape mixtral-2l --batch 2 --checkpointing full --peers ligerzoo hf
+
+Every (peer, checkpointing) pair runs in a fresh process on one GPU, from random init in bf16, on
+random tokens (one document per row: plain causal attention for everyone), with fused AdamW and
+gradient clipping. ligerzoo is prepared as train.py prepares it (ligerzoo/training/parallel.py:
+checkpointing, each block compiled, FSDP2 over the one GPU) with float32 master weights, and again
+with bfloat16 ones (`--train.master_dtype bfloat16`), which is what the Hugging Face runs keep: bf16
+parameters and AdamW state. Prints a markdown table: median tokens/s over the timed steps, MFU
+against the spec peak, and peak memory (torch.cuda.max_memory_allocated over the whole run).
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from ligerzoo.models import ModelConfig, build_model
+from ligerzoo.training.metrics import flops_per_token, peak_flops
+from ligerzoo.training.parallel import apply_activation_checkpointing, apply_compile, apply_fsdp, init_distributed
+
+SHAPES = {
+    # Llama-3.2-1B: 1.24B parameters, tied embeddings.
+    "llama-1b": dict(model_type="llama", vocab_size=128256, hidden_size=2048, intermediate_size=8192,
+                     num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+                     tie_word_embeddings=True, rope_theta=500000.0, max_position_embeddings=131072,
+                     rms_norm_eps=1e-5),
+    # Mixtral-8x7B's layers, 2 of them: 3.16B parameters.
+    "mixtral-2l": dict(model_type="mixtral", vocab_size=32000, hidden_size=4096, intermediate_size=14336,
+                       num_hidden_layers=2, num_attention_heads=32, num_key_value_heads=8,
+                       num_local_experts=8, num_experts_per_tok=2, rope_theta=1e6,
+                       max_position_embeddings=32768, rms_norm_eps=1e-5),
+}
+PEERS = ("ligerzoo", "ligerzoo-bf16-master", "hf", "hf-compiled", "hf-liger")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="llama-1b")
+    parser.add_argument("--seq", type=int, default=4096)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--checkpointing", nargs="+", choices=("off", "full", "selective"), default=["full", "off"])
+    parser.add_argument("--peers", nargs="+", choices=PEERS, default=list(PEERS))
+    parser.add_argument("--steps", type=int, default=12, help="steps per run; the first 4 are not timed")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # a child process: one JSON-encoded run
+    args = parser.parse_args()
+    if args.one:
+        print("RESULT " + json.dumps(run_one(**json.loads(args.one))), flush=True)
+        return
+
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, shape {args.shape}, "
+          f"seq {args.seq} x batch {args.batch}, {args.steps} steps (4 untimed)\n", flush=True)
+    print("| run | checkpointing | tokens/s | MFU | peak memory (GiB) | loss at the last step |")
+    print("|---|---|---|---|---|---|", flush=True)
+    for checkpointing in args.checkpointing:
+        for peer in args.peers:
+            if peer.startswith("hf") and checkpointing == "selective":
+                continue  # transformers has no selective checkpointing
+            run = dict(peer=peer, shape=args.shape, seq=args.seq, batch=args.batch,
+                       checkpointing=checkpointing, steps=args.steps)
+            result = _in_child(run)
+            if "error" in result:
+                print(f"| {peer} | {checkpointing} | failed: {result['error']} | | | |", flush=True)
+                continue
+            print(f"| {peer} | {checkpointing} | {result['tokens_per_s']:,.0f} | {100 * result['mfu']:.1f}% "
+                  f"| {result['peak_gib']:.1f} | {result['loss']:.3f} |", flush=True)
+
+
+def _in_child(run: dict) -> dict:
+    command = [sys.executable, __file__, "--one", json.dumps(run)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    for line in done.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+    print(done.stderr[-3000:], file=sys.stderr)
+    return {"error": tail[:200]}
+
+
+def run_one(peer: str, shape: str, seq: int, batch: int, checkpointing: str, steps: int) -> dict:
+    torch.manual_seed(0)
+    device = torch.device("cuda")
+    if peer.startswith("ligerzoo"):
+        model = _ligerzoo_model(shape, checkpointing, bf16_master=peer.endswith("bf16-master"))
+    else:
+        model = _hf_model(shape, checkpointing, liger=peer == "hf-liger", compiled=peer == "hf-compiled")
+    torch.cuda.reset_peak_memory_stats()  # from here: the weights and what training adds
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    vocab = SHAPES[shape]["vocab_size"]
+    input_ids = torch.randint(0, vocab, (batch, seq), device=device)
+    times, losses = [], []
+    for _ in range(steps):
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        loss = model(input_ids, labels=input_ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.detach())
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - started)
+    tokens_per_s = batch * seq / statistics.median(times[4:])
+    # One count for every peer: the same architecture, counted on a ligerzoo model without memory.
+    flops = flops_per_token(build_model(ModelConfig(**SHAPES[shape]), device="meta"), seq)
+    return {"tokens_per_s": tokens_per_s, "mfu": tokens_per_s * flops / peak_flops(device),
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "loss": losses[-1].item()}
+
+
+def _ligerzoo_model(shape: str, checkpointing: str, bf16_master: bool):
+    _, _, device = init_distributed()
+    model = build_model(ModelConfig(**SHAPES[shape]), device=device, dtype=torch.float32)
+    if checkpointing != "off":
+        apply_activation_checkpointing(model, checkpointing)
+    apply_compile(model)
+    apply_fsdp(model, device, torch.bfloat16, torch.bfloat16 if bf16_master else torch.float32)
+    model.train()
+    return model
+
+
+def _hf_model(shape: str, checkpointing: str, liger: bool, compiled: bool):
+    import transformers
+
+    values = dict(SHAPES[shape])
+    model_type = values.pop("model_type")
+    if liger:
+        import liger_kernel.transformers as liger_kernel
+
+        getattr(liger_kernel, f"apply_liger_kernel_to_{model_type}")()
+    config_class = {"llama": transformers.LlamaConfig, "mixtral": transformers.MixtralConfig}[model_type]
+    model_class = {"llama": transformers.LlamaForCausalLM, "mixtral": transformers.MixtralForCausalLM}[model_type]
+    config = config_class(**values, attn_implementation="sdpa", use_cache=False)
+    torch.set_default_dtype(torch.bfloat16)  # built in bf16 directly
+    with torch.device("cuda"):
+        model = model_class(config)
+    torch.set_default_dtype(torch.float32)
+    if model_type == "mixtral":
+        model.set_experts_implementation("grouped_mm")  # transformers' fastest experts
+    if checkpointing == "full":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if compiled:
+        for layer in model.model.layers:
+            layer.compile()
+    model.train()
+    return model
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    main()
