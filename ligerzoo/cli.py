@@ -4,6 +4,7 @@
     ligerzoo generate MODEL "prompt" [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P]
                       [--seed S] [--dtype bf16] [--device cuda] [--chat] [--chat-format F]
     ligerzoo plot DIR [--out PATH]
+    ligerzoo prepare INPUT [INPUT ...] --output PATH.tokens [--tokenizer NAME_OR_DIR]
 
 MODEL is a local checkpoint directory or a Hugging Face Hub repo id. Generated text goes to
 stdout as it is produced; progress, timings and errors go to stderr. DIR is a training run's
@@ -127,6 +128,36 @@ def plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def prepare(args: argparse.Namespace) -> int:
+    """Tokenise text corpora, a document at a time, into one token file for training to map,
+    showing progress on stderr, and print its path."""
+    from ligerzoo.training.data import ByteTokenizer, write_token_file
+
+    if args.tokenizer == "bytes":
+        tokenizer = ByteTokenizer()
+    else:
+        from ligerzoo.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(args.tokenizer)
+    start = last = time.perf_counter()
+
+    def on_progress(documents: int, tokens: int, bytes_read: int) -> None:
+        nonlocal last
+        now = time.perf_counter()
+        if now - last >= 10:  # a line now and then, readable in a log as on a terminal
+            last = now
+            megabytes_per_s = bytes_read / 1e6 / (now - start)
+            _status(f"{documents:,} documents, {tokens:,} tokens, {megabytes_per_s:.1f} MB/s")
+
+    header = write_token_file(args.inputs, tokenizer, args.output, on_progress)
+    seconds = time.perf_counter() - start
+    megabytes = sum(Path(path).stat().st_size for path in args.inputs) / 1e6
+    _status(f"{header['num_documents']:,} documents, {header['num_tokens']:,} tokens ({header['dtype']}) "
+            f"from {megabytes:.1f} MB in {seconds:.1f} s ({megabytes / max(seconds, 1e-9):.1f} MB/s)")
+    print(args.output)
+    return 0
+
+
 def _status(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -181,6 +212,19 @@ def _parser() -> argparse.ArgumentParser:
     draw.add_argument("directory", metavar="DIR", help="a training run's output_dir")
     draw.add_argument("--out", metavar="PATH", help="the PNG to write (default: DIR/metrics.png)")
     draw.set_defaults(command=plot, name="plot")
+
+    tokenise = commands.add_parser(
+        "prepare", help="tokenise text corpora once into a token file for training",
+        description="Tokenise the documents of each INPUT (.txt: split at blank lines; .jsonl: the \"text\" "
+                    "field of each line), one at a time, into one memory-mapped token file, and print its "
+                    "path. Train on it with --data.path PATH.tokens and the same tokenizer.")
+    tokenise.add_argument("inputs", nargs="+", metavar="INPUT", help="a .txt or .jsonl file")
+    tokenise.add_argument("--output", required=True, metavar="PATH",
+                          help="the token file to write, named *.tokens")
+    tokenise.add_argument("--tokenizer", default="bytes", metavar="NAME_OR_DIR",
+                          help="a Hub repo id, a checkpoint directory or a tokenizer file, or 'bytes' "
+                               "(the byte tokenizer of models trained from scratch; the default)")
+    tokenise.set_defaults(command=prepare, name="prepare")
     return parser
 
 

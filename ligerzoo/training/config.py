@@ -27,7 +27,9 @@ class ModelSection:
 
 @dataclass
 class DataSection:
-    path: str | None = None  # a .txt file (documents split at blank lines) or .jsonl ("text"); None: built-in corpus
+    # A .txt file (documents split at blank lines), a .jsonl file ("text"), or a .tokens file of
+    # `ligerzoo prepare` (made with the same tokenizer); None: the built-in corpus.
+    path: str | None = None
     tokenizer: str | None = None  # default: the model's tokenizer, or bytes for a from-scratch model
     seq_len: int = 256
     batch_size: int = 8  # rows per micro-batch per rank
