@@ -24,7 +24,7 @@ import torch
 
 from ligerzoo.models import ModelConfig, build_model
 from ligerzoo.training.metrics import flops_per_token, peak_flops
-from ligerzoo.training.parallel import apply_activation_checkpointing, apply_compile, apply_fsdp, init_distributed
+from ligerzoo.training.parallel import apply_fsdp, init_distributed, prepare_blocks
 
 SHAPES = {
     # Llama-3.2-1B: 1.24B parameters, tied embeddings.
@@ -49,6 +49,8 @@ def main() -> None:
     parser.add_argument("--checkpointing", nargs="+", choices=("off", "full", "selective"), default=["full", "off"])
     parser.add_argument("--peers", nargs="+", choices=PEERS, default=list(PEERS))
     parser.add_argument("--steps", type=int, default=12, help="steps per run; the first 4 are not timed")
+    parser.add_argument("--profile", metavar="DIR", help="also profile 2 steps of each run: the top CUDA "
+                        "kernels to DIR/<peer>-<checkpointing>.txt")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # a child process: one JSON-encoded run
     args = parser.parse_args()
     if args.one:
@@ -64,7 +66,7 @@ def main() -> None:
             if peer.startswith("hf") and checkpointing == "selective":
                 continue  # transformers has no selective checkpointing
             run = dict(peer=peer, shape=args.shape, seq=args.seq, batch=args.batch,
-                       checkpointing=checkpointing, steps=args.steps)
+                       checkpointing=checkpointing, steps=args.steps, profile=args.profile)
             result = _in_child(run)
             if "error" in result:
                 print(f"| {peer} | {checkpointing} | failed: {result['error']} | | | |", flush=True)
@@ -84,7 +86,8 @@ def _in_child(run: dict) -> dict:
     return {"error": tail[:200]}
 
 
-def run_one(peer: str, shape: str, seq: int, batch: int, checkpointing: str, steps: int) -> dict:
+def run_one(peer: str, shape: str, seq: int, batch: int, checkpointing: str, steps: int,
+            profile: str | None = None) -> dict:
     torch.manual_seed(0)
     device = torch.device("cuda")
     if peer.startswith("ligerzoo"):
@@ -95,18 +98,24 @@ def run_one(peer: str, shape: str, seq: int, batch: int, checkpointing: str, ste
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     vocab = SHAPES[shape]["vocab_size"]
     input_ids = torch.randint(0, vocab, (batch, seq), device=device)
-    times, losses = [], []
-    for _ in range(steps):
-        torch.cuda.synchronize()
-        started = time.perf_counter()
+
+    def step() -> torch.Tensor:
         loss = model(input_ids, labels=input_ids).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.detach())
+        return loss.detach()
+
+    times, losses = [], []
+    for _ in range(steps):
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        losses.append(step())
         torch.cuda.synchronize()
         times.append(time.perf_counter() - started)
+    if profile:
+        _profile(step, os.path.join(profile, f"{peer}-{checkpointing}.txt"))
     tokens_per_s = batch * seq / statistics.median(times[4:])
     # One count for every peer: the same architecture, counted on a ligerzoo model without memory.
     flops = flops_per_token(build_model(ModelConfig(**SHAPES[shape]), device="meta"), seq)
@@ -114,12 +123,23 @@ def run_one(peer: str, shape: str, seq: int, batch: int, checkpointing: str, ste
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "loss": losses[-1].item()}
 
 
+def _profile(step, path: str) -> None:
+    """The CUDA kernels of 2 steps, by total time, to `path`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(2):
+            step()
+        torch.cuda.synchronize()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as file:
+        file.write(prof.key_averages().table(sort_by="self_device_time_total", row_limit=60, max_name_column_width=90))
+
+
 def _ligerzoo_model(shape: str, checkpointing: str, bf16_master: bool):
     _, _, device = init_distributed()
     model = build_model(ModelConfig(**SHAPES[shape]), device=device, dtype=torch.float32)
-    if checkpointing != "off":
-        apply_activation_checkpointing(model, checkpointing)
-    apply_compile(model)
+    prepare_blocks(model, checkpointing, compile=True)
     apply_fsdp(model, device, torch.bfloat16, torch.bfloat16 if bf16_master else torch.float32)
     model.train()
     return model

@@ -174,20 +174,24 @@ class _RMSNormFunction(torch.autograd.Function):
         x2 = as_rows(x)
         r2 = as_rows(residual) if residual is not None else None
         y, summed, rstd = _forward(x2, r2, weight, eps)
-        # The backward needs only the normalised input and the per-row 1/rms: we save the
-        # input (or the sum, which is an output anyway) and recompute x_hat from it.
-        ctx.save_for_backward(summed if residual is not None else x2, weight, rstd)
+        # The backward needs only the normalised input and the per-row 1/rms: we save the input
+        # (or the sum, an output anyway) and recompute x_hat from it. The tensors saved are the
+        # input and the output themselves, not [rows, width] views: under torch.compile, a saved
+        # view of either inside a checkpointed region is an aliasing error.
         ctx.has_residual = residual is not None
         if residual is None:
+            ctx.save_for_backward(x, weight, rstd)
             return y.view(shape)
-        return y.view(shape), summed.view(shape)
+        summed = summed.view(shape)
+        ctx.save_for_backward(summed, weight, rstd)
+        return y.view(shape), summed
 
     @staticmethod
     def backward(ctx, dy, dsum=None):
         h, weight, rstd = ctx.saved_tensors
         dy2 = as_rows(dy)
         dsum2 = as_rows(dsum) if (ctx.has_residual and dsum is not None) else None
-        dh, dweight = _backward(dy2, h, weight, rstd, dsum2)
+        dh, dweight = _backward(dy2, as_rows(h), weight, rstd, dsum2)
         dh = dh.view(dy.shape)
         if ctx.has_residual:
             return dh, dh, dweight, None

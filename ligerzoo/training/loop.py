@@ -9,7 +9,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from ligerzoo.checkpoint import from_pretrained, resolve_checkpoint_dir
+from ligerzoo.checkpoint import from_pretrained
 from ligerzoo.models import ModelConfig, build_model
 from ligerzoo.tokenizer import load_tokenizer
 from ligerzoo.training.checkpointing import export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
@@ -17,7 +17,7 @@ from ligerzoo.training.config import Config
 from ligerzoo.training.data import IGNORE_INDEX, ByteTokenizer, build_data
 from ligerzoo.training.metrics import MetricsLog, flops_per_token, peak_flops
 from ligerzoo.training.parallel import (
-    apply_activation_checkpointing, apply_compile, apply_fsdp, init_distributed,
+    apply_fsdp, init_distributed, prepare_blocks,
 )
 
 # Test hook: the process SIGKILLs itself after this step (simulates a crash at the worst moment).
@@ -40,10 +40,7 @@ def _train(config: Config, rank: int, world_size: int, device: torch.device) -> 
     # Build: the same weights on every rank (same seed or same checkpoint), then sharded.
     model, tokenizer, tokenizer_dir = _build_model_and_tokenizer(config)
     seq_flops = flops_per_token(model, data_cfg.seq_len)
-    if train_cfg.activation_checkpointing != "off":
-        apply_activation_checkpointing(model, train_cfg.activation_checkpointing)
-    if train_cfg.compile:
-        apply_compile(model)
+    prepare_blocks(model, train_cfg.activation_checkpointing, train_cfg.compile)
     apply_fsdp(model, device, getattr(torch, train_cfg.dtype), getattr(torch, train_cfg.master_dtype))
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=train_cfg.lr, betas=train_cfg.betas,
