@@ -3,6 +3,7 @@
     ligerzoo download MODEL [--revision R] [--no-weights] [--no-tokenizer]
     ligerzoo generate MODEL "prompt" [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P]
                       [--seed S] [--dtype bf16] [--device cuda] [--chat] [--chat-format F]
+                      [--medusa DIR [--medusa-tree NAME]]
     ligerzoo plot DIR [--out PATH]
     ligerzoo prepare INPUT [INPUT ...] --output PATH.tokens [--tokenizer NAME_OR_DIR]
 
@@ -19,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+# ligerzoo.medusa.tree.TREES' names, here so that parsing the arguments imports nothing heavy.
+TREE_NAMES = ("chain", "small", "mc_sim_7b_63")
 DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16",
           "fp32": "float32", "float32": "float32"}
 
@@ -47,7 +50,8 @@ def download(args: argparse.Namespace) -> int:
 
 
 def generate(args: argparse.Namespace) -> int:
-    """Load a model and its tokenizer, and stream the continuation of the prompt to stdout."""
+    """Load a model and its tokenizer, and stream the continuation of the prompt to stdout; with
+    --medusa, by Medusa tree decoding with the heads in that directory."""
     import torch
 
     from ligerzoo.checkpoint import from_pretrained
@@ -55,6 +59,9 @@ def generate(args: argparse.Namespace) -> int:
     from ligerzoo.hub import resolve_model_dir
     from ligerzoo.tokenizer import load_tokenizer
 
+    if args.medusa is not None and (args.top_k is not None or args.top_p is not None):
+        raise ValueError("--top-k and --top-p do not apply to Medusa decoding: with --temperature > 0 it "
+                         "samples with typical acceptance")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = DTYPES[args.dtype] if args.dtype else ("bfloat16" if device.type == "cuda" else "float32")
     directory = resolve_model_dir(args.model, args.revision)  # one fetch for the weights and tokenizer
@@ -67,6 +74,11 @@ def generate(args: argparse.Namespace) -> int:
     model = from_pretrained(directory, dtype=dtype, device=device)
     _status(f"loaded {args.model} ({dtype}, {device}) in {time.perf_counter() - start:.1f} s; "
             f"prompt of {len(prompt)} tokens")
+    if args.medusa is not None:
+        from ligerzoo.medusa import MedusaStats, load_heads, medusa_generate
+
+        heads = load_heads(args.medusa, dtype=getattr(torch, dtype), device=device)
+        stats = MedusaStats()
 
     decoder = tokenizer.decoder()
     produced = 0
@@ -79,14 +91,23 @@ def generate(args: argparse.Namespace) -> int:
             sys.stdout.flush()
 
     start = time.perf_counter()
-    generate_ids(model, [prompt], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                 top_k=args.top_k, top_p=args.top_p, stop_ids=tokenizer.stop_ids, on_token=on_token,
-                 seed=args.seed)
+    if args.medusa is None:
+        generate_ids(model, [prompt], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                     top_k=args.top_k, top_p=args.top_p, stop_ids=tokenizer.stop_ids, on_token=on_token,
+                     seed=args.seed)
+    else:
+        medusa_generate(model, heads, [prompt], max_new_tokens=args.max_new_tokens, tree=args.medusa_tree,
+                        stop_ids=tokenizer.stop_ids,
+                        acceptance="typical" if args.temperature > 0 else "greedy",
+                        temperature=args.temperature, on_token=on_token, seed=args.seed, stats=stats)
     sys.stdout.write(decoder.flush() + "\n")
     sys.stdout.flush()
     seconds = time.perf_counter() - start
     _status(f"{produced} tokens in {seconds:.2f} s "
             f"({produced / max(seconds, 1e-9):.1f} tokens/s, prefill included)")
+    if args.medusa is not None:
+        _status(f"medusa ({args.medusa_tree} tree): mean accepted length {stats.mean_accepted_length:.2f} "
+                f"tokens per forward over {stats.forwards} forwards")
     return 0
 
 
@@ -203,6 +224,12 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--chat-format", metavar="F",
                      help="the instruct format, where the tokenizer files do not say it "
                           "(llama2, llama3, mistral-v1, mistral-v2, mistral-v3)")
+    gen.add_argument("--medusa", metavar="DIR",
+                     help="decode with the Medusa heads saved in DIR (greedy: the same text, fewer forwards; "
+                          "--temperature > 0: typical acceptance)")
+    gen.add_argument("--medusa-tree", choices=sorted(TREE_NAMES), default="mc_sim_7b_63", metavar="NAME",
+                     help=f"the tree of candidates Medusa verifies per forward: {', '.join(TREE_NAMES)} "
+                          f"(default: mc_sim_7b_63, the Medusa project's)")
     gen.set_defaults(command=generate, name="generate")
 
     draw = commands.add_parser(

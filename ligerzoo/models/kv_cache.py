@@ -9,14 +9,32 @@ position is its slot minus its row's padding: each prompt's first real token is 
 Left padding is treated as a document of its own (the packed-documents rule of attention.py):
 real tokens never attend to it, and a padding token attends only to padding, so no query row is
 entirely masked (which would give NaN).
+
+A forward may also hold a tree of tokens (Medusa's candidates, `claim_tree`): each continues the
+prefix at its depth and sees only its tree ancestors; afterwards `keep` moves one root-to-leaf path
+next to the prefix and frees the rest.
 """
 
 from typing import NamedTuple
 
 import torch
 
-from ligerzoo.models.attention import AttentionMask, attend, attend_grouped, build_mask, padded_mask
+from ligerzoo.models.attention import (
+    AttentionMask,
+    attend,
+    attend_grouped,
+    build_mask,
+    padded_mask,
+    tree_mask,
+)
 from ligerzoo.models.config import ModelConfig
+
+
+class TokenTree(NamedTuple):
+    """N tokens forming a tree, in an order where parents come before children."""
+
+    depths: torch.Tensor  # [N] long: 0 for the root, which follows the prefix; a child is its parent's + 1
+    ancestors: torch.Tensor  # [N, N] bool: ancestors[i, j] when token j is token i or one of its ancestors
 
 
 class LayerCache(NamedTuple):
@@ -53,6 +71,7 @@ class KVCache:
         self.position = torch.zeros((), dtype=torch.long, device=device)  # the next free slot
         self.padded = False  # whether any row is padded (known on the host, for the prefill)
         self.empty = True  # nothing written yet (known on the host, for the prefill)
+        self.tree_size = 0  # tokens of the last forward when it was a tree (for `keep`), else 0
 
     @property
     def batch_size(self) -> int:
@@ -72,6 +91,7 @@ class KVCache:
         self.position.zero_()
         self.padded = any(padding)
         self.empty = True
+        self.tree_size = 0
 
     def claim(self, seq_len: int, window: int | None):
         """Take the next seq_len slots for a forward of [B, seq_len] tokens. Returns their
@@ -85,6 +105,38 @@ class KVCache:
             n_keys = seq_len if fresh else self.max_len
             mask = padded_mask(slots, self.padding, window, n_keys, self.keys[0].dtype)
         self.position += seq_len  # in place: a replayed CUDA graph advances it too
-        self.empty = False
+        self.empty, self.tree_size = False, 0
         layers = [LayerCache(k, v, slots, fresh) for k, v in zip(self.keys, self.values, strict=True)]
         return position_ids, mask, layers
+
+    def claim_tree(self, tree: TokenTree, window: int | None):
+        """Take the next N slots for a forward of the tree's N tokens (the same tree in every row)
+        after what is cached: token i's position is the prefix's length plus depths[i], and it
+        attends to the prefix, its ancestors and itself. Returns what `claim` returns."""
+        if self.empty:
+            raise ValueError("a tree forward extends a cached prefix: run the prompt through the cache first")
+        n_nodes = tree.depths.shape[0]
+        start = self.position.clone()
+        slots = start + torch.arange(n_nodes, device=start.device)  # [N]
+        position_ids = start + tree.depths - self.padding[:, None]  # [B, N]
+        mask = tree_mask(start, tree.depths, tree.ancestors, self.padding, window, self.max_len,
+                         self.keys[0].dtype)
+        self.position += n_nodes
+        self.tree_size = n_nodes
+        layers = [LayerCache(k, v, slots, False) for k, v in zip(self.keys, self.values, strict=True)]
+        return position_ids, mask, layers
+
+    def keep(self, nodes: torch.Tensor, count: torch.Tensor | int) -> None:
+        """After a tree forward: keep tree tokens nodes[:count] (nodes [M] indices into the tree, a
+        root-to-node path; count a device scalar, so no host sync) in the slots right after the
+        prefix, in that order; the next forward writes after them, over the rest of the tree."""
+        if not self.tree_size:
+            raise ValueError("keep() follows a tree forward (claim_tree); the last forward was not one")
+        start = self.position - self.tree_size
+        sources = start + nodes
+        targets = start + torch.arange(nodes.shape[0], device=nodes.device)
+        for cached in (*self.keys, *self.values):
+            # index_select copies first: a path may move onto slots it is read from.
+            cached.index_copy_(2, targets, cached.index_select(2, sources))
+        self.position.copy_(start + count)
+        self.tree_size = 0

@@ -22,7 +22,7 @@ from torch import nn
 from ligerzoo.kernels import RMSNorm, apply_rope, linear_cross_entropy, swiglu
 from ligerzoo.models.attention import AttentionMask, attend, build_mask
 from ligerzoo.models.config import ModelConfig
-from ligerzoo.models.kv_cache import KVCache, LayerCache
+from ligerzoo.models.kv_cache import KVCache, LayerCache, TokenTree
 from ligerzoo.models.rotary import RotaryEmbedding
 
 IGNORE_INDEX = -100
@@ -157,7 +157,8 @@ class Transformer(nn.Module):
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
     def forward(self, input_ids, labels=None, position_ids=None, cache: KVCache | None = None,
-                logits_to_keep: int = 0, output_hidden_states: bool = False) -> CausalLMOutput:
+                logits_to_keep: int = 0, output_hidden_states: bool = False,
+                tree: TokenTree | None = None) -> CausalLMOutput:
         """input_ids [B, T]; labels [B, T] aligned with input_ids (shifted here, -100 ignored);
         position_ids [B, T] or [1, T], which may restart inside a row (packed documents: attention
         then stays within each document), or None for 0..T-1.
@@ -166,16 +167,21 @@ class Transformer(nn.Module):
         and mask come from the cache, and attention covers everything cached before them (no
         labels or position_ids then). logits_to_keep: return the logits of the last N positions
         only (0: all), e.g. 1 for the next token of a prompt. output_hidden_states: also return
-        the final hidden states (what Medusa heads read), and without labels no logits.
+        the final hidden states (what Medusa heads read), and without labels no logits. tree: with
+        a cache, the T tokens are a tree rather than a sequence (Medusa's candidates, in the order
+        of the tree's depths and ancestors): each continues the cached prefix at its depth and
+        attends to its ancestors only (KVCache.claim_tree; KVCache.keep then keeps one path).
         """
-        batch, seq_len = self._check_inputs(input_ids, labels, position_ids, cache)
+        batch, seq_len = self._check_inputs(input_ids, labels, position_ids, cache, tree)
         x = self.embed_tokens(input_ids)
         if cache is None:
             cos, sin = self.rotary(position_ids, seq_len)
             mask = build_mask(position_ids, batch, seq_len, self.config.sliding_window, input_ids.device)
             layer_caches = [None] * len(self.layers)
         else:
-            position_ids, mask, layer_caches = cache.claim(seq_len, self.config.sliding_window)
+            window = self.config.sliding_window
+            claimed = cache.claim(seq_len, window) if tree is None else cache.claim_tree(tree, window)
+            position_ids, mask, layer_caches = claimed
             cos, sin = self.rotary(position_ids, seq_len)
         residual, router_stats = None, []
         for layer, layer_cache in zip(self.layers, layer_caches, strict=True):
@@ -198,7 +204,7 @@ class Transformer(nn.Module):
             loss = loss + self.config.router_aux_loss_coef * aux_loss
         return CausalLMOutput(loss=loss, aux_loss=aux_loss, hidden_states=hidden_states)
 
-    def _check_inputs(self, input_ids, labels, position_ids, cache) -> tuple[int, int]:
+    def _check_inputs(self, input_ids, labels, position_ids, cache, tree=None) -> tuple[int, int]:
         if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
             raise ValueError(
                 f"input_ids must be an integer [B, T] tensor, got {input_ids.dtype} {list(input_ids.shape)}"
@@ -209,6 +215,13 @@ class Transformer(nn.Module):
                 raise ValueError("with a cache, labels and position_ids must be None (it sets the positions)")
             if cache.batch_size != batch:
                 raise ValueError(f"input_ids has {batch} rows but the cache was made for {cache.batch_size}")
+        if tree is not None:
+            if cache is None:
+                raise ValueError("a tree of tokens needs a cache holding the prefix it continues (cache=...)")
+            if tree.depths.shape != (seq_len,) or tree.ancestors.shape != (seq_len, seq_len):
+                raise ValueError(f"the tree has depths {list(tree.depths.shape)} and ancestors "
+                                 f"{list(tree.ancestors.shape)}, expected [{seq_len}] and "
+                                 f"[{seq_len}, {seq_len}] for {seq_len} tokens")
         if labels is not None and labels.shape != input_ids.shape:
             raise ValueError(
                 f"labels must have input_ids' shape {list(input_ids.shape)}, got {list(labels.shape)}"

@@ -1,0 +1,210 @@
+"""Medusa tree decoding: several tokens per forward of the base model, verified by it.
+
+The prompt goes through the model once (the prefill); the base head's choice at its last position
+is the first new token, the root, and the Medusa heads' top-k lists at that position are the
+candidates for the tokens after it. Each step then:
+
+1. lays the root and the candidates out as the tree (tree.py) and runs it through the model in
+   one forward over the KV cache, every node attending to the prompt, its ancestors and itself;
+2. scores every node with the base head: a node is accepted when its token is what the base model
+   chooses after its parent (greedy: the argmax; typical: likely enough, below), and the longest
+   root-to-leaf prefix of accepted nodes wins;
+3. keeps that path's keys and values in the cache (KVCache.keep), takes the base model's choice
+   after its last node as the next root, and the heads' top-k lists at that node as the next
+   candidates. The step emits the accepted tokens and the new root: accepted + 1 tokens.
+
+Greedy acceptance is lossless: every emitted token is the base model's argmax after the tokens
+before it, so the output is plain greedy decoding's, token for token (up to float rounding: the
+tree forward sums attention over other slots than a one-token step does).
+
+Typical acceptance (Medusa paper, section 2.3.1) accepts a candidate x after its parent when
+p(x) > min(posterior_threshold, posterior_alpha * exp(-H(p))), p the base model's distribution at
+the temperature and H its entropy; the next root is sampled from p restricted to the tokens that
+pass the same test (the likeliest always does).
+
+Everything is chosen on the device; the host reads one small tensor per step (the path's tokens,
+the new root and the accepted count) to stream the tokens and to stop.
+"""
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from ligerzoo.generate import _check_request, _prompt_lists, sample
+from ligerzoo.medusa.heads import MedusaHeads
+from ligerzoo.medusa.tree import Choices, MedusaTree, medusa_tree
+from ligerzoo.models import Transformer
+from ligerzoo.models.kv_cache import KVCache
+
+ACCEPTANCE = ("greedy", "typical")
+
+
+@dataclass
+class MedusaStats:
+    """What a medusa_generate call did: per tree forward, how many candidates were accepted."""
+
+    accepted: list[int] = field(default_factory=list)
+
+    @property
+    def forwards(self) -> int:
+        """Tree forwards (the prefill not counted)."""
+        return len(self.accepted)
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Tokens emitted per tree forward: the accepted candidates plus the base model's own token
+        (1.0 means the heads never helped; Medusa's "acceleration rate")."""
+        return 1 + sum(self.accepted) / len(self.accepted) if self.accepted else 1.0
+
+
+@torch.no_grad()
+def medusa_generate(
+    model: Transformer,
+    heads: MedusaHeads,
+    input_ids: torch.Tensor | list[list[int]],
+    max_new_tokens: int = 64,
+    tree: str | Choices | MedusaTree = "small",
+    stop_ids: Iterable[int] | None = None,
+    acceptance: str = "greedy",
+    temperature: float = 0.0,
+    posterior_threshold: float = 0.09,
+    posterior_alpha: float = 0.3,
+    on_token: Callable[[int, int], None] | None = None,
+    seed: int | None = None,
+    stats: MedusaStats | None = None,
+) -> list[list[int]]:
+    """The new token ids of one prompt ([[...]], as `generate` returns them): max_new_tokens, or
+    fewer ending with a stop token.
+
+    input_ids: a [1, T] tensor or [prompt token ids] (batch 1 only).
+    tree: a name in tree.TREES (cut to the heads' depth), a list of Medusa choices, or a MedusaTree.
+    acceptance: "greedy" (temperature 0; the output is plain greedy decoding's) or "typical"
+        (temperature > 0; posterior_threshold and posterior_alpha as in the Medusa paper).
+    on_token: called as on_token(0, token_id) for every returned token, in order.
+    seed: seeds the sampling of typical acceptance.
+    stats: filled with the number of candidates accepted at each step.
+    """
+    config = model.config
+    prompts = _prompt_lists(input_ids)
+    if len(prompts) != 1:
+        raise ValueError(f"Medusa decoding takes one prompt (batch 1), got {len(prompts)}: "
+                         f"call it once per prompt, or use ligerzoo.generate for batches")
+    stop_set = _check_request(config, prompts, max_new_tokens, temperature, None, None, stop_ids)
+    _check_medusa(model, heads, acceptance, temperature, posterior_threshold, posterior_alpha)
+    weight = model.output_weight  # [V, H]
+    device = weight.device
+    tree = medusa_tree(tree, heads.num_heads, device)
+    if tree.top_k > config.vocab_size:
+        raise ValueError(f"the tree uses the top {tree.top_k} tokens of each head but the vocabulary has "
+                         f"{config.vocab_size}")
+    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    stats = stats if stats is not None else MedusaStats()
+    typical = None
+    if acceptance == "typical":
+        typical = {"temperature": temperature, "threshold": posterior_threshold, "alpha": posterior_alpha}
+
+    def choose(logits: torch.Tensor) -> torch.Tensor:
+        """The base model's next token after logits [V]: the argmax, or a typical sample."""
+        if typical is None:
+            return logits.argmax(-1)
+        probs = (logits.float() / temperature).softmax(-1)
+        kept = probs >= _typical_threshold(probs, posterior_threshold, posterior_alpha)
+        kept[probs.argmax(-1)] = True
+        return sample(logits.masked_fill(~kept, float("-inf"))[None], temperature, generator=generator)[0]
+
+    def candidates(hidden: torch.Tensor) -> torch.Tensor:
+        """[D * top_k]: heads 1..D's top-k tokens after hidden [H]."""
+        if tree.depth == 0:
+            return hidden.new_empty(0, dtype=torch.long)
+        head_logits = heads.logits(hidden, weight)[:tree.depth]  # [K, V] -> [D, V]
+        return head_logits.topk(tree.top_k, dim=-1).indices.reshape(-1)
+
+    prompt = prompts[0]
+    cache = KVCache(config, 1, len(prompt) + max_new_tokens + tree.size, device=device, dtype=weight.dtype)
+    prefill = model(torch.tensor([prompt], device=device), cache=cache, output_hidden_states=True)
+    last = prefill.hidden_states[0, -1]  # [H]
+    root = choose(F.linear(last, weight))
+    guesses = candidates(last)
+    out = []
+
+    def emit(tokens: list[int]) -> bool:
+        """Append tokens up to a stop token or max_new_tokens; True when generation is over."""
+        for token in tokens:
+            out.append(token)
+            if on_token is not None:
+                on_token(0, token)
+            if token in stop_set or len(out) == max_new_tokens:
+                return True
+        return False
+
+    done = emit([root.item()])
+    while not done:
+        tokens = torch.cat([root.view(1), guesses])[tree.sources]  # [N]
+        forward = model(tokens[None], cache=cache, tree=tree.attention, output_hidden_states=True)
+        hidden = forward.hidden_states[0]  # [N, H]
+        logits = F.linear(hidden, weight)  # [N, V]
+        if typical is None:
+            accepted = tokens == logits.argmax(-1)[tree.parents]  # [N]: the root's entry is overwritten below
+            log_probs = None
+        else:
+            accepted, log_probs = _typical_acceptance(logits[tree.parents], tokens, **typical)
+        accepted[0] = True  # the root is the base model's own choice
+        on_path = (accepted[tree.paths] & tree.path_valid).long().cumprod(-1)  # [P, D + 1]
+        lengths = on_path.sum(-1)  # [P], root included
+        best = _best_path(lengths, on_path, log_probs, tree)
+        length = lengths[best]
+        path = tree.paths[best]  # [D + 1]
+        cache.keep(path, length)
+        last_node = path[length - 1]
+        root = choose(logits[last_node])
+        guesses = candidates(hidden[last_node])
+        report = torch.cat([tokens[path], root.view(1), length.view(1)]).tolist()  # the step's one host sync
+        n_accepted = report[-1] - 1
+        stats.accepted.append(n_accepted)
+        done = emit(report[1:1 + n_accepted] + [report[-2]])
+    return [out]
+
+
+def _typical_threshold(probs: torch.Tensor, threshold: float, alpha: float) -> torch.Tensor:
+    """[..., 1]: min(threshold, alpha * exp(-entropy)) of distributions probs [..., V]."""
+    entropy = -(probs * torch.log(probs.clamp(min=torch.finfo(probs.dtype).tiny))).sum(-1, keepdim=True)
+    return torch.clamp(alpha * torch.exp(-entropy), max=threshold)
+
+
+def _typical_acceptance(parent_logits, tokens, temperature, threshold, alpha):
+    """Whether each node's token passes the typical test under its parent's logits [N, V], and its
+    log-probability there ([N] each)."""
+    probs = (parent_logits.float() / temperature).softmax(-1)
+    token_probs = probs.gather(-1, tokens[:, None])  # [N, 1]
+    accepted = (token_probs > _typical_threshold(probs, threshold, alpha))[:, 0]
+    return accepted, torch.log(token_probs[:, 0].clamp(min=torch.finfo(probs.dtype).tiny))
+
+
+def _best_path(lengths, on_path, log_probs, tree: MedusaTree) -> torch.Tensor:
+    """The index of a longest accepted path: greedy, the first (every longest path holds the same
+    tokens); typical, the likeliest of them under the base model, as Medusa picks."""
+    if log_probs is None:
+        return lengths.argmax()
+    node_log_probs = log_probs.masked_fill(tree.depths == 0, 0.0)  # the root is given
+    likelihood = (node_log_probs[tree.paths] * on_path).sum(-1)  # [P]
+    return likelihood.masked_fill(lengths != lengths.max(), float("-inf")).argmax()
+
+
+def _check_medusa(model, heads, acceptance, temperature, posterior_threshold, posterior_alpha) -> None:
+    config = model.config
+    if (heads.hidden_size, heads.vocab_size) != (config.hidden_size, config.vocab_size):
+        raise ValueError(f"the Medusa heads are for hidden size {heads.hidden_size} and vocabulary "
+                         f"{heads.vocab_size}, the model has {config.hidden_size} and {config.vocab_size}: "
+                         f"they were trained on another base model")
+    if acceptance not in ACCEPTANCE:
+        raise ValueError(f"acceptance must be one of {ACCEPTANCE}, got {acceptance!r}")
+    if acceptance == "greedy" and temperature != 0:
+        raise ValueError(f"greedy acceptance decodes at temperature 0, got {temperature}: "
+                         f"pass acceptance='typical' to sample")
+    if acceptance == "typical" and temperature == 0:
+        raise ValueError("typical acceptance samples: set temperature > 0 (or use acceptance='greedy')")
+    for name, value in (("posterior_threshold", posterior_threshold), ("posterior_alpha", posterior_alpha)):
+        if not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
