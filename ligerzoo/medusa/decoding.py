@@ -101,13 +101,11 @@ def medusa_generate(
                          f"{config.vocab_size}")
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     stats = stats if stats is not None else MedusaStats()
-    typical = None
-    if acceptance == "typical":
-        typical = {"temperature": temperature, "threshold": posterior_threshold, "alpha": posterior_alpha}
+    typical = acceptance == "typical"
 
     def choose(logits: torch.Tensor) -> torch.Tensor:
         """The base model's next token after logits [V]: the argmax, or a typical sample."""
-        if typical is None:
+        if not typical:
             return logits.argmax(-1)
         probs = (logits.float() / temperature).softmax(-1)
         kept = probs >= _typical_threshold(probs, posterior_threshold, posterior_alpha)
@@ -145,11 +143,12 @@ def medusa_generate(
         forward = model(tokens[None], cache=cache, tree=tree.attention, output_hidden_states=True)
         hidden = forward.hidden_states[0]  # [N, H]
         logits = F.linear(hidden, weight)  # [N, V]
-        if typical is None:
+        if typical:
+            accepted, log_probs = _typical_acceptance(logits[tree.parents], tokens, temperature,
+                                                      posterior_threshold, posterior_alpha)
+        else:
             accepted = tokens == logits.argmax(-1)[tree.parents]  # [N]: the root's entry is overwritten below
             log_probs = None
-        else:
-            accepted, log_probs = _typical_acceptance(logits[tree.parents], tokens, **typical)
         accepted[0] = True  # the root is the base model's own choice
         on_path = (accepted[tree.paths] & tree.path_valid).long().cumprod(-1)  # [P, D + 1]
         lengths = on_path.sum(-1)  # [P], root included
