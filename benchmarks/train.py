@@ -6,10 +6,11 @@
 Every (peer, checkpointing) pair runs in a fresh process on one GPU, from random init in bf16, on
 random tokens (one document per row: plain causal attention for everyone), with fused AdamW and
 gradient clipping. ligerzoo is prepared as train.py prepares it (ligerzoo/training/parallel.py:
-checkpointing, each block compiled, FSDP2 over the one GPU) with float32 master weights, and again
-with bfloat16 ones (`--train.master_dtype bfloat16`), which is what the Hugging Face runs keep: bf16
-parameters and AdamW state. Prints a markdown table: median tokens/s over the timed steps, MFU
-against the spec peak, and peak memory (torch.cuda.max_memory_allocated over the whole run).
+checkpointing, each block compiled) with float32 master weights (FSDP2 over the one GPU casts them
+to bf16 for compute), and again with bfloat16 ones (`--train.master_dtype bfloat16`, no FSDP on
+one GPU), which is what the Hugging Face runs keep: bf16 parameters and AdamW state. Prints a
+markdown table: median tokens/s over the timed steps, MFU against the spec peak, and peak memory
+(torch.cuda.max_memory_allocated from the model's construction on).
 """
 
 import argparse
@@ -138,7 +139,7 @@ def _profile(step, path: str) -> None:
 
 def _ligerzoo_model(shape: str, checkpointing: str, bf16_master: bool):
     _, _, device = init_distributed()
-    model = build_model(ModelConfig(**SHAPES[shape]), device=device, dtype=torch.float32)
+    model = build_model(ModelConfig(**SHAPES[shape]), device=device, dtype=torch.bfloat16 if bf16_master else torch.float32)
     prepare_blocks(model, checkpointing, compile=True)
     apply_fsdp(model, device, torch.bfloat16, torch.bfloat16 if bf16_master else torch.float32)
     model.train()

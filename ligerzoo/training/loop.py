@@ -41,7 +41,7 @@ def _train(config: Config, rank: int, world_size: int, device: torch.device) -> 
     model, tokenizer, tokenizer_dir = _build_model_and_tokenizer(config)
     seq_flops = flops_per_token(model, data_cfg.seq_len)
     prepare_blocks(model, train_cfg.activation_checkpointing, train_cfg.compile)
-    apply_fsdp(model, device, getattr(torch, train_cfg.dtype), getattr(torch, train_cfg.master_dtype))
+    sharded = apply_fsdp(model, device, getattr(torch, train_cfg.dtype), getattr(torch, train_cfg.master_dtype))
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=train_cfg.lr, betas=train_cfg.betas,
                                   weight_decay=train_cfg.weight_decay, fused=device.type == "cuda")
@@ -71,7 +71,8 @@ def _train(config: Config, rank: int, world_size: int, device: torch.device) -> 
         dist.all_reduce(total)
         loss_sum = torch.zeros((), device=device)
         for i, (mb, count) in enumerate(zip(micro_batches, counts)):
-            model.set_requires_gradient_sync(i == len(micro_batches) - 1)  # reduce once per step
+            if sharded:
+                model.set_requires_gradient_sync(i == len(micro_batches) - 1)  # reduce once per step
             loss = model(mb["input_ids"], labels=mb["labels"], position_ids=mb["position_ids"]).loss
             (loss * (count * world_size / total)).backward()
             loss_sum += loss.detach() * count

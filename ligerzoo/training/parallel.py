@@ -98,14 +98,24 @@ def _checkpointed(forward, options: dict):
 
 
 def apply_fsdp(model, device: torch.device, param_dtype: torch.dtype,
-               master_dtype: torch.dtype = torch.float32) -> None:
-    """Shard every block, then the root (embedding, final norm, head). On the GPU parameters are
-    gathered and computed in `param_dtype`, gradients reduce in float32, and the sharded weights
-    AdamW updates (with its state) are `master_dtype`; on the CPU everything is float32."""
+               master_dtype: torch.dtype = torch.float32) -> bool:
+    """Shard every block, then the root (embedding, final norm, head), and say whether it did.
+
+    On the GPU parameters are gathered and computed in `param_dtype`, gradients reduce in float32,
+    and the sharded weights AdamW updates (with its state) are `master_dtype`; on the CPU
+    everything is float32. One process whose weights are already in the compute dtype is left
+    unsharded: FSDP would have nothing to shard or cast, only copies to make (all-gathers into
+    and out of its buffers, float32 copies of each block's gradients): 9% of a Llama-3.2-1B step
+    and 10 GiB at Mixtral's layer shapes, measured on an H100.
+    """
+    on_gpu = device.type == "cuda"
+    model.to(master_dtype if on_gpu else torch.float32)
+    if dist.get_world_size() == 1 and master_dtype == (param_dtype if on_gpu else torch.float32):
+        model.to(device)
+        return False
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     policy = MixedPrecisionPolicy()
-    if device.type == "cuda":
-        model.to(master_dtype)
+    if on_gpu:
         policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     # Blocks return views (the halves of fused projections); the model never writes to a block's
     # output in place, which is what this warning is about.
@@ -115,3 +125,4 @@ def apply_fsdp(model, device: torch.device, param_dtype: torch.dtype,
     # The root's parameters (embedding, final norm, output head) are the first needed by the
     # backward, right after the forward: keep them gathered rather than gather them again.
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
+    return True
