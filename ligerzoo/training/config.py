@@ -30,7 +30,7 @@ class DataSection:
     # A .txt file (documents split at blank lines), a .jsonl file ("text"), or a .tokens file of
     # `ligerzoo prepare` (made with the same tokenizer); None: the built-in corpus.
     path: str | None = None
-    tokenizer: str | None = None  # default: the model's tokenizer, or bytes for a from-scratch model
+    tokenizer: str | None = None  # default: the model's tokenizer, or "bytes" (a from-scratch model's)
     seq_len: int = 256
     batch_size: int = 8  # rows per micro-batch per rank
     grad_accum: int = 1  # micro-batches per step
@@ -58,10 +58,21 @@ class TrainSection:
 
 
 @dataclass
+class MedusaSection:
+    num_heads: int = 0  # Medusa heads to train (0: none); head k predicts the token k+1 after the next
+    num_layers: int = 1  # residual blocks per head
+    shared_output: bool = False  # heads use the base model's output projection instead of their own
+    mode: str = "heads"  # heads: trunk frozen, heads only (Medusa-1); joint: trunk and heads (Medusa-2)
+    decay: float = 0.8  # head k's loss weighted by decay ** (k - 1)
+    heads_weight: float = 0.2  # joint: loss = base loss + heads_weight * the heads' weighted losses
+
+
+@dataclass
 class Config:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
+    medusa: MedusaSection = field(default_factory=MedusaSection)
 
 
 SHORT_FLAGS = {"max_steps": "train.max_steps", "output_dir": "train.output_dir",
@@ -88,6 +99,10 @@ def load_config(argv: list[str]) -> Config:
             f"train.activation_checkpointing is {config.train.activation_checkpointing!r}: "
             "use 'off', 'full' or 'selective'"
         )
+    if config.medusa.num_heads < 0 or config.medusa.num_layers < 1:
+        raise ValueError("medusa.num_heads must be >= 0 and medusa.num_layers >= 1")
+    if config.medusa.mode not in ("heads", "joint"):
+        raise ValueError(f"medusa.mode is {config.medusa.mode!r}: use 'heads' (trunk frozen) or 'joint'")
     for key in ("dtype", "master_dtype"):
         if getattr(config.train, key) not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"train.{key} is {getattr(config.train, key)!r}: use 'float32' or 'bfloat16'")

@@ -15,6 +15,7 @@ from ligerzoo.tokenizer import load_tokenizer
 from ligerzoo.training.checkpointing import export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
 from ligerzoo.training.config import Config
 from ligerzoo.training.data import IGNORE_INDEX, ByteTokenizer, build_data
+from ligerzoo.training.medusa import export_heads, medusa_flops_per_token, with_medusa_heads
 from ligerzoo.training.metrics import MetricsLog, flops_per_token, peak_flops
 from ligerzoo.training.parallel import (
     apply_fsdp, init_distributed, prepare_blocks,
@@ -22,6 +23,8 @@ from ligerzoo.training.parallel import (
 
 # Test hook: the process SIGKILLs itself after this step (simulates a crash at the worst moment).
 KILL_AFTER_STEP_ENV = "LIGERZOO_KILL_AFTER_STEP"
+# Positions per step on which each Medusa head's top-1 accuracy is estimated.
+HEAD_ACCURACY_ROWS = 1024
 
 
 def train(config: Config) -> None:
@@ -39,11 +42,15 @@ def _train(config: Config, rank: int, world_size: int, device: torch.device) -> 
 
     # Build: the same weights on every rank (same seed or same checkpoint), then sharded.
     model, tokenizer, tokenizer_dir = _build_model_and_tokenizer(config)
-    seq_flops = flops_per_token(model, data_cfg.seq_len)
+    medusa = config.medusa.num_heads > 0
+    if medusa:
+        model = with_medusa_heads(model, config.medusa)
+    seq_flops = (medusa_flops_per_token if medusa else flops_per_token)(model, data_cfg.seq_len)
     prepare_blocks(model, train_cfg.activation_checkpointing, train_cfg.compile)
     sharded = apply_fsdp(model, device, getattr(torch, train_cfg.dtype), getattr(torch, train_cfg.master_dtype))
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=train_cfg.lr, betas=train_cfg.betas,
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=train_cfg.lr, betas=train_cfg.betas,
                                   weight_decay=train_cfg.weight_decay, fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, train_cfg))
     data = build_data(data_cfg, tokenizer, train_cfg.seed)
@@ -70,12 +77,17 @@ def _train(config: Config, rank: int, world_size: int, device: torch.device) -> 
         total = torch.stack(counts).sum().float()
         dist.all_reduce(total)
         loss_sum = torch.zeros((), device=device)
+        head_loss_sum = torch.zeros(config.medusa.num_heads, device=device)
         for i, (mb, count) in enumerate(zip(micro_batches, counts)):
+            last = i == len(micro_batches) - 1
             if sharded:
-                model.set_requires_gradient_sync(i == len(micro_batches) - 1)  # reduce once per step
-            loss = model(mb["input_ids"], labels=mb["labels"], position_ids=mb["position_ids"]).loss
-            (loss * (count * world_size / total)).backward()
-            loss_sum += loss.detach() * count
+                model.set_requires_gradient_sync(last)  # reduce once per step
+            extra = {"accuracy_rows": HEAD_ACCURACY_ROWS if last else 0} if medusa else {}
+            out = model(mb["input_ids"], labels=mb["labels"], position_ids=mb["position_ids"], **extra)
+            (out.loss * (count * world_size / total)).backward()
+            loss_sum += out.loss.detach() * count
+            if medusa:
+                head_loss_sum += out.head_losses * count
         dist.all_reduce(loss_sum)
         step_loss = (loss_sum / total).item()
         if not math.isfinite(step_loss):
@@ -83,7 +95,7 @@ def _train(config: Config, rank: int, world_size: int, device: torch.device) -> 
                 f"the loss is {step_loss} at step {step}; stopping without an update. Lower train.lr, "
                 f"or resume from the last checkpoint in {train_cfg.output_dir}/checkpoints"
             )
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.max_grad_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, train_cfg.max_grad_norm)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
@@ -94,12 +106,15 @@ def _train(config: Config, rank: int, world_size: int, device: torch.device) -> 
         if device.type == "cuda":
             torch.cuda.synchronize()
         tokens_per_s = tokens / (time.perf_counter() - started)
-        metrics.log({
+        record = {
             "step": step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm.item(),
             "tokens_per_s": tokens_per_s,
             "mfu": None if peak is None else tokens_per_s * seq_flops / (peak * world_size),
             "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
-        })
+        }
+        if medusa:
+            record.update(_head_metrics(head_loss_sum / total, out.head_accuracies, world_size))
+        metrics.log(record)
         if train_cfg.checkpoint_every and step % train_cfg.checkpoint_every == 0 and step < train_cfg.max_steps:
             save_checkpoint(train_cfg.output_dir, step, model, optimizer, scheduler, data)
         if step == kill_after and rank == 0:
@@ -107,9 +122,27 @@ def _train(config: Config, rank: int, world_size: int, device: torch.device) -> 
 
     metrics.close()
     save_checkpoint(train_cfg.output_dir, train_cfg.max_steps, model, optimizer, scheduler, data)
-    export_hf(model, train_cfg.output_dir, tokenizer_dir)
-    if rank == 0:
-        print(f"exported to {train_cfg.output_dir}/hf", flush=True)
+    if medusa:
+        target = export_heads(model, train_cfg.output_dir, base_model=config.model.name)
+        if rank == 0:
+            print(f"Medusa heads saved to {target}", flush=True)
+    if not medusa or config.medusa.mode == "joint":  # a frozen trunk is the checkpoint it came from
+        export_hf(model.base if medusa else model, train_cfg.output_dir, tokenizer_dir)
+        if rank == 0:
+            print(f"exported to {train_cfg.output_dir}/hf", flush=True)
+
+
+def _head_metrics(head_losses: torch.Tensor, head_accuracies: torch.Tensor, world_size: int) -> dict:
+    """medusa_loss_k (over the step's tokens on every rank) and medusa_acc_k (the mean over
+    ranks of each rank's estimate on its last micro-batch), k = 1..K."""
+    dist.all_reduce(head_losses)
+    accuracies = head_accuracies.clone()
+    dist.all_reduce(accuracies)
+    accuracies /= world_size
+    record = {}
+    for k, (loss, accuracy) in enumerate(zip(head_losses.tolist(), accuracies.tolist()), start=1):
+        record[f"medusa_loss_{k}"], record[f"medusa_acc_{k}"] = loss, accuracy
+    return record
 
 
 def _build_model_and_tokenizer(config: Config):
@@ -123,7 +156,7 @@ def _build_model_and_tokenizer(config: Config):
         shape = {k: v for k, v in vars(model_cfg).items() if k != "name"}
         model = build_model(ModelConfig(model_type="llama", bos_token_id=bytes_.bos_id,
                                         eos_token_id=bytes_.eos_id, **shape), device="cpu", dtype=torch.float32)
-    if tokenizer_name is None:
+    if tokenizer_name in (None, "bytes"):
         return model, ByteTokenizer(), None
     tokenizer = load_tokenizer(tokenizer_name)
     if tokenizer.vocab_size > model.config.vocab_size:
