@@ -4,6 +4,12 @@ A checkpoint is `<output_dir>/checkpoints/step_<N>`: the sharded model and optim
 one small file per rank with the scheduler, data position and RNG states. Every rank writes into
 `step_<N>.tmp`; once all have finished, rank 0 renames it, so a directory without `.tmp` is
 always complete, and a crash at any moment leaves the previous checkpoint as it was.
+
+A checkpoint resumes on any number of ranks: DCP saves each tensor by name with its shards' places
+in the whole, and loads whatever slice the new ranks hold (FSDP2 shards, or whole tensors on one
+process that is not sharded), model and optimizer alike. The data position is the global number
+of rows consumed, so with the same global batch (world size x batch size x grad_accum) the steps
+read the rows an uninterrupted run at the new size reads.
 """
 
 import random
@@ -55,11 +61,14 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, data) -> int:
     state = {"model": model_state, "optimizer": optimizer_state}
     dcp.load(state, checkpoint_id=path)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
-    own = path / f"rank{dist.get_rank()}.pt"
-    extra = torch.load(own if own.exists() else path / "rank0.pt", weights_only=False)
+    same_world_size = len(list(path.glob("rank*.pt"))) == dist.get_world_size()
+    # The scheduler and data states are the same on every rank; the RNG states are not.
+    extra = torch.load(path / f"rank{dist.get_rank() if same_world_size else 0}.pt", weights_only=False)
     scheduler.load_state_dict(extra["scheduler"])
     data.load_state_dict(extra["data"])
-    if own.exists():  # a different world size keeps its fresh RNG states
+    # RNG streams belong to ranks: on another world size no rank takes one over, so every rank
+    # keeps the states it was seeded with, and each such resume starts from the same ones.
+    if same_world_size:
         _set_rng_state(extra["rng"])
     return extra["step"]
 
