@@ -155,9 +155,9 @@ def test_keep_leaves_the_cache_as_if_the_path_had_been_fed_in_order():
 
 def test_tree_forward_needs_a_cached_prefix_and_a_matching_tree(llama):
     model, _ = llama
-    tree = MedusaTree(ISSUE_TREE)
-    cache = KVCache(model.config, batch_size=1, max_len=16)
-    tokens = torch.zeros(1, tree.size, dtype=torch.long)
+    tree = MedusaTree(ISSUE_TREE, device=DEVICE)
+    cache = KVCache(model.config, batch_size=1, max_len=16, device=DEVICE)
+    tokens = torch.zeros(1, tree.size, dtype=torch.long, device=DEVICE)
     with pytest.raises(ValueError, match="needs a cache"):
         model(tokens, tree=tree.attention)
     with pytest.raises(ValueError, match="expected \\[3\\] and \\[3, 3\\] for 3 tokens"):
