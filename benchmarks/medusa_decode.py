@@ -111,7 +111,9 @@ def main(argv=None) -> int:
     parser.add_argument("--trees", default="chain,small,mc_sim_7b_63",
                         help=f"comma-separated subset of {','.join(TREES)}")
     parser.add_argument("--prompt-len", type=int, default=128)
-    parser.add_argument("--prompt-text", help="a real prompt (needs --model with a tokenizer)")
+    parser.add_argument("--prompt-text", help="a real prompt (needs --model with a tokenizer, or --tokenizer)")
+    parser.add_argument("--tokenizer", help="tokenizer of --prompt-text (default: --model's; 'bytes': the byte "
+                        "tokenizer of models trained from scratch by train.py)")
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per length (default 3)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="default bf16 (--tiny: fp32)")
@@ -149,8 +151,10 @@ def main(argv=None) -> int:
 
     if args.prompt_text:
         from ligerzoo.tokenizer import load_tokenizer
+        from ligerzoo.training.data import ByteTokenizer
 
-        prompt = load_tokenizer(args.model).encode(args.prompt_text, bos=True)
+        tokenizer = ByteTokenizer() if args.tokenizer == "bytes" else load_tokenizer(args.tokenizer or args.model)
+        prompt = tokenizer.encode(args.prompt_text, bos=True)
     else:
         generator = torch.Generator().manual_seed(0)
         prompt = torch.randint(0, config.vocab_size, (args.prompt_len,), generator=generator).tolist()
