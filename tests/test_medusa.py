@@ -152,7 +152,8 @@ def run_train(output_dir, *args, nproc=2):
                str(ROOT / "train.py"), "--output_dir", str(output_dir), "--data.seq_len", "64",
                "--data.batch_size", "4", "--data.num_documents", "300", "--train.warmup_steps", "2",
                "--train.lr", "3e-3", "--checkpoint_every", "0", *args]
-    environment = {**os.environ, "TRITON_INTERPRET": "0", "OMP_NUM_THREADS": "1"}
+    # CPU ranks (gloo) on any machine: a GPU machine may have fewer GPUs than ranks.
+    environment = {**os.environ, "TRITON_INTERPRET": "0", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     result = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, f"train.py failed:\n{result.stdout}\n{result.stderr[-6000:]}"
 

@@ -26,7 +26,9 @@ def run_train(output_dir, *args, nproc=2, env=None, check=True):
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                "--standalone", str(ROOT / "train.py"),
                "--output_dir", str(output_dir), *TINY, *args]
-    environment = {**os.environ, "TRITON_INTERPRET": "0", "OMP_NUM_THREADS": "1", **(env or {})}
+    # CPU ranks (gloo) on any machine: a GPU machine may have fewer GPUs than ranks.
+    environment = {**os.environ, "TRITON_INTERPRET": "0", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
+                   **(env or {})}
     result = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=120)
     if check and result.returncode != 0:
         raise AssertionError(f"train.py failed ({result.returncode}):\n{result.stdout}\n{result.stderr[-8000:]}")
