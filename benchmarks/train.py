@@ -128,13 +128,19 @@ def _profile(step, path: str) -> None:
     """The CUDA kernels of 2 steps, by total time, to `path`."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
         for _ in range(2):
             step()
         torch.cuda.synchronize()
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w") as file:
         file.write(prof.key_averages().table(sort_by="self_device_time_total", row_limit=60, max_name_column_width=90))
+        # The matmuls by operand shapes: where two peers' GEMM totals differ, which products differ.
+        matmuls = [event for event in prof.key_averages(group_by_input_shape=True)
+                   if event.key in ("aten::mm", "aten::addmm", "aten::addmm_", "aten::_grouped_mm")]
+        file.write("\nmatmuls by operand shapes (device time of 2 steps, calls):\n")
+        for event in sorted(matmuls, key=lambda event: -event.device_time_total):
+            file.write(f"{event.device_time_total / 1e3:9.2f} ms {event.count:5d}  {event.key} {event.input_shapes}\n")
 
 
 def _ligerzoo_model(shape: str, checkpointing: str, bf16_master: bool):

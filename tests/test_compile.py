@@ -7,13 +7,14 @@ import torch
 import torch.nn.functional as F
 
 from conftest import DEVICE, assert_close
-from ligerzoo.kernels import add_rms_norm, apply_rope, cross_entropy, linear_cross_entropy, rms_norm, swiglu
+from ligerzoo.kernels import add_rms_norm, apply_rope, cross_entropy, linear_cross_entropy, rms_norm, swiglu, swiglu_packed
 
 pytestmark = pytest.mark.skipif(DEVICE.type != "cuda", reason="triton_op tracing needs a GPU")
 
 
-def block(x, residual, norm_w, wq, wk, w_gate, w_up, w_down, cos, sin, n_heads, n_kv_heads):
-    """A decoder block's skeleton: fused add-norm, rope on q/k, attention, swiglu MLP."""
+def block(x, residual, norm_w, wq, wk, w13, w_down, cos, sin, n_heads, n_kv_heads):
+    """A decoder block's skeleton: fused add-norm, rope on q/k, attention, swiglu MLP (both
+    forms: the packed one the models use, and gate and up as two tensors)."""
     B, T, H = x.shape
     h, residual = add_rms_norm(x, residual, norm_w, 1e-6)
     q = (h @ wq.t()).view(B, T, n_heads, -1)
@@ -24,7 +25,8 @@ def block(x, residual, norm_w, wq, wk, w_gate, w_up, w_down, cos, sin, n_heads, 
     )
     h = attn.transpose(1, 2).reshape(B, T, H)
     h, residual = add_rms_norm(h, residual, norm_w, 1e-6)
-    h = swiglu(h @ w_gate.t(), h @ w_up.t()) @ w_down.t()
+    gate_up = h @ w13.t()
+    h = (swiglu_packed(gate_up) + swiglu(*gate_up.chunk(2, dim=-1))) @ w_down.t()
     return rms_norm(h + residual, norm_w, 1e-6)
 
 
@@ -42,7 +44,7 @@ def make_block_inputs(dtype):
     emb = torch.cat([freqs, freqs], -1)
     return (
         g(B, T, H), g(B, T, H), g(H), g(H, H, scale=H**-0.5), g(nkv * D, H, scale=H**-0.5),
-        g(I, H, scale=H**-0.5), g(I, H, scale=H**-0.5), g(H, I, scale=I**-0.5),
+        g(2 * I, H, scale=H**-0.5), g(H, I, scale=I**-0.5),
         emb.cos(), emb.sin(), nh, nkv,
     )
 

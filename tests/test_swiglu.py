@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from conftest import DEVICE, DTYPES, assert_close, non_contiguous
-from ligerzoo.kernels.swiglu import swiglu
+from ligerzoo.kernels.swiglu import swiglu, swiglu_packed
 
 # Width 1, odd widths, leading dims, more than one tile. Contiguous rows run as one long row.
 SHAPES = [(1, 1), (1, 37), (5, 100), (3, 7, 64), (2, 4099), (300, 37)]
@@ -130,3 +130,72 @@ def test_bad_arguments():
         swiglu([1.0], torch.randn(1))
     with pytest.raises(ValueError, match="at least one dimension"):
         swiglu(torch.tensor(1.0), torch.tensor(2.0))
+
+
+def packed_reference(gate_up):
+    return reference(*gate_up.double().chunk(2, dim=-1))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 2), (1, 74), (5, 200), (3, 7, 128), (2, 8198), (300, 74)])
+def test_swiglu_packed_matches_float64(kernel_path, dtype, shape):
+    """gate and up as the halves of one tensor; the gradient comes back as one tensor of that
+    layout (poisoned memory: a half the backward forgot to write fails)."""
+    gate_up = torch.randn(shape, device=DEVICE, dtype=dtype) * 2
+    dy = non_contiguous(torch.randn(*shape[:-1], shape[-1] // 2, device=DEVICE, dtype=dtype))
+    (gate_up,) = leaves(gate_up)
+    y = swiglu_packed(gate_up)
+    y.backward(dy)
+
+    (gate_up64,) = leaves(gate_up.double())
+    y64 = packed_reference(gate_up64)
+    y64.backward(dy.double())
+    assert y.dtype == dtype and y.shape == (*shape[:-1], shape[-1] // 2) and y.is_contiguous()
+    assert gate_up.grad.shape == gate_up.shape
+    assert_close(y, y64, dtype, what="y")
+    assert_close(gate_up.grad, gate_up64.grad, dtype, what="dgate_up")
+
+
+def test_swiglu_packed_equals_swiglu_of_the_halves(kernel_path):
+    gate_up = torch.randn(6, 5, 66, device=DEVICE, dtype=torch.bfloat16)
+    dy = torch.randn(6, 5, 33, device=DEVICE, dtype=torch.bfloat16)
+    (packed,), (split,) = leaves(gate_up), leaves(gate_up)
+    y_packed = swiglu_packed(packed)
+    y_packed.backward(dy)
+    y_split = swiglu(*split.chunk(2, dim=-1))
+    y_split.backward(dy)
+    assert torch.equal(y_packed, y_split)
+    assert torch.equal(packed.grad, split.grad)
+
+
+def test_swiglu_packed_strided_input_and_empty(kernel_path):
+    gate_up = non_contiguous(torch.randn(9, 20, device=DEVICE)).requires_grad_()
+    swiglu_packed(gate_up).square().sum().backward()
+    (gate_up64,) = leaves(gate_up.double())
+    packed_reference(gate_up64).square().sum().backward()
+    assert_close(gate_up.grad, gate_up64.grad, torch.float32, what="dgate_up")
+    for shape in [(0, 8), (3, 0)]:
+        empty = torch.randn(shape, device=DEVICE, requires_grad=True)
+        y = swiglu_packed(empty)
+        y.sum().backward()
+        assert y.shape == (shape[0], shape[1] // 2) and empty.grad.shape == empty.shape
+
+
+def test_swiglu_packed_traces_as_one_graph(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    torch._dynamo.reset()
+    (gate_up,) = leaves(torch.randn(5, 48))
+    compiled = torch.compile(swiglu_packed, fullgraph=True, backend="aot_eager")
+    compiled(gate_up).square().sum().backward()
+    (gate_up64,) = leaves(gate_up.double())
+    packed_reference(gate_up64).square().sum().backward()
+    assert_close(gate_up.grad, gate_up64.grad, torch.float32)
+
+
+def test_swiglu_packed_bad_arguments():
+    with pytest.raises(ValueError, match="even last dimension"):
+        swiglu_packed(torch.randn(4, 7))
+    with pytest.raises(ValueError, match="even last dimension"):
+        swiglu_packed(torch.tensor(1.0))
+    with pytest.raises(ValueError, match="gate_up must be float32"):
+        swiglu_packed(torch.ones(4, 8, dtype=torch.int64))

@@ -6,7 +6,7 @@ from ligerzoo.kernels.cross_entropy import CrossEntropyLoss, cross_entropy
 from ligerzoo.kernels.linear_cross_entropy import LinearCrossEntropyLoss, linear_cross_entropy
 from ligerzoo.kernels.rms_norm import RMSNorm, add_rms_norm, rms_norm
 from ligerzoo.kernels.rope import apply_rope
-from ligerzoo.kernels.swiglu import swiglu
+from ligerzoo.kernels.swiglu import swiglu, swiglu_packed
 
 __all__ = [
     "CrossEntropyLoss",
@@ -18,4 +18,5 @@ __all__ = [
     "linear_cross_entropy",
     "rms_norm",
     "swiglu",
+    "swiglu_packed",
 ]

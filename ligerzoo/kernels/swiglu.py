@@ -4,6 +4,9 @@
     d_gate = dy * u * sigmoid(g) * (1 + g * (1 - sigmoid(g)))
     d_up   = dy * silu(g)
 
+`swiglu_packed` takes gate and up as the two halves of one tensor (a fused gate-and-up
+projection's output) and writes its gradient as one tensor too.
+
 Purely memory bound: the forward reads two tensors and writes one, the backward reads three and
 writes two, so both kernels are one pass with wide tiles and nothing else.
 """
@@ -39,12 +42,18 @@ def _swiglu_forward_kernel(
     gate_ptr, up_ptr, y_ptr,
     gate_row_stride, up_row_stride, y_row_stride,
     n_rows, n_cols, n_col_blocks,
-    ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, PACKED: tl.constexpr,
 ):
+    """PACKED: up_ptr is None and up is gate's row continued, columns n_cols.. of the tensor at
+    gate_ptr. One pointer for both: Inductor copies a column slice out before a kernel reads it,
+    and one buffer passed as two written arguments came out wrong under torch.compile."""
     rows, cols, mask = _tile(n_rows, n_cols, n_col_blocks, ROWS, BLOCK_COLS)
     g = tl.load(gate_ptr + rows * gate_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(up_ptr + rows * up_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
-    y = g * tl.sigmoid(g) * u
+    if PACKED:
+        u = tl.load(gate_ptr + n_cols + rows * gate_row_stride + cols, mask=mask, other=0.0)
+    else:
+        u = tl.load(up_ptr + rows * up_row_stride + cols, mask=mask, other=0.0)
+    y = g * tl.sigmoid(g) * u.to(tl.float32)
     tl.store(y_ptr + rows * y_row_stride + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -53,18 +62,26 @@ def _swiglu_backward_kernel(
     dy_ptr, gate_ptr, up_ptr, dgate_ptr, dup_ptr,
     dy_row_stride, gate_row_stride, up_row_stride, dgate_row_stride, dup_row_stride,
     n_rows, n_cols, n_col_blocks,
-    ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, PACKED: tl.constexpr,
 ):
-    """dy: gradient of y; gate, up: the forward's inputs; dgate, dup: the gradients written."""
+    """dy: gradient of y; gate, up: the forward's inputs; dgate, dup: the gradients written.
+    PACKED as in the forward, for up (read) and dup (written after dgate's columns)."""
     rows, cols, mask = _tile(n_rows, n_cols, n_col_blocks, ROWS, BLOCK_COLS)
     dy = tl.load(dy_ptr + rows * dy_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(gate_ptr + rows * gate_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(up_ptr + rows * up_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    if PACKED:
+        u = tl.load(gate_ptr + n_cols + rows * gate_row_stride + cols, mask=mask, other=0.0)
+    else:
+        u = tl.load(up_ptr + rows * up_row_stride + cols, mask=mask, other=0.0)
     sig = tl.sigmoid(g)
     silu = g * sig
-    dgate = dy * u * sig * (1.0 + g * (1.0 - sig))
+    dgate = dy * u.to(tl.float32) * sig * (1.0 + g * (1.0 - sig))
+    dup = (dy * silu).to(dgate_ptr.dtype.element_ty)
     tl.store(dgate_ptr + rows * dgate_row_stride + cols, dgate.to(dgate_ptr.dtype.element_ty), mask=mask)
-    tl.store(dup_ptr + rows * dup_row_stride + cols, (dy * silu).to(dup_ptr.dtype.element_ty), mask=mask)
+    if PACKED:
+        tl.store(dgate_ptr + n_cols + rows * dgate_row_stride + cols, dup, mask=mask)
+    else:
+        tl.store(dup_ptr + rows * dup_row_stride + cols, dup, mask=mask)
 
 
 # Elements per program: with 8 warps one 16-byte access per thread in 16-bit dtypes (two in
@@ -83,53 +100,85 @@ def _tiling(n_rows: int, n_cols: int, *tensors: torch.Tensor) -> tuple[int, int,
     return n_rows, n_cols, _TILE // block_cols, block_cols, num_warps
 
 
-@kernel_op("swiglu_forward")
-def _forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """gate, up: [N, D] with unit column stride. Returns silu(gate) * up, [N, D] contiguous."""
-    n_rows, n_cols = gate.shape
-    y = torch.empty((n_rows, n_cols), dtype=gate.dtype, device=gate.device)
+def _launch_forward(gate, up, y) -> None:
+    """y = silu(gate) * up, all [N, D]; up None: gate is [N, 2D], gate then up (packed)."""
+    n_rows, n_cols = y.shape
     if y.numel() == 0:
-        return y
+        return
     if not runs_triton(gate):
-        g = gate.float()
-        y.copy_(g * torch.sigmoid(g) * up.float())
-        return y
-    rows, cols, rows_per_tile, block_cols, num_warps = _tiling(n_rows, n_cols, gate, up, y)
+        g = gate[:, :n_cols].float()
+        u = gate[:, n_cols:] if up is None else up
+        y.copy_(g * torch.sigmoid(g) * u.float())
+        return
+    operands = (gate, y) if up is None else (gate, up, y)
+    rows, cols, rows_per_tile, block_cols, num_warps = _tiling(n_rows, n_cols, *operands)
     n_col_blocks = triton.cdiv(cols, block_cols)
     grid = (triton.cdiv(rows, rows_per_tile) * n_col_blocks,)
     launch(_swiglu_forward_kernel)[grid](
         gate, up, y,
-        gate.stride(0), up.stride(0), y.stride(0),
+        gate.stride(0), 0 if up is None else up.stride(0), y.stride(0),
         rows, cols, n_col_blocks,
-        ROWS=rows_per_tile, BLOCK_COLS=block_cols, num_warps=num_warps,
+        ROWS=rows_per_tile, BLOCK_COLS=block_cols, PACKED=up is None, num_warps=num_warps,
     )
+
+
+def _launch_backward(dy, gate, up, dgate, dup) -> None:
+    """The gradients of gate and up into dgate and dup; up and dup None: packed, as in
+    `_launch_forward`, for gate and dgate."""
+    n_rows, n_cols = dy.shape
+    if dy.numel() == 0:
+        return
+    if not runs_triton(gate):
+        g, d = gate[:, :n_cols].float(), dy.float()
+        u = (gate[:, n_cols:] if up is None else up).float()
+        sig = torch.sigmoid(g)
+        dgate[:, :n_cols].copy_(d * u * sig * (1.0 + g * (1.0 - sig)))
+        (dgate[:, n_cols:] if dup is None else dup).copy_(d * g * sig)
+        return
+    operands = (dy, gate, dgate) if up is None else (dy, gate, up, dgate, dup)
+    rows, cols, rows_per_tile, block_cols, num_warps = _tiling(n_rows, n_cols, *operands)
+    n_col_blocks = triton.cdiv(cols, block_cols)
+    grid = (triton.cdiv(rows, rows_per_tile) * n_col_blocks,)
+    launch(_swiglu_backward_kernel)[grid](
+        dy, gate, up, dgate, dup,
+        dy.stride(0), gate.stride(0), 0 if up is None else up.stride(0),
+        dgate.stride(0), 0 if dup is None else dup.stride(0),
+        rows, cols, n_col_blocks,
+        ROWS=rows_per_tile, BLOCK_COLS=block_cols, PACKED=up is None, num_warps=num_warps,
+    )
+
+
+@kernel_op("swiglu_forward")
+def _forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """gate, up: [N, D] with unit column stride. Returns silu(gate) * up, [N, D] contiguous."""
+    y = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+    _launch_forward(gate, up, y)
     return y
 
 
 @kernel_op("swiglu_backward")
 def _backward(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients of gate and up, [N, D] contiguous, in one pass over dy, gate and up."""
-    n_rows, n_cols = gate.shape
-    dgate = torch.empty((n_rows, n_cols), dtype=gate.dtype, device=gate.device)
-    dup = torch.empty((n_rows, n_cols), dtype=up.dtype, device=up.device)
-    if dgate.numel() == 0:
-        return dgate, dup
-    if not runs_triton(gate):
-        g, u, d = gate.float(), up.float(), dy.float()
-        sig = torch.sigmoid(g)
-        dgate.copy_(d * u * sig * (1.0 + g * (1.0 - sig)))
-        dup.copy_(d * g * sig)
-        return dgate, dup
-    rows, cols, rows_per_tile, block_cols, num_warps = _tiling(n_rows, n_cols, dy, gate, up, dgate, dup)
-    n_col_blocks = triton.cdiv(cols, block_cols)
-    grid = (triton.cdiv(rows, rows_per_tile) * n_col_blocks,)
-    launch(_swiglu_backward_kernel)[grid](
-        dy, gate, up, dgate, dup,
-        dy.stride(0), gate.stride(0), up.stride(0), dgate.stride(0), dup.stride(0),
-        rows, cols, n_col_blocks,
-        ROWS=rows_per_tile, BLOCK_COLS=block_cols, num_warps=num_warps,
-    )
+    dgate = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+    dup = torch.empty(up.shape, dtype=up.dtype, device=up.device)
+    _launch_backward(dy, gate, up, dgate, dup)
     return dgate, dup
+
+
+@kernel_op("swiglu_packed_forward")
+def _packed_forward(gate_up: torch.Tensor) -> torch.Tensor:
+    """gate_up: [N, 2D] = [gate | up], unit column stride. Returns silu(gate) * up, [N, D]."""
+    y = torch.empty((gate_up.shape[0], gate_up.shape[1] // 2), dtype=gate_up.dtype, device=gate_up.device)
+    _launch_forward(gate_up, None, y)
+    return y
+
+
+@kernel_op("swiglu_packed_backward")
+def _packed_backward(dy: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:
+    """Gradient of gate_up, [N, 2D] contiguous: both halves written by one pass."""
+    grad = torch.empty(gate_up.shape, dtype=gate_up.dtype, device=gate_up.device)
+    _launch_backward(dy, gate_up, None, grad, None)
+    return grad
 
 
 class _SwiGLUFunction(torch.autograd.Function):
@@ -161,3 +210,31 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"up must have gate's dtype {gate.dtype}, got {up.dtype}")
     check_same_device(gate=gate, up=up)
     return _SwiGLUFunction.apply(gate, up)
+
+
+class _SwiGLUPackedFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate_up):
+        gate_up2 = as_rows(gate_up)
+        y = _packed_forward(gate_up2)
+        ctx.save_for_backward(gate_up2)
+        return y.view(*gate_up.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dy):
+        (gate_up2,) = ctx.saved_tensors
+        grad = _packed_backward(as_rows(dy), gate_up2)
+        return grad.view(*dy.shape[:-1], grad.shape[-1])
+
+
+def swiglu_packed(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for gate_up = cat([gate, up], dim=-1), as one matmul of a fused gate-and-up
+    projection gives them. Its gradient is one tensor laid out like gate_up: with
+    `swiglu(*gate_up.chunk(2, -1))` autograd would concatenate two half-gradients into it, a
+    full extra read and write of the MLP's widest activation in every backward."""
+    check_float("gate_up", gate_up)
+    if gate_up.dim() == 0 or gate_up.shape[-1] % 2:
+        raise ValueError(
+            f"gate_up must have an even last dimension (gate, then up), got shape {list(gate_up.shape)}"
+        )
+    return _SwiGLUPackedFunction.apply(gate_up)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ligerzoo.kernels import RMSNorm, apply_rope, linear_cross_entropy, swiglu
+from ligerzoo.kernels import RMSNorm, apply_rope, linear_cross_entropy, swiglu_packed
 from ligerzoo.models.attention import AttentionMask, attend, build_mask
 from ligerzoo.models.config import ModelConfig
 from ligerzoo.models.kv_cache import KVCache, LayerCache, TokenTree
@@ -64,8 +64,7 @@ class MLP(nn.Module):
 
     def forward(self, x):
         """-> (output, None): a dense layer has no router statistics."""
-        gate, up = self.w13(x).chunk(2, dim=-1)
-        return self.w2(swiglu(gate, up)), None
+        return self.w2(swiglu_packed(self.w13(x))), None
 
 
 class MoE(nn.Module):
@@ -100,8 +99,8 @@ class MoE(nn.Module):
         run_ends = torch.searchsorted(expert_of_row, torch.arange(1, self.n_experts + 1, device=x.device))
         offsets = run_ends.to(torch.int32)
         rows = x[order // self.top_k]  # [N k, H]
-        gate, up = torch._grouped_mm(rows, self.w13.transpose(1, 2), offs=offsets).chunk(2, dim=-1)
-        out_rows = torch._grouped_mm(swiglu(gate, up), self.w2.transpose(1, 2), offs=offsets)
+        gate_up = torch._grouped_mm(rows, self.w13.transpose(1, 2), offs=offsets)
+        out_rows = torch._grouped_mm(swiglu_packed(gate_up), self.w2.transpose(1, 2), offs=offsets)
         out = out_rows[order.argsort()].view(-1, self.top_k, shape[-1])  # back to [N, k, H]
         out = (out * weights.unsqueeze(-1)).sum(dim=1).to(x.dtype)
 
