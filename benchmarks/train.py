@@ -52,6 +52,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12, help="steps per run; the first 4 are not timed")
     parser.add_argument("--profile", metavar="DIR", help="also profile 2 steps of each run: the top CUDA "
                         "kernels to DIR/<peer>-<checkpointing>.txt")
+    parser.add_argument("--memory", metavar="DIR", help="also record 2 steps' allocations of each run: what "
+                        "is live at the peak, by where it was allocated, to DIR/<peer>-<checkpointing>-memory.txt")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # a child process: one JSON-encoded run
     args = parser.parse_args()
     if args.one:
@@ -67,7 +69,7 @@ def main() -> None:
             if peer.startswith("hf") and checkpointing == "selective":
                 continue  # transformers has no selective checkpointing
             run = dict(peer=peer, shape=args.shape, seq=args.seq, batch=args.batch,
-                       checkpointing=checkpointing, steps=args.steps, profile=args.profile)
+                       checkpointing=checkpointing, steps=args.steps, profile=args.profile, memory=args.memory)
             result = _in_child(run)
             if "error" in result:
                 print(f"| {peer} | {checkpointing} | failed: {result['error']} | | | |", flush=True)
@@ -88,7 +90,7 @@ def _in_child(run: dict) -> dict:
 
 
 def run_one(peer: str, shape: str, seq: int, batch: int, checkpointing: str, steps: int,
-            profile: str | None = None) -> dict:
+            profile: str | None = None, memory: str | None = None) -> dict:
     torch.manual_seed(0)
     device = torch.device("cuda")
     if peer.startswith("ligerzoo"):
@@ -117,6 +119,8 @@ def run_one(peer: str, shape: str, seq: int, batch: int, checkpointing: str, ste
         times.append(time.perf_counter() - started)
     if profile:
         _profile(step, os.path.join(profile, f"{peer}-{checkpointing}.txt"))
+    if memory:
+        _memory_at_peak(step, os.path.join(memory, f"{peer}-{checkpointing}-memory.txt"))
     tokens_per_s = batch * seq / statistics.median(times[4:])
     # One count for every peer: the same architecture, counted on a ligerzoo model without memory.
     flops = flops_per_token(build_model(ModelConfig(**SHAPES[shape]), device="meta"), seq)
@@ -141,6 +145,56 @@ def _profile(step, path: str) -> None:
         file.write("\nmatmuls by operand shapes (device time of 2 steps, calls):\n")
         for event in sorted(matmuls, key=lambda event: -event.device_time_total):
             file.write(f"{event.device_time_total / 1e3:9.2f} ms {event.count:5d}  {event.key} {event.input_shapes}\n")
+
+
+def _memory_at_peak(step, path: str) -> None:
+    """Replays the allocator's trace of 2 steps to the moment the most memory was allocated and
+    writes what was live then, summed by the innermost frames that allocated it."""
+    torch.cuda.synchronize()
+    torch.cuda.memory._record_memory_history(max_entries=1_000_000, stacks="python")
+    for _ in range(2):
+        step()
+    torch.cuda.synchronize()
+    snapshot = torch.cuda.memory._snapshot()
+    torch.cuda.memory._record_memory_history(enabled=None)
+    # What was allocated before recording started is in the segments' blocks, without a trace.
+    live = {block["address"]: (block["size"], ["(allocated before recording)"])
+            for segment in snapshot["segments"] for block in segment["blocks"] if block["state"] == "active_allocated"}
+    events = snapshot["device_traces"][torch.cuda.current_device()]
+    for event in reversed(events):  # undo the recorded events, newest first: the state at the start
+        if event["action"] == "alloc":
+            live.pop(event["addr"], None)
+        elif event["action"] == "free_completed":
+            live[event["addr"]] = (event["size"], ["(allocated before recording)"])
+    total = peak = sum(size for size, _ in live.values())
+    at_peak = dict(live)
+    for event in events:
+        if event["action"] == "alloc":
+            live[event["addr"]] = (event["size"], _where(event))
+            total += event["size"]
+        elif event["action"] == "free_completed" and event["addr"] in live:
+            total -= live.pop(event["addr"])[0]
+        if total > peak:
+            peak, at_peak = total, dict(live)
+    by_site: dict[str, list[int]] = {}
+    for size, where in at_peak.values():
+        site = " <- ".join(where)
+        by_site.setdefault(site, [0, 0])
+        by_site[site][0] += size
+        by_site[site][1] += 1
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as file:
+        file.write(f"peak of 2 recorded steps: {peak / 2**30:.3f} GiB allocated; live then, by allocation site:\n")
+        for site, (size, count) in sorted(by_site.items(), key=lambda item: -item[1][0]):
+            if size >= 2**20:
+                file.write(f"{size / 2**20:10.1f} MiB {count:5d}  {site}\n")
+
+
+def _where(event) -> list[str]:
+    """The innermost Python frames of an allocation that are not torch's own plumbing."""
+    frames = [f"{os.path.basename(frame['filename'])}:{frame['line']} {frame['name']}" for frame in event.get("frames", [])
+              if frame["filename"].endswith(".py") and "/torch/" not in frame["filename"]]
+    return frames[:3] or ["(no Python frame)"]
 
 
 def _ligerzoo_model(shape: str, checkpointing: str, bf16_master: bool):

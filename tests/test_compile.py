@@ -71,6 +71,29 @@ def test_block_compiles_as_one_graph(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mlp_with_in_place_swiglu_backward(dtype):
+    """The models' MLP: SwiGLU's gradient written over the gate-and-up projection's output."""
+    torch._dynamo.reset()
+
+    def mlp(x, w13, w2):
+        return swiglu_packed(x @ w13.t(), in_place_backward=True) @ w2.t()
+
+    inputs = (torch.randn(2, 100, 64, device=DEVICE, dtype=dtype).requires_grad_(),
+              (torch.randn(2 * 96, 64, device=DEVICE, dtype=dtype) * 64**-0.5).requires_grad_(),
+              (torch.randn(64, 96, device=DEVICE, dtype=dtype) * 96**-0.5).requires_grad_())
+    out_c, grads_c = grads_of(torch.compile(mlp, fullgraph=True), inputs)
+
+    def reference(x, w13, w2):
+        gate, up = (x.double() @ w13.double().t()).chunk(2, dim=-1)
+        return (F.silu(gate) * up) @ w2.double().t()
+
+    out_r, grads_r = grads_of(reference, inputs)
+    assert_close(out_c, out_r, dtype, scale=4)
+    for gc, gr in zip(grads_c, grads_r):
+        assert_close(gc, gr, dtype, scale=4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_losses_compile_without_sync(dtype):
     torch._dynamo.reset()
     N, H, V = 300, 128, 1000

@@ -199,3 +199,39 @@ def test_swiglu_packed_bad_arguments():
         swiglu_packed(torch.tensor(1.0))
     with pytest.raises(ValueError, match="gate_up must be float32"):
         swiglu_packed(torch.ones(4, 8, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swiglu_packed_in_place_backward(kernel_path, dtype):
+    """The gradient written over gate_up equals the one in a new tensor; gate_up, an MLP's
+    projection output, is what it overwrites, and a second backward is refused."""
+    x = torch.randn(40, 24, device=DEVICE, dtype=dtype)
+    w13 = (torch.randn(70, 24, device=DEVICE, dtype=dtype) * 0.3).requires_grad_()
+    dy = torch.randn(40, 35, device=DEVICE, dtype=dtype)
+    gradients = []
+    for in_place in (False, True):
+        w13.grad = None
+        gate_up = x @ w13.t()
+        before = gate_up.detach().clone()
+        y = swiglu_packed(gate_up, in_place_backward=in_place)
+        y.backward(dy, retain_graph=True)
+        gradients.append(w13.grad.clone())
+        assert torch.equal(gate_up.detach(), before) != in_place
+    assert torch.equal(gradients[0], gradients[1])
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward(dy)
+
+
+def test_swiglu_packed_in_place_backward_compiles(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    torch._dynamo.reset()
+    x = torch.randn(6, 16)
+    (w13,) = leaves(torch.randn(48, 16) * 0.3)
+
+    def mlp(x, w13):
+        return swiglu_packed(x @ w13.t(), in_place_backward=True)
+
+    torch.compile(mlp, fullgraph=True, backend="aot_eager")(x, w13).square().sum().backward()
+    (w13_64,) = leaves(w13.double())
+    packed_reference(x.double() @ w13_64.t()).square().sum().backward()
+    assert_close(w13.grad, w13_64.grad, torch.float32)

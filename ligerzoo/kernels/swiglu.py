@@ -62,10 +62,12 @@ def _swiglu_backward_kernel(
     dy_ptr, gate_ptr, up_ptr, dgate_ptr, dup_ptr,
     dy_row_stride, gate_row_stride, up_row_stride, dgate_row_stride, dup_row_stride,
     n_rows, n_cols, n_col_blocks,
-    ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, PACKED: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, PACKED: tl.constexpr, IN_PLACE: tl.constexpr,
 ):
     """dy: gradient of y; gate, up: the forward's inputs; dgate, dup: the gradients written.
-    PACKED as in the forward, for up (read) and dup (written after dgate's columns)."""
+    PACKED as in the forward, for up (read) and dup (written after dgate's columns). IN_PLACE
+    (packed only): dgate_ptr is None and the gradient goes over gate_up itself; each program
+    reads its elements before it writes them, and no other program touches them."""
     rows, cols, mask = _tile(n_rows, n_cols, n_col_blocks, ROWS, BLOCK_COLS)
     dy = tl.load(dy_ptr + rows * dy_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(gate_ptr + rows * gate_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
@@ -76,11 +78,15 @@ def _swiglu_backward_kernel(
     sig = tl.sigmoid(g)
     silu = g * sig
     dgate = dy * u.to(tl.float32) * sig * (1.0 + g * (1.0 - sig))
-    dup = (dy * silu).to(dgate_ptr.dtype.element_ty)
-    tl.store(dgate_ptr + rows * dgate_row_stride + cols, dgate.to(dgate_ptr.dtype.element_ty), mask=mask)
-    if PACKED:
+    dup = (dy * silu).to(gate_ptr.dtype.element_ty)
+    if IN_PLACE:
+        tl.store(gate_ptr + rows * gate_row_stride + cols, dgate.to(gate_ptr.dtype.element_ty), mask=mask)
+        tl.store(gate_ptr + n_cols + rows * gate_row_stride + cols, dup.to(gate_ptr.dtype.element_ty), mask=mask)
+    elif PACKED:
+        tl.store(dgate_ptr + rows * dgate_row_stride + cols, dgate.to(dgate_ptr.dtype.element_ty), mask=mask)
         tl.store(dgate_ptr + n_cols + rows * dgate_row_stride + cols, dup, mask=mask)
     else:
+        tl.store(dgate_ptr + rows * dgate_row_stride + cols, dgate.to(dgate_ptr.dtype.element_ty), mask=mask)
         tl.store(dup_ptr + rows * dup_row_stride + cols, dup, mask=mask)
 
 
@@ -124,7 +130,7 @@ def _launch_forward(gate, up, y) -> None:
 
 def _launch_backward(dy, gate, up, dgate, dup) -> None:
     """The gradients of gate and up into dgate and dup; up and dup None: packed, as in
-    `_launch_forward`, for gate and dgate."""
+    `_launch_forward`, for gate and dgate; dgate None too: packed, written over gate."""
     n_rows, n_cols = dy.shape
     if dy.numel() == 0:
         return
@@ -132,19 +138,23 @@ def _launch_backward(dy, gate, up, dgate, dup) -> None:
         g, d = gate[:, :n_cols].float(), dy.float()
         u = (gate[:, n_cols:] if up is None else up).float()
         sig = torch.sigmoid(g)
-        dgate[:, :n_cols].copy_(d * u * sig * (1.0 + g * (1.0 - sig)))
-        (dgate[:, n_cols:] if dup is None else dup).copy_(d * g * sig)
+        grad_gate = d * u * sig * (1.0 + g * (1.0 - sig))
+        grad_up = d * g * sig
+        out = gate if dgate is None else dgate
+        out[:, :n_cols].copy_(grad_gate)
+        (out[:, n_cols:] if dup is None else dup).copy_(grad_up)
         return
-    operands = (dy, gate, dgate) if up is None else (dy, gate, up, dgate, dup)
+    operands = [t for t in (dy, gate, up, dgate, dup) if t is not None]
     rows, cols, rows_per_tile, block_cols, num_warps = _tiling(n_rows, n_cols, *operands)
     n_col_blocks = triton.cdiv(cols, block_cols)
     grid = (triton.cdiv(rows, rows_per_tile) * n_col_blocks,)
     launch(_swiglu_backward_kernel)[grid](
         dy, gate, up, dgate, dup,
         dy.stride(0), gate.stride(0), 0 if up is None else up.stride(0),
-        dgate.stride(0), 0 if dup is None else dup.stride(0),
+        0 if dgate is None else dgate.stride(0), 0 if dup is None else dup.stride(0),
         rows, cols, n_col_blocks,
-        ROWS=rows_per_tile, BLOCK_COLS=block_cols, PACKED=up is None, num_warps=num_warps,
+        ROWS=rows_per_tile, BLOCK_COLS=block_cols, PACKED=up is None, IN_PLACE=dgate is None,
+        num_warps=num_warps,
     )
 
 
@@ -181,6 +191,12 @@ def _packed_backward(dy: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:
     return grad
 
 
+@kernel_op("swiglu_packed_backward_in_place", mutates_args=("gate_up",))
+def _packed_backward_in_place(dy: torch.Tensor, gate_up: torch.Tensor) -> None:
+    """The gradient of gate_up written over gate_up."""
+    _launch_backward(dy, gate_up, None, None, None)
+
+
 class _SwiGLUFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate, up):
@@ -214,27 +230,37 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 class _SwiGLUPackedFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, gate_up):
+    def forward(ctx, gate_up, in_place_backward):
         gate_up2 = as_rows(gate_up)
         y = _packed_forward(gate_up2)
         ctx.save_for_backward(gate_up2)
+        ctx.in_place_backward = in_place_backward  # on gate_up, or on as_rows' private copy of it
         return y.view(*gate_up.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, dy):
         (gate_up2,) = ctx.saved_tensors
-        grad = _packed_backward(as_rows(dy), gate_up2)
-        return grad.view(*dy.shape[:-1], grad.shape[-1])
+        if ctx.in_place_backward:
+            _packed_backward_in_place(as_rows(dy), gate_up2)
+            grad = gate_up2
+        else:
+            grad = _packed_backward(as_rows(dy), gate_up2)
+        return grad.view(*dy.shape[:-1], grad.shape[-1]), None
 
 
-def swiglu_packed(gate_up: torch.Tensor) -> torch.Tensor:
+def swiglu_packed(gate_up: torch.Tensor, in_place_backward: bool = False) -> torch.Tensor:
     """silu(gate) * up for gate_up = cat([gate, up], dim=-1), as one matmul of a fused gate-and-up
     projection gives them. Its gradient is one tensor laid out like gate_up: with
     `swiglu(*gate_up.chunk(2, -1))` autograd would concatenate two half-gradients into it, a
-    full extra read and write of the MLP's widest activation in every backward."""
+    full extra read and write of the MLP's widest activation in every backward.
+
+    in_place_backward: the backward writes the gradient over gate_up, sparing a buffer of its
+    size at the moment activation memory peaks. Only for a gate_up nothing else reads after
+    the forward, such as the projection's output in an MLP (its backward needs its input, not
+    its output); a second backward through the same graph fails autograd's version check."""
     check_float("gate_up", gate_up)
     if gate_up.dim() == 0 or gate_up.shape[-1] % 2:
         raise ValueError(
             f"gate_up must have an even last dimension (gate, then up), got shape {list(gate_up.shape)}"
         )
-    return _SwiGLUPackedFunction.apply(gate_up)
+    return _SwiGLUPackedFunction.apply(gate_up, in_place_backward)

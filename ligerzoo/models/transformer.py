@@ -64,7 +64,8 @@ class MLP(nn.Module):
 
     def forward(self, x):
         """-> (output, None): a dense layer has no router statistics."""
-        return self.w2(swiglu_packed(self.w13(x))), None
+        # w13's output is read by nothing but swiglu: its gradient may take its memory.
+        return self.w2(swiglu_packed(self.w13(x), in_place_backward=True)), None
 
 
 class MoE(nn.Module):
@@ -100,7 +101,7 @@ class MoE(nn.Module):
         offsets = run_ends.to(torch.int32)
         rows = x[order // self.top_k]  # [N k, H]
         gate_up = torch._grouped_mm(rows, self.w13.transpose(1, 2), offs=offsets)
-        out_rows = torch._grouped_mm(swiglu_packed(gate_up), self.w2.transpose(1, 2), offs=offsets)
+        out_rows = torch._grouped_mm(swiglu_packed(gate_up, in_place_backward=True), self.w2.transpose(1, 2), offs=offsets)
         out = out_rows[order.argsort()].view(-1, self.top_k, shape[-1])  # back to [N, k, H]
         out = (out * weights.unsqueeze(-1)).sum(dim=1).to(x.dtype)
 
