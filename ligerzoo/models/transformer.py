@@ -50,7 +50,12 @@ class Attention(nn.Module):
         qkv = self.wqkv(x).view(batch, seq_len, -1, self.head_dim)  # [B, T, Hq + 2 Hk, D]
         q, k, v = qkv.split([self.n_heads, self.n_kv_heads, self.n_kv_heads], dim=2)
         q, k = apply_rope(q, k, cos, sin)  # reads the strided views of qkv, writes new tensors
-        y = attend(q, k, v, mask) if cache is None else cache.attend(q, k, v, mask)  # [B, T, Hq, D]
+        if cache is None:
+            # v copied out of qkv: as a view it would keep all of qkv alive for attention's
+            # backward (the rotated q and k are copies already), 6x v's size at Llama's 4:1 GQA.
+            y = attend(q, k, v.contiguous(), mask)  # [B, T, Hq, D]
+        else:
+            y = cache.attend(q, k, v, mask)
         return self.wo(y.reshape(batch, seq_len, -1))
 
 
