@@ -33,6 +33,11 @@ SHAPES = {
                      num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
                      tie_word_embeddings=True, rope_theta=500000.0, max_position_embeddings=131072,
                      rms_norm_eps=1e-5),
+    # Llama-3.1-8B: 8.03B parameters.
+    "llama-8b": dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                     num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                     tie_word_embeddings=False, rope_theta=500000.0, max_position_embeddings=131072,
+                     rms_norm_eps=1e-5),
     # Mixtral-8x7B's layers, 2 of them: 3.16B parameters.
     "mixtral-2l": dict(model_type="mixtral", vocab_size=32000, hidden_size=4096, intermediate_size=14336,
                        num_hidden_layers=2, num_attention_heads=32, num_key_value_heads=8,
