@@ -156,12 +156,21 @@ def _memory_at_peak(step, path: str) -> None:
     """Replays the allocator's trace of 2 steps to the moment the most memory was allocated and
     writes what was live then, summed by the innermost frames that allocated it."""
     torch.cuda.synchronize()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     torch.cuda.memory._record_memory_history(max_entries=1_000_000, stacks="python")
-    for _ in range(2):
-        step()
-    torch.cuda.synchronize()
-    snapshot = torch.cuda.memory._snapshot()
-    torch.cuda.memory._record_memory_history(enabled=None)
+    try:
+        for _ in range(2):
+            step()
+        torch.cuda.synchronize()
+    except (RuntimeError, SystemError) as error:
+        # Seen with compiled blocks (torch 2.11): AOT autograd's compiled functions fail while
+        # the allocator records Python stacks. The run's own figures are already measured.
+        with open(path, "w") as file:
+            file.write(f"recording failed: {type(error).__name__}: {error}\n")
+        return
+    finally:
+        snapshot = torch.cuda.memory._snapshot()
+        torch.cuda.memory._record_memory_history(enabled=None)
     # What was allocated before recording started is in the segments' blocks, without a trace.
     live = {block["address"]: (block["size"], ["(allocated before recording)"])
             for segment in snapshot["segments"] for block in segment["blocks"] if block["state"] == "active_allocated"}
@@ -187,7 +196,6 @@ def _memory_at_peak(step, path: str) -> None:
         by_site.setdefault(site, [0, 0])
         by_site[site][0] += size
         by_site[site][1] += 1
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w") as file:
         file.write(f"peak of 2 recorded steps: {peak / 2**30:.3f} GiB allocated; live then, by allocation site:\n")
         for site, (size, count) in sorted(by_site.items(), key=lambda item: -item[1][0]):
