@@ -2,8 +2,10 @@
 
     python benchmarks/train.py --shape llama-1b --checkpointing full off
     python benchmarks/train.py --shape mixtral-2l --batch 2 --checkpointing full --peers ligerzoo hf
+    python benchmarks/train.py --gpus 1 2 --checkpointing full --peers ligerzoo-bf16-master hf-liger
 
-Every (peer, checkpointing) pair runs in a fresh process on one GPU, from random init in bf16, on
+Every (peer, checkpointing) pair runs in a fresh process on one GPU (with `--gpus N ...`, a torchrun
+of N ranks, one GPU each, the Hugging Face peers sharded with FSDP2 like ligerzoo, figures per GPU), from random init in bf16, on
 random tokens (one document per row: plain causal attention for everyone), with fused AdamW and
 gradient clipping. ligerzoo is prepared as train.py prepares it (ligerzoo/training/parallel.py:
 checkpointing, each block compiled) with float32 master weights (FSDP2 over the one GPU casts them
@@ -22,6 +24,7 @@ import sys
 import time
 
 import torch
+import torch.distributed as dist
 
 from ligerzoo.models import ModelConfig, build_model
 from ligerzoo.training.metrics import flops_per_token, peak_flops
@@ -59,32 +62,51 @@ def main() -> None:
                         "kernels to DIR/<peer>-<checkpointing>.txt")
     parser.add_argument("--memory", metavar="DIR", help="also record 2 steps' allocations of each run: what "
                         "is live at the peak, by where it was allocated, to DIR/<peer>-<checkpointing>-memory.txt")
+    parser.add_argument("--gpus", nargs="+", type=int, help="GPU counts to run each peer on, each run a "
+                        "torchrun of that many ranks with the Hugging Face peers sharded by FSDP2 as ligerzoo's "
+                        "blocks are (each layer, then the root; on 1 GPU too, so scaling compares like with "
+                        "like); tokens/s and peak memory are per GPU. Without it: one plain process, no FSDP "
+                        "for the Hugging Face peers")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # a child process: one JSON-encoded run
     args = parser.parse_args()
     if args.one:
-        print("RESULT " + json.dumps(run_one(**json.loads(args.one))), flush=True)
+        result = run_one(**json.loads(args.one))
+        if int(os.environ.get("RANK", "0")) == 0:
+            print("RESULT " + json.dumps(result), flush=True)
         return
 
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, shape {args.shape}, "
           f"seq {args.seq} x batch {args.batch}, {args.steps} steps (4 untimed)\n", flush=True)
-    print("| run | checkpointing | tokens/s | MFU | peak memory (GiB) | loss at the last step |")
-    print("|---|---|---|---|---|---|", flush=True)
+    print("| run | checkpointing | GPUs | tokens/s per GPU | MFU | peak memory per GPU (GiB) | "
+          "loss at the last step | scaling efficiency |")
+    print("|---|---|---|---|---|---|---|---|", flush=True)
     for checkpointing in args.checkpointing:
         for peer in args.peers:
             if peer.startswith("hf") and checkpointing == "selective":
                 continue  # transformers has no selective checkpointing
-            run = dict(peer=peer, shape=args.shape, seq=args.seq, batch=args.batch,
-                       checkpointing=checkpointing, steps=args.steps, profile=args.profile, memory=args.memory)
-            result = _in_child(run)
-            if "error" in result:
-                print(f"| {peer} | {checkpointing} | failed: {result['error']} | | | |", flush=True)
-                continue
-            print(f"| {peer} | {checkpointing} | {result['tokens_per_s']:,.0f} | {100 * result['mfu']:.1f}% "
-                  f"| {result['peak_gib']:.1f} | {result['loss']:.3f} |", flush=True)
+            per_gpu_at_fewest = None
+            for gpus in args.gpus or [1]:
+                run = dict(peer=peer, shape=args.shape, seq=args.seq, batch=args.batch,
+                           checkpointing=checkpointing, steps=args.steps, profile=args.profile, memory=args.memory,
+                           shard_hf=args.gpus is not None)
+                result = _in_child(run, gpus if args.gpus else None)
+                if "error" in result:
+                    print(f"| {peer} | {checkpointing} | {gpus} | failed: {result['error']} | | | | |", flush=True)
+                    continue
+                per_gpu = result["tokens_per_s"]
+                per_gpu_at_fewest = per_gpu_at_fewest or (gpus, per_gpu)
+                # Per-GPU throughput against the smallest run's: 1.0 is perfect scaling.
+                efficiency = "" if gpus == per_gpu_at_fewest[0] else f"{per_gpu / per_gpu_at_fewest[1]:.2f}"
+                print(f"| {peer} | {checkpointing} | {gpus} | {per_gpu:,.0f} | {100 * result['mfu']:.1f}% "
+                      f"| {result['peak_gib']:.1f} | {result['loss']:.3f} | {efficiency} |", flush=True)
 
 
-def _in_child(run: dict) -> dict:
+def _in_child(run: dict, gpus: int | None = None) -> dict:
+    """The run in a fresh process, or in a torchrun of `gpus` ranks."""
     command = [sys.executable, __file__, "--one", json.dumps(run)]
+    if gpus is not None:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}",
+                   *command[1:]]
     done = subprocess.run(command, capture_output=True, text=True)
     for line in done.stdout.splitlines():
         if line.startswith("RESULT "):
@@ -95,13 +117,15 @@ def _in_child(run: dict) -> dict:
 
 
 def run_one(peer: str, shape: str, seq: int, batch: int, checkpointing: str, steps: int,
-            profile: str | None = None, memory: str | None = None) -> dict:
-    torch.manual_seed(0)
-    device = torch.device("cuda")
+            profile: str | None = None, memory: str | None = None, shard_hf: bool = False) -> dict:
+    rank, world_size, device = init_distributed()
+    torch.manual_seed(rank)  # each rank its own tokens, as a data-parallel run has
     if peer.startswith("ligerzoo"):
-        model = _ligerzoo_model(shape, checkpointing, bf16_master=peer.endswith("bf16-master"))
+        model = _ligerzoo_model(shape, checkpointing, device, bf16_master=peer.endswith("bf16-master"))
     else:
-        model = _hf_model(shape, checkpointing, liger=peer == "hf-liger", compiled=peer == "hf-compiled")
+        model = _hf_model(shape, checkpointing, device, liger=peer == "hf-liger", compiled=peer == "hf-compiled")
+        if shard_hf:
+            _shard_hf_model(model)
     torch.cuda.reset_peak_memory_stats()  # from here: the weights and what training adds
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     vocab = SHAPES[shape]["vocab_size"]
@@ -122,15 +146,25 @@ def run_one(peer: str, shape: str, seq: int, batch: int, checkpointing: str, ste
         losses.append(step())
         torch.cuda.synchronize()
         times.append(time.perf_counter() - started)
+    # Every rank runs the extra steps (their collectives must match); each writes its own file.
+    name = f"{peer}-{checkpointing}" + (f"-rank{rank}" if world_size > 1 else "")
     if profile:
-        _profile(step, os.path.join(profile, f"{peer}-{checkpointing}.txt"))
+        _profile(step, os.path.join(profile, f"{name}.txt"))
     if memory:
-        _memory_at_peak(step, os.path.join(memory, f"{peer}-{checkpointing}-memory.txt"))
+        _memory_at_peak(step, os.path.join(memory, f"{name}-memory.txt"))
+    # Per GPU: each rank's batch over the step time (the slowest rank's, all ranks being in step
+    # after the gradient reduction), and the largest rank's peak memory.
     tokens_per_s = batch * seq / statistics.median(times[4:])
+    peak = torch.tensor(torch.cuda.max_memory_allocated(), dtype=torch.float64, device=device)
+    dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    loss = losses[-1].float()
+    dist.all_reduce(loss, op=dist.ReduceOp.AVG)
     # One count for every peer: the same architecture, counted on a ligerzoo model without memory.
     flops = flops_per_token(build_model(ModelConfig(**SHAPES[shape]), device="meta"), seq)
-    return {"tokens_per_s": tokens_per_s, "mfu": tokens_per_s * flops / peak_flops(device),
-            "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "loss": losses[-1].item()}
+    result = {"tokens_per_s": tokens_per_s, "mfu": tokens_per_s * flops / peak_flops(device),
+              "peak_gib": peak.item() / 2**30, "loss": loss.item()}
+    dist.destroy_process_group()
+    return result
 
 
 def _profile(step, path: str) -> None:
@@ -210,8 +244,7 @@ def _where(event) -> list[str]:
     return frames[:3] or ["(no Python frame)"]
 
 
-def _ligerzoo_model(shape: str, checkpointing: str, bf16_master: bool):
-    _, _, device = init_distributed()
+def _ligerzoo_model(shape: str, checkpointing: str, device: torch.device, bf16_master: bool):
     model = build_model(ModelConfig(**SHAPES[shape]), device=device, dtype=torch.bfloat16 if bf16_master else torch.float32)
     prepare_blocks(model, checkpointing, compile=True)
     apply_fsdp(model, device, torch.bfloat16, torch.bfloat16 if bf16_master else torch.float32)
@@ -219,7 +252,18 @@ def _ligerzoo_model(shape: str, checkpointing: str, bf16_master: bool):
     return model
 
 
-def _hf_model(shape: str, checkpointing: str, liger: bool, compiled: bool):
+def _shard_hf_model(model) -> None:
+    """transformers' model under the FSDP2 wrapping ligerzoo's training uses (each decoder layer,
+    then the root kept gathered after the forward; bf16 compute, float32 gradient reduction)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for layer in model.model.layers:
+        fully_shard(layer, mp_policy=policy)
+    fully_shard(model, mp_policy=policy, reshard_after_forward=False)
+
+
+def _hf_model(shape: str, checkpointing: str, device: torch.device, liger: bool, compiled: bool):
     import transformers
 
     values = dict(SHAPES[shape])
@@ -232,7 +276,7 @@ def _hf_model(shape: str, checkpointing: str, liger: bool, compiled: bool):
     model_class = {"llama": transformers.LlamaForCausalLM, "mixtral": transformers.MixtralForCausalLM}[model_type]
     config = config_class(**values, attn_implementation="sdpa", use_cache=False)
     torch.set_default_dtype(torch.bfloat16)  # built in bf16 directly
-    with torch.device("cuda"):
+    with device:
         model = model_class(config)
     torch.set_default_dtype(torch.float32)
     if model_type == "mixtral":
