@@ -48,6 +48,41 @@ SHAPES = {
                        max_position_embeddings=32768, rms_norm_eps=1e-5),
 }
 PEERS = ("ligerzoo", "ligerzoo-bf16-master", "hf", "hf-compiled", "hf-liger")
+UNTIMED_STEPS = 4
+
+
+class GpuSampler:
+    """nvidia-smi's reading of the GPU's SM clock and power draw every 100 ms, from construction
+    to `stop()`: a step that keeps the GPU busier may draw more power and run at a lower clock,
+    which slows every kernel in it alike."""
+
+    def __init__(self, device: torch.device):
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        gpu = visible.split(",")[index] if visible else str(index)
+        command = ["nvidia-smi", f"--id={gpu}", "--query-gpu=clocks.sm,power.draw",
+                   "--format=csv,noheader,nounits", "--loop-ms=100"]
+        try:
+            self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        except OSError:  # no nvidia-smi: the columns say n/a
+            self.process = None
+
+    def stop(self) -> tuple[float | None, float | None]:
+        """(median SM clock in MHz, median power in W) over the readings, or Nones."""
+        if self.process is None:
+            return None, None
+        self.process.terminate()
+        output, _ = self.process.communicate()
+        readings = []
+        for line in output.splitlines():
+            try:
+                clock, power = (float(field) for field in line.split(","))
+            except ValueError:  # "[N/A]" or a line cut short by the termination
+                continue
+            readings.append((clock, power))
+        if not readings:
+            return None, None
+        return statistics.median(r[0] for r in readings), statistics.median(r[1] for r in readings)
 
 
 def main() -> None:
@@ -78,8 +113,8 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, shape {args.shape}, "
           f"seq {args.seq} x batch {args.batch}, {args.steps} steps (4 untimed)\n", flush=True)
     print("| run | checkpointing | GPUs | tokens/s per GPU | MFU | peak memory per GPU (GiB) | "
-          "loss at the last step | scaling efficiency |")
-    print("|---|---|---|---|---|---|---|---|", flush=True)
+          "loss at the last step | scaling efficiency | SM clock, power (rank 0, medians) |")
+    print("|---|---|---|---|---|---|---|---|---|", flush=True)
     for checkpointing in args.checkpointing:
         for peer in args.peers:
             if peer.startswith("hf") and checkpointing == "selective":
@@ -91,14 +126,17 @@ def main() -> None:
                            shard_hf=args.gpus is not None)
                 result = _in_child(run, gpus if args.gpus else None)
                 if "error" in result:
-                    print(f"| {peer} | {checkpointing} | {gpus} | failed: {result['error']} | | | | |", flush=True)
+                    print(f"| {peer} | {checkpointing} | {gpus} | failed: {result['error']} | | | | | |", flush=True)
                     continue
                 per_gpu = result["tokens_per_s"]
                 per_gpu_at_fewest = per_gpu_at_fewest or (gpus, per_gpu)
                 # Per-GPU throughput against the smallest run's: 1.0 is perfect scaling.
                 efficiency = "" if gpus == per_gpu_at_fewest[0] else f"{per_gpu / per_gpu_at_fewest[1]:.2f}"
+                clocks = "n/a"
+                if result["clock_mhz"] is not None:
+                    clocks = f"{result['clock_mhz']:.0f} MHz, {result['power_w']:.0f} W"
                 print(f"| {peer} | {checkpointing} | {gpus} | {per_gpu:,.0f} | {100 * result['mfu']:.1f}% "
-                      f"| {result['peak_gib']:.1f} | {result['loss']:.3f} | {efficiency} |", flush=True)
+                      f"| {result['peak_gib']:.1f} | {result['loss']:.3f} | {efficiency} | {clocks} |", flush=True)
 
 
 def _in_child(run: dict, gpus: int | None = None) -> dict:
@@ -140,12 +178,16 @@ def run_one(peer: str, shape: str, seq: int, batch: int, checkpointing: str, ste
         return loss.detach()
 
     times, losses = [], []
-    for _ in range(steps):
+    sampler = None
+    for index in range(steps):
+        if index == UNTIMED_STEPS:
+            sampler = GpuSampler(device)
         torch.cuda.synchronize()
         started = time.perf_counter()
         losses.append(step())
         torch.cuda.synchronize()
         times.append(time.perf_counter() - started)
+    clock_mhz, power_w = sampler.stop() if sampler else (None, None)
     # Every rank runs the extra steps (their collectives must match); each writes its own file.
     name = f"{peer}-{checkpointing}" + (f"-rank{rank}" if world_size > 1 else "")
     if profile:
@@ -154,7 +196,7 @@ def run_one(peer: str, shape: str, seq: int, batch: int, checkpointing: str, ste
         _memory_at_peak(step, os.path.join(memory, f"{name}-memory.txt"))
     # Per GPU: each rank's batch over the step time (the slowest rank's, all ranks being in step
     # after the gradient reduction), and the largest rank's peak memory.
-    tokens_per_s = batch * seq / statistics.median(times[4:])
+    tokens_per_s = batch * seq / statistics.median(times[UNTIMED_STEPS:])
     peak = torch.tensor(torch.cuda.max_memory_allocated(), dtype=torch.float64, device=device)
     dist.all_reduce(peak, op=dist.ReduceOp.MAX)
     loss = losses[-1].float()
@@ -162,7 +204,7 @@ def run_one(peer: str, shape: str, seq: int, batch: int, checkpointing: str, ste
     # One count for every peer: the same architecture, counted on a ligerzoo model without memory.
     flops = flops_per_token(build_model(ModelConfig(**SHAPES[shape]), device="meta"), seq)
     result = {"tokens_per_s": tokens_per_s, "mfu": tokens_per_s * flops / peak_flops(device),
-              "peak_gib": peak.item() / 2**30, "loss": loss.item()}
+              "peak_gib": peak.item() / 2**30, "loss": loss.item(), "clock_mhz": clock_mhz, "power_w": power_w}
     dist.destroy_process_group()
     return result
 
