@@ -92,7 +92,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--checkpointing", nargs="+", choices=("off", "full", "selective"), default=["full", "off"])
     parser.add_argument("--peers", nargs="+", choices=PEERS, default=list(PEERS))
-    parser.add_argument("--steps", type=int, default=12, help="steps per run; the first 4 are not timed")
+    parser.add_argument("--steps", type=int, default=12, help=f"steps per run; the first {UNTIMED_STEPS} are not timed")
     parser.add_argument("--profile", metavar="DIR", help="also profile 2 steps of each run: the top CUDA "
                         "kernels to DIR/<peer>-<checkpointing>.txt")
     parser.add_argument("--memory", metavar="DIR", help="also record 2 steps' allocations of each run: what "
@@ -111,7 +111,7 @@ def main() -> None:
         return
 
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, shape {args.shape}, "
-          f"seq {args.seq} x batch {args.batch}, {args.steps} steps (4 untimed)\n", flush=True)
+          f"seq {args.seq} x batch {args.batch}, {args.steps} steps ({UNTIMED_STEPS} untimed)\n", flush=True)
     print("| run | checkpointing | GPUs | tokens/s per GPU | MFU | peak memory per GPU (GiB) | "
           "loss at the last step | scaling efficiency | SM clock, power (rank 0, medians) |")
     print("|---|---|---|---|---|---|---|---|---|", flush=True)
@@ -221,11 +221,14 @@ def _profile(step, path: str) -> None:
     with open(path, "w") as file:
         file.write(prof.key_averages().table(sort_by="self_device_time_total", row_limit=60, max_name_column_width=90))
         # The matmuls by operand shapes: where two peers' GEMM totals differ, which products differ.
+        # Self time: an eager mm(out=) nests one aten::mm in another, and totals count its kernel twice.
         matmuls = [event for event in prof.key_averages(group_by_input_shape=True)
-                   if event.key in ("aten::mm", "aten::addmm", "aten::addmm_", "aten::_grouped_mm")]
-        file.write("\nmatmuls by operand shapes (device time of 2 steps, calls):\n")
-        for event in sorted(matmuls, key=lambda event: -event.device_time_total):
-            file.write(f"{event.device_time_total / 1e3:9.2f} ms {event.count:5d}  {event.key} {event.input_shapes}\n")
+                   if event.key in ("aten::mm", "aten::addmm", "aten::addmm_", "aten::_grouped_mm")
+                   and event.self_device_time_total > 0]
+        file.write("\nmatmuls by operand shapes (self device time of 2 steps, calls):\n")
+        for event in sorted(matmuls, key=lambda event: -event.self_device_time_total):
+            file.write(f"{event.self_device_time_total / 1e3:9.2f} ms {event.count:5d}  {event.key} "
+                       f"{event.input_shapes}\n")
 
 
 def _memory_at_peak(step, path: str) -> None:
@@ -266,12 +269,11 @@ def _memory_at_peak(step, path: str) -> None:
             total -= live.pop(event["addr"])[0]
         if total > peak:
             peak, at_peak = total, dict(live)
-    by_site: dict[str, list[int]] = {}
+    by_site: dict[str, list[int]] = {}  # site -> [bytes, allocations]
     for size, where in at_peak.values():
-        site = " <- ".join(where)
-        by_site.setdefault(site, [0, 0])
-        by_site[site][0] += size
-        by_site[site][1] += 1
+        totals = by_site.setdefault(" <- ".join(where), [0, 0])
+        totals[0] += size
+        totals[1] += 1
     with open(path, "w") as file:
         file.write(f"peak of 2 recorded steps: {peak / 2**30:.3f} GiB allocated; live then, by allocation site:\n")
         for site, (size, count) in sorted(by_site.items(), key=lambda item: -item[1][0]):

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import DEVICE, assert_close
-from ligerzoo.kernels import add_rms_norm, apply_rope, cross_entropy, linear_cross_entropy, rms_norm, swiglu, swiglu_packed
+from ligerzoo.kernels import (add_rms_norm, apply_rope, cross_entropy, linear_cross_entropy, rms_norm, swiglu,
+                              swiglu_packed)
 
 pytestmark = pytest.mark.skipif(DEVICE.type != "cuda", reason="triton_op tracing needs a GPU")
 

@@ -106,7 +106,8 @@ class MoE(nn.Module):
         offsets = run_ends.to(torch.int32)
         rows = x[order // self.top_k]  # [N k, H]
         gate_up = torch._grouped_mm(rows, self.w13.transpose(1, 2), offs=offsets)
-        out_rows = torch._grouped_mm(swiglu_packed(gate_up, in_place_backward=True), self.w2.transpose(1, 2), offs=offsets)
+        hidden_rows = swiglu_packed(gate_up, in_place_backward=True)  # gate_up is read by nothing else
+        out_rows = torch._grouped_mm(hidden_rows, self.w2.transpose(1, 2), offs=offsets)
         out = out_rows[order.argsort()].view(-1, self.top_k, shape[-1])  # back to [N, k, H]
         out = (out * weights.unsqueeze(-1)).sum(dim=1).to(x.dtype)
 
