@@ -1,5 +1,6 @@
 """The training loop, top to bottom: build, maybe resume, train step by step, export."""
 
+import gc
 import math
 import os
 import random
@@ -31,7 +32,10 @@ def train(config: Config) -> None:
     rank, world_size, device = init_distributed()
     _train(config, rank, world_size, device)
     # Every rank leaves together: a gloo rank that tears its group down while another still
-    # holds it can abort at exit ("terminate called without an active exception").
+    # holds it can abort at exit ("terminate called without an active exception"). So can a
+    # collective's work object that a reference cycle (FSDP's modules have them) keeps alive
+    # until the interpreter is shutting down: collect those first, while it still runs.
+    gc.collect()
     dist.barrier()
     dist.destroy_process_group()
 
