@@ -34,6 +34,10 @@ def tiny_model(checkpointing, compile, layers=LAYERS):
 def backward_matmuls(model, input_ids) -> tuple[torch.Tensor, int]:
     """The loss and how many matrix products its backward runs (the recomputation included),
     not counting the loss's own (the output projection is outside the blocks)."""
+    # A first step compiles the blocks; some torch versions trace the backward during the first
+    # backward, and that tracing's products would count too.
+    model(input_ids, labels=input_ids).loss.backward()
+    model.zero_grad(set_to_none=True)
     loss = model(input_ids, labels=input_ids).loss
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         loss.backward()
