@@ -79,16 +79,13 @@ def _swiglu_backward_kernel(
     sig = tl.sigmoid(g)
     silu = g * sig
     dgate = dy * u.to(tl.float32) * sig * (1.0 + g * (1.0 - sig))
-    dup = (dy * silu).to(gate_ptr.dtype.element_ty)
+    dup = dy * silu
     if IN_PLACE:
-        tl.store(gate_ptr + rows * gate_row_stride + cols, dgate.to(gate_ptr.dtype.element_ty), mask=mask)
-        tl.store(gate_ptr + n_cols + rows * gate_row_stride + cols, dup.to(gate_ptr.dtype.element_ty), mask=mask)
-    elif PACKED:
-        tl.store(dgate_ptr + rows * dgate_row_stride + cols, dgate.to(dgate_ptr.dtype.element_ty), mask=mask)
-        tl.store(dgate_ptr + n_cols + rows * dgate_row_stride + cols, dup, mask=mask)
-    else:
-        tl.store(dgate_ptr + rows * dgate_row_stride + cols, dgate.to(dgate_ptr.dtype.element_ty), mask=mask)
-        tl.store(dup_ptr + rows * dup_row_stride + cols, dup, mask=mask)
+        dgate_ptr, dgate_row_stride = gate_ptr, gate_row_stride
+    if PACKED:
+        dup_ptr, dup_row_stride = dgate_ptr + n_cols, dgate_row_stride
+    tl.store(dgate_ptr + rows * dgate_row_stride + cols, dgate.to(dgate_ptr.dtype.element_ty), mask=mask)
+    tl.store(dup_ptr + rows * dup_row_stride + cols, dup.to(dup_ptr.dtype.element_ty), mask=mask)
 
 
 # Elements per program: with 8 warps one 16-byte access per thread in 16-bit dtypes (two in
