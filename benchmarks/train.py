@@ -5,7 +5,7 @@
     python benchmarks/train.py --gpus 1 2 --checkpointing full --peers ligerzoo-bf16-master hf-liger
 
 Every (peer, checkpointing) pair runs in a fresh process on one GPU (with `--gpus N ...`, a torchrun
-of N ranks, one GPU each, the Hugging Face peers sharded with FSDP2 like ligerzoo, figures per GPU), from random init in bf16, on
+of N ranks, one GPU each, every peer sharded with FSDP2, figures per GPU), from random init in bf16, on
 random tokens (one document per row: plain causal attention for everyone), with fused AdamW and
 gradient clipping. ligerzoo is prepared as train.py prepares it (ligerzoo/training/parallel.py:
 checkpointing, each block compiled) with float32 master weights (FSDP2 over the one GPU casts them
@@ -98,10 +98,10 @@ def main() -> None:
     parser.add_argument("--memory", metavar="DIR", help="also record 2 steps' allocations of each run: what "
                         "is live at the peak, by where it was allocated, to DIR/<peer>-<checkpointing>-memory.txt")
     parser.add_argument("--gpus", nargs="+", type=int, help="GPU counts to run each peer on, each run a "
-                        "torchrun of that many ranks with the Hugging Face peers sharded by FSDP2 as ligerzoo's "
-                        "blocks are (each layer, then the root; on 1 GPU too, so scaling compares like with "
-                        "like); tokens/s and peak memory are per GPU. Without it: one plain process, no FSDP "
-                        "for the Hugging Face peers")
+                        "torchrun of that many ranks with every peer sharded by FSDP2, the Hugging Face ones as "
+                        "ligerzoo's blocks are (each layer, then the root), on 1 GPU too, so scaling compares "
+                        "like with like; tokens/s and peak memory are per GPU. Without it: one plain process, "
+                        "FSDP only where train.py would use it (ligerzoo's float32 master weights)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # a child process: one JSON-encoded run
     args = parser.parse_args()
     if args.one:
@@ -123,7 +123,7 @@ def main() -> None:
             for gpus in args.gpus or [1]:
                 run = dict(peer=peer, shape=args.shape, seq=args.seq, batch=args.batch,
                            checkpointing=checkpointing, steps=args.steps, profile=args.profile, memory=args.memory,
-                           shard_hf=args.gpus is not None)
+                           shard=args.gpus is not None)
                 result = _in_child(run, gpus if args.gpus else None)
                 if "error" in result:
                     print(f"| {peer} | {checkpointing} | {gpus} | failed: {result['error']} | | | | | |", flush=True)
@@ -155,14 +155,15 @@ def _in_child(run: dict, gpus: int | None = None) -> dict:
 
 
 def run_one(peer: str, shape: str, seq: int, batch: int, checkpointing: str, steps: int,
-            profile: str | None = None, memory: str | None = None, shard_hf: bool = False) -> dict:
+            profile: str | None = None, memory: str | None = None, shard: bool = False) -> dict:
     rank, world_size, device = init_distributed()
     torch.manual_seed(rank)  # each rank its own tokens, as a data-parallel run has
     if peer.startswith("ligerzoo"):
-        model = _ligerzoo_model(shape, checkpointing, device, bf16_master=peer.endswith("bf16-master"))
+        model = _ligerzoo_model(shape, checkpointing, device, bf16_master=peer.endswith("bf16-master"),
+                                always_shard=shard)
     else:
         model = _hf_model(shape, checkpointing, device, liger=peer == "hf-liger", compiled=peer == "hf-compiled")
-        if shard_hf:
+        if shard:
             _shard_hf_model(model)
     torch.cuda.reset_peak_memory_stats()  # from here: the weights and what training adds
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
@@ -288,22 +289,24 @@ def _where(event) -> list[str]:
     return frames[:3] or ["(no Python frame)"]
 
 
-def _ligerzoo_model(shape: str, checkpointing: str, device: torch.device, bf16_master: bool):
+def _ligerzoo_model(shape: str, checkpointing: str, device: torch.device, bf16_master: bool, always_shard: bool):
     model = build_model(ModelConfig(**SHAPES[shape]), device=device, dtype=torch.bfloat16 if bf16_master else torch.float32)
     prepare_blocks(model, checkpointing, compile=True)
-    apply_fsdp(model, device, torch.bfloat16, torch.bfloat16 if bf16_master else torch.float32)
+    apply_fsdp(model, device, torch.bfloat16, torch.bfloat16 if bf16_master else torch.float32, always_shard)
     model.train()
     return model
 
 
 def _shard_hf_model(model) -> None:
     """transformers' model under the FSDP2 wrapping ligerzoo's training uses (each decoder layer,
-    then the root kept gathered after the forward; bf16 compute, float32 gradient reduction)."""
+    then the root, the last layer and the root kept gathered after the forward; bf16 compute,
+    float32 gradient reduction)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    for layer in model.model.layers:
-        fully_shard(layer, mp_policy=policy)
+    last = len(model.model.layers) - 1
+    for index, layer in enumerate(model.model.layers):
+        fully_shard(layer, mp_policy=policy, reshard_after_forward=index < last)
     fully_shard(model, mp_policy=policy, reshard_after_forward=False)
 
 

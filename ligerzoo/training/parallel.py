@@ -113,7 +113,7 @@ def _checkpointed(forward, options: dict):
 
 
 def apply_fsdp(model, device: torch.device, param_dtype: torch.dtype,
-               master_dtype: torch.dtype = torch.float32) -> bool:
+               master_dtype: torch.dtype = torch.float32, always_shard: bool = False) -> bool:
     """Shard every block, then the root (embedding, final norm, head), and say whether it did.
 
     On the GPU parameters are gathered and computed in `param_dtype`, gradients reduce in float32,
@@ -121,11 +121,12 @@ def apply_fsdp(model, device: torch.device, param_dtype: torch.dtype,
     everything is float32. One process whose weights are already in the compute dtype is left
     unsharded: FSDP would have nothing to shard or cast, only copies to make (all-gathers into
     and out of its buffers, float32 copies of each block's gradients): 9% of a Llama-3.2-1B step
-    and 10 GiB at Mixtral's layer shapes, measured on an H100.
+    and 10 GiB at Mixtral's layer shapes, measured on an H100. always_shard: wrap it all the
+    same (a scaling measurement compares one GPU with several under the same wrapping).
     """
     on_gpu = device.type == "cuda"
     model.to(master_dtype if on_gpu else torch.float32)
-    if dist.get_world_size() == 1 and master_dtype == (param_dtype if on_gpu else torch.float32):
+    if not always_shard and dist.get_world_size() == 1 and master_dtype == (param_dtype if on_gpu else torch.float32):
         model.to(device)
         return False
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
@@ -135,9 +136,11 @@ def apply_fsdp(model, device: torch.device, param_dtype: torch.dtype,
     # Blocks return views (the halves of fused projections); the model never writes to a block's
     # output in place, which is what this warning is about.
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
-    for block in model.layers:
-        fully_shard(block, mesh=mesh, mp_policy=policy)
-    # The root's parameters (embedding, final norm, output head) are the first needed by the
-    # backward, right after the forward: keep them gathered rather than gather them again.
+    # The backward starts where the forward ends: the root's parameters (embedding, final norm,
+    # output head) and the last block's are kept gathered after the forward rather than gathered
+    # again at once, with nothing yet to overlap the all-gather with.
+    last = len(model.layers) - 1
+    for index, block in enumerate(model.layers):
+        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=index < last)
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
     return True
