@@ -10,7 +10,7 @@ random tokens (one document per row: plain causal attention for everyone), with 
 gradient clipping. ligerzoo is prepared as train.py prepares it (ligerzoo/training/parallel.py:
 checkpointing, each block compiled) with float32 master weights (FSDP2 over the one GPU casts them
 to bf16 for compute), and again with bfloat16 ones (`--train.master_dtype bfloat16`, no FSDP on
-one GPU), which is what the Hugging Face runs keep: bf16 parameters and AdamW state. Prints a
+one GPU unless `--gpus` asks for the same wrapping everywhere), which is what the Hugging Face runs keep: bf16 parameters and AdamW state. Prints a
 markdown table: median tokens/s over the timed steps, MFU against the spec peak, and peak memory
 (torch.cuda.max_memory_allocated from the model's construction on).
 """
@@ -298,9 +298,9 @@ def _ligerzoo_model(shape: str, checkpointing: str, device: torch.device, bf16_m
 
 
 def _shard_hf_model(model) -> None:
-    """transformers' model under the FSDP2 wrapping ligerzoo's training uses (each decoder layer,
-    then the root, the last layer and the root kept gathered after the forward; bf16 compute,
-    float32 gradient reduction)."""
+    """transformers' model under the FSDP2 wrapping ligerzoo's training uses: each decoder layer,
+    then the root, the last layer and the root staying gathered after the forward; bf16 compute,
+    float32 gradient reduction."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)

@@ -80,7 +80,8 @@ def prepare_blocks(model, checkpointing: str = "off", compile: bool = False) -> 
     Compiled, the checkpoint is traced with a policy for every op, so Inductor's partitioner
     builds the backward with the recomputation in it: full checkpointing recomputes only what the
     backward reads, and skips the block's last matmul (the down projection, whose output only
-    feeds the residual stream): a quarter of a Llama block's forward GEMM work.
+    feeds the residual stream): a quarter of a Llama block's forward GEMM work, 5% of the
+    Llama-3.2-1B step on an H100. Eager, the whole block runs again.
     """
     options = {"use_reentrant": False}
     if checkpointing == "selective":
