@@ -180,26 +180,38 @@ class _Decoder:
         return model(self.tokens, cache=self.cache, logits_to_keep=1).logits[:, -1]
 
     def _capture(self, model: Transformer) -> None:
-        # The warm-up forwards run on a side stream, as capture requires, each writing the next
-        # slot's keys and values (which the first real step rewrites) and then moving back.
+        # Each warm-up forward writes the next slot's keys and values (which the first real step
+        # rewrites) and then moves the cache back.
         position = self.cache.position.clone()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(WARMUP_STEPS):
-                self._forward(model)
-                self.cache.position.copy_(position)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(graph):
-                self.logits = self._forward(model)
-        except RuntimeError as error:  # e.g. an op that syncs with the host
-            warnings.warn(f"the decode step could not be captured in a CUDA graph, so it runs eagerly "
-                          f"(slower): {error}", stacklevel=3)
-            self.eager, self.logits = True, None
+        captured = capture_step(lambda: self._forward(model), lambda: self.cache.position.copy_(position),
+                                "the decode step")
+        if captured is None:
+            self.eager = True
             return
-        self.graph = graph
+        self.graph, self.logits = captured
+
+
+def capture_step(step: Callable[[], torch.Tensor], undo: Callable[[], None], what: str):
+    """(graph, output): step() captured in a CUDA graph, whose replays rerun it over the same
+    buffers; or None, with a warning, when it cannot be captured (it must then run eagerly).
+    WARMUP_STEPS calls of step() run first on a side stream, as capture requires, each followed
+    by undo(), which must take back what it changed."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(WARMUP_STEPS):
+            step()
+            undo()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            output = step()
+    except RuntimeError as error:  # e.g. an op that syncs with the host
+        warnings.warn(f"{what} could not be captured in a CUDA graph, so it runs eagerly (slower): {error}",
+                      stacklevel=4)
+        return None
+    return graph, output
 
 
 # model -> its last GPU decoder, kept for the next call (weak: it goes with the model).

@@ -10,6 +10,7 @@ so the decoding both accepts and rejects candidates (each greedy test checks tha
 """
 
 import shutil
+import warnings
 
 import pytest
 import torch
@@ -75,6 +76,25 @@ def test_medusa_greedy_equals_plain_greedy_token_for_token(family, tree, length)
     assert max(stats.accepted) > 0 and min(stats.accepted) == 0  # both paths of the step were taken
     assert stats.mean_accepted_length == 1 + sum(stats.accepted) / stats.forwards
     assert 1 + sum(stats.accepted) + stats.forwards >= 24  # the prefill's token, then accepted + 1 per step
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="CUDA graphs")
+def test_greedy_steps_replay_one_captured_graph_across_calls(llama):
+    """On the GPU the greedy step is captured (a failed capture would warn, and is an error here)
+    and kept: later calls with other prompts and lengths replay it over the emptied cache and
+    still decode as plain greedy does."""
+    from ligerzoo.medusa import decoding
+
+    model, heads = llama
+    graphs = set()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for length, new_tokens in ((5, 24), (11, 17), (5, 24)):
+            prompt = prompts([length], seed=new_tokens + length)
+            out = medusa_generate(model, heads, prompt, max_new_tokens=new_tokens, tree="small")
+            assert out == generate(model, prompt, max_new_tokens=new_tokens)
+            graphs.add(id(decoding._KEPT[model].graph))
+    assert len(graphs) == 1 and decoding._KEPT[model].graph is not None
 
 
 def test_medusa_greedy_with_the_large_tree_and_three_heads(llama):

@@ -23,16 +23,20 @@ the temperature and H its entropy; the next root is sampled from p restricted to
 pass the same test (the likeliest always does).
 
 Everything is chosen on the device; the host reads one small tensor per step (the path's tokens,
-the new root and the accepted count) to stream the tokens and to stop.
+the new root and the accepted count) to stream the tokens and to stop. On the GPU a greedy step
+is captured in a CUDA graph and replayed, as plain decoding's step is: eagerly its few hundred
+small kernels take longer to launch than to run, on models small enough to decode fast.
 """
 
+import functools
+import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-from ligerzoo.generate import _check_request, _prompt_lists, sample
+from ligerzoo.generate import CACHE_LENGTH_MULTIPLE, _check_request, _prompt_lists, capture_step, sample
 from ligerzoo.medusa.heads import MedusaHeads
 from ligerzoo.medusa.tree import Choices, MedusaTree, medusa_tree
 from ligerzoo.models import Transformer
@@ -101,30 +105,21 @@ def medusa_generate(
                          f"{config.vocab_size}")
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     stats = stats if stats is not None else MedusaStats()
-    typical = acceptance == "typical"
+    if acceptance == "typical":
+        def choose(logits: torch.Tensor) -> torch.Tensor:
+            """A typical sample of the base model's next token after logits [V]."""
+            probs = (logits.float() / temperature).softmax(-1)
+            kept = probs >= _typical_threshold(probs, posterior_threshold, posterior_alpha)
+            kept[probs.argmax(-1)] = True
+            return sample(logits.masked_fill(~kept, float("-inf"))[None], temperature, generator=generator)[0]
+        acceptance_test = functools.partial(_typical_acceptance, temperature=temperature,
+                                            threshold=posterior_threshold, alpha=posterior_alpha)
+        steps = _MedusaSteps(model, heads, tree, len(prompts[0]) + max_new_tokens, choose, acceptance_test)
+    else:
+        steps = _greedy_steps(model, heads, tree, len(prompts[0]) + max_new_tokens)
 
-    def choose(logits: torch.Tensor) -> torch.Tensor:
-        """The base model's next token after logits [V]: the argmax, or a typical sample."""
-        if not typical:
-            return logits.argmax(-1)
-        probs = (logits.float() / temperature).softmax(-1)
-        kept = probs >= _typical_threshold(probs, posterior_threshold, posterior_alpha)
-        kept[probs.argmax(-1)] = True
-        return sample(logits.masked_fill(~kept, float("-inf"))[None], temperature, generator=generator)[0]
-
-    def candidates(hidden: torch.Tensor) -> torch.Tensor:
-        """[D * top_k]: heads 1..D's top-k tokens after hidden [H]."""
-        if tree.depth == 0:
-            return hidden.new_empty(0, dtype=torch.long)
-        head_logits = heads.logits(hidden, weight)[:tree.depth]  # [K, V] -> [D, V]
-        return head_logits.topk(tree.top_k, dim=-1).indices.reshape(-1)
-
-    prompt = prompts[0]
-    cache = KVCache(config, 1, len(prompt) + max_new_tokens + tree.size, device=device, dtype=weight.dtype)
-    prefill = model(torch.tensor([prompt], device=device), cache=cache, output_hidden_states=True)
-    last = prefill.hidden_states[0, -1]  # [H]
-    root = choose(F.linear(last, weight))
-    guesses = candidates(last)
+    prefill = model(torch.tensor(prompts, device=device), cache=steps.cache, output_hidden_states=True)
+    steps.start(prefill.hidden_states[0, -1])
     out = []
 
     def emit(tokens: list[int]) -> bool:
@@ -137,33 +132,126 @@ def medusa_generate(
                 return True
         return False
 
-    done = emit([root.item()])
+    done = emit([steps.root.item()])
     while not done:
-        tokens = torch.cat([root.view(1), guesses])[tree.sources]  # [N]
-        forward = model(tokens[None], cache=cache, tree=tree.attention, output_hidden_states=True)
-        hidden = forward.hidden_states[0]  # [N, H]
-        logits = F.linear(hidden, weight)  # [N, V]
-        if typical:
-            accepted, log_probs = _typical_acceptance(logits[tree.parents], tokens, temperature,
-                                                      posterior_threshold, posterior_alpha)
-        else:
-            accepted = tokens == logits.argmax(-1)[tree.parents]  # [N]: the root's entry is overwritten below
-            log_probs = None
-        accepted[0] = True  # the root is the base model's own choice
-        on_path = (accepted[tree.paths] & tree.path_valid).long().cumprod(-1)  # [P, D + 1]
-        lengths = on_path.sum(-1)  # [P], root included
-        best = _best_path(lengths, on_path, log_probs, tree)
-        length = lengths[best]
-        path = tree.paths[best]  # [D + 1]
-        cache.keep(path, length)
-        last_node = path[length - 1]
-        root = choose(logits[last_node])
-        guesses = candidates(hidden[last_node])
-        report = torch.cat([tokens[path], root.view(1), length.view(1)]).tolist()  # the step's one host sync
+        report = steps.step().tolist()  # the step's one host sync
         n_accepted = report[-1] - 1
         stats.accepted.append(n_accepted)
         done = emit(report[1:1 + n_accepted] + [report[-2]])
     return [out]
+
+
+class _MedusaSteps:
+    """A KV cache for one prompt of up to max_len tokens, and the Medusa step over it. The step
+    reads its inputs (the root and the heads' candidates) from fixed buffers and writes the next
+    ones there, so on the GPU a greedy step (no acceptance_test) is captured once in a CUDA
+    graph at its first use and replayed after: eagerly its few hundred small kernels take longer
+    to launch than to run. Typical acceptance samples with the caller's generator, which a graph
+    would replay with the same numbers, so it runs eagerly."""
+
+    def __init__(self, model: Transformer, heads: MedusaHeads, tree: MedusaTree, max_len: int,
+                 choose=None, acceptance_test=None, key=None):
+        weight = model.output_weight
+        self.model, self.heads, self.tree, self.key = model, heads, tree, key
+        self.choose = choose if choose is not None else lambda logits: logits.argmax(-1)
+        self.acceptance_test = acceptance_test
+        self.cache = KVCache(model.config, 1, max_len + tree.size, device=weight.device, dtype=weight.dtype)
+        self.root = torch.zeros(1, dtype=torch.long, device=weight.device)
+        self.guesses = torch.zeros(tree.depth * tree.top_k, dtype=torch.long, device=weight.device)
+        self.eager = weight.device.type != "cuda" or acceptance_test is not None
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.report: torch.Tensor | None = None  # the graph's output
+
+    def start(self, hidden: torch.Tensor) -> None:
+        """The first root and candidates, from the prompt's last hidden state [H] (the prefill)."""
+        self.root.copy_(self.choose(F.linear(hidden, self.model.output_weight)).view(1))
+        self.guesses.copy_(self._candidates(hidden))
+
+    def step(self) -> torch.Tensor:
+        """One tree forward and acceptance: [the kept path's tokens (D + 1), the next root, the
+        path's length]."""
+        if self.graph is None and not self.eager:
+            self._capture()
+        if self.eager:
+            return self._step()
+        self.graph.replay()
+        return self.report
+
+    def _candidates(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[D * top_k]: heads 1..D's top-k tokens after hidden [H]."""
+        tree = self.tree
+        if tree.depth == 0:
+            return hidden.new_empty(0, dtype=torch.long)
+        head_logits = self.heads.logits(hidden, self.model.output_weight)[:tree.depth]  # [K, V] -> [D, V]
+        return head_logits.topk(tree.top_k, dim=-1).indices.reshape(-1)
+
+    def _step(self) -> torch.Tensor:
+        tree, cache = self.tree, self.cache
+        tokens = torch.cat([self.root, self.guesses])[tree.sources]  # [N]
+        forward = self.model(tokens[None], cache=cache, tree=tree.attention, output_hidden_states=True)
+        hidden = forward.hidden_states[0]  # [N, H]
+        logits = F.linear(hidden, self.model.output_weight)  # [N, V]
+        if self.acceptance_test is not None:
+            accepted, log_probs = self.acceptance_test(logits[tree.parents], tokens)
+        else:
+            accepted = tokens == logits.argmax(-1)[tree.parents]  # [N]: the root's entry is overwritten below
+            log_probs = None
+        # The root is the base model's own choice. fill_, not `accepted[0] = True`, which copies a
+        # host scalar to the GPU: a CUDA graph cannot capture that copy.
+        accepted[0].fill_(True)
+        on_path = (accepted[tree.paths] & tree.path_valid).long().cumprod(-1)  # [P, D + 1]
+        lengths = on_path.sum(-1)  # [P], root included
+        # index_select with one-element index tensors: indexing with a 0-dim tensor reads it on
+        # the host, a sync that a CUDA graph cannot capture.
+        best = _best_path(lengths, on_path, log_probs, tree).view(1)
+        length = lengths.index_select(0, best)  # [1]
+        path = tree.paths.index_select(0, best)[0]  # [D + 1]
+        cache.keep(path, length[0])
+        last_node = path.index_select(0, length - 1)  # [1]
+        root = self.choose(logits.index_select(0, last_node)[0])
+        self.root.copy_(root.view(1))
+        self.guesses.copy_(self._candidates(hidden.index_select(0, last_node)[0]))
+        return torch.cat([tokens[path], root.view(1), length])
+
+    def _capture(self) -> None:
+        # The warm-up steps claim and keep tree slots after the prefix, which the first real step
+        # writes again; undo puts back where the cache ends and the step's inputs.
+        buffers = (self.cache.position, self.root, self.guesses)
+        saved = [buffer.clone() for buffer in buffers]
+
+        def undo() -> None:
+            for buffer, value in zip(buffers, saved, strict=True):
+                buffer.copy_(value)
+
+        captured = capture_step(self._step, undo, "the Medusa step")
+        if captured is None:
+            self.eager = True
+            return
+        self.graph, self.report = captured
+
+
+# model -> its last greedy Medusa steps on the GPU, kept for the next call (weak: they go with it).
+_KEPT: "weakref.WeakKeyDictionary[Transformer, _MedusaSteps]" = weakref.WeakKeyDictionary()
+
+
+def _greedy_steps(model: Transformer, heads: MedusaHeads, tree: MedusaTree, max_len: int) -> _MedusaSteps:
+    """Greedy Medusa steps over a cache of max_len tokens and the tree's: on the GPU the kept ones
+    (their captured graph, their cache emptied) when model, heads, tree and rounded length are
+    those of the last call, else new ones, kept."""
+    if model.output_weight.device.type != "cuda":
+        return _MedusaSteps(model, heads, tree, max_len)
+    max_len = -(-max_len // CACHE_LENGTH_MULTIPLE) * CACHE_LENGTH_MULTIPLE
+    # The graph reads parameters and tree buffers at fixed addresses: a moved model is new.
+    key = (tuple(tree.choices), tree.top_k, max_len,
+           tuple(p.data_ptr() for p in (*model.parameters(), *heads.parameters())))
+    kept = _KEPT.get(model)
+    if kept is not None and kept.key == key and kept.heads is heads:
+        kept.cache.reset()
+        return kept
+    _KEPT.pop(model, None)  # free the old graph and cache before allocating the new ones
+    steps = _MedusaSteps(model, heads, tree, max_len, key=key)
+    _KEPT[model] = steps
+    return steps
 
 
 def _typical_threshold(probs: torch.Tensor, threshold: float, alpha: float) -> torch.Tensor:
