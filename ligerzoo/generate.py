@@ -218,15 +218,22 @@ def capture_step(step: Callable[[], torch.Tensor], undo: Callable[[], None], wha
 _KEPT: "weakref.WeakKeyDictionary[Transformer, _Decoder]" = weakref.WeakKeyDictionary()
 
 
+def graph_key(length: int, *modules: torch.nn.Module) -> tuple[int, tuple[int, ...]]:
+    """(cache length rounded up to CACHE_LENGTH_MULTIPLE, the modules' parameter addresses): what
+    a kept CUDA graph must match. It reads the parameters at fixed addresses, so after
+    `model.to(...)` it must be redone."""
+    rounded = -(-length // CACHE_LENGTH_MULTIPLE) * CACHE_LENGTH_MULTIPLE
+    return rounded, tuple(p.data_ptr() for module in modules for p in module.parameters())
+
+
 def _decoder(model: Transformer, batch_size: int, length: int, keep: bool) -> _Decoder:
     """A decoder whose cache holds `length` tokens per row: on the GPU the kept one when it fits
     (same batch size, rounded length and parameter storage), else a new one, kept if `keep`."""
     weight = model.output_weight
     if weight.device.type != "cuda":
         return _Decoder(model.config, batch_size, length, weight.device, weight.dtype)
-    length = -(-length // CACHE_LENGTH_MULTIPLE) * CACHE_LENGTH_MULTIPLE
-    # The graph reads the parameters at fixed addresses: after `model.to(...)` it must be redone.
-    key = (batch_size, length, tuple(p.data_ptr() for p in model.parameters()))
+    length, where = graph_key(length, model)
+    key = (batch_size, length, where)
     kept = _KEPT.get(model)
     if kept is not None and kept.key == key:
         return kept

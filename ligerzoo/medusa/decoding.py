@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ligerzoo.generate import CACHE_LENGTH_MULTIPLE, _check_request, _prompt_lists, capture_step, sample
+from ligerzoo.generate import _check_request, _prompt_lists, capture_step, graph_key, sample
 from ligerzoo.medusa.heads import MedusaHeads
 from ligerzoo.medusa.tree import Choices, MedusaTree, medusa_tree
 from ligerzoo.models import Transformer
@@ -97,8 +97,7 @@ def medusa_generate(
                          f"call it once per prompt, or use ligerzoo.generate for batches")
     stop_set = _check_request(config, prompts, max_new_tokens, temperature, None, None, stop_ids)
     _check_medusa(model, heads, acceptance, temperature, posterior_threshold, posterior_alpha)
-    weight = model.output_weight  # [V, H]
-    device = weight.device
+    device = model.output_weight.device
     tree = medusa_tree(tree, heads.num_heads, device)
     if tree.top_k > config.vocab_size:
         raise ValueError(f"the tree uses the top {tree.top_k} tokens of each head but the vocabulary has "
@@ -240,12 +239,10 @@ def _greedy_steps(model: Transformer, heads: MedusaHeads, tree: MedusaTree, max_
     those of the last call, else new ones, kept."""
     if model.output_weight.device.type != "cuda":
         return _MedusaSteps(model, heads, tree, max_len)
-    max_len = -(-max_len // CACHE_LENGTH_MULTIPLE) * CACHE_LENGTH_MULTIPLE
-    # The graph reads parameters and tree buffers at fixed addresses: a moved model is new.
-    key = (tuple(tree.choices), tree.top_k, max_len,
-           tuple(p.data_ptr() for p in (*model.parameters(), *heads.parameters())))
+    max_len, where = graph_key(max_len, model, heads)
+    key = (tuple(tree.choices), tree.top_k, max_len, where)  # the kept steps keep their own tree's buffers
     kept = _KEPT.get(model)
-    if kept is not None and kept.key == key and kept.heads is heads:
+    if kept is not None and kept.key == key:
         kept.cache.reset()
         return kept
     _KEPT.pop(model, None)  # free the old graph and cache before allocating the new ones
