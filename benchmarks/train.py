@@ -3,6 +3,7 @@
     python benchmarks/train.py --shape llama-1b --checkpointing full off
     python benchmarks/train.py --shape mixtral-2l --batch 2 --checkpointing full --peers ligerzoo hf
     python benchmarks/train.py --gpus 1 2 --checkpointing full --peers ligerzoo-bf16-master hf-liger
+    python benchmarks/train.py --device cpu --shape tiny --gpus 1 2 --steps 6   # the plumbing, not speed
 
 Every (peer, checkpointing) pair runs in a fresh process on one GPU (with `--gpus N ...`, a torchrun
 of N ranks, one GPU each, every peer sharded with FSDP2, figures per GPU), from random init in bf16, on
@@ -28,7 +29,7 @@ import torch.distributed as dist
 
 from ligerzoo.models import ModelConfig, build_model
 from ligerzoo.training.metrics import flops_per_token, peak_flops
-from ligerzoo.training.parallel import apply_fsdp, init_distributed, prepare_blocks
+from ligerzoo.training.parallel import MULTICAST_OFF, apply_fsdp, init_distributed, prepare_blocks
 
 SHAPES = {
     # Llama-3.2-1B: 1.24B parameters, tied embeddings.
@@ -46,6 +47,10 @@ SHAPES = {
                        num_hidden_layers=2, num_attention_heads=32, num_key_value_heads=8,
                        num_local_experts=8, num_experts_per_tok=2, rope_theta=1e6,
                        max_position_embeddings=32768, rms_norm_eps=1e-5),
+    # For --device cpu: every code path of the others (GQA, an untied head), at toy size.
+    "tiny": dict(model_type="llama", vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+                 max_position_embeddings=1024),
 }
 PEERS = ("ligerzoo", "ligerzoo-bf16-master", "hf", "hf-compiled", "hf-liger")
 UNTIMED_STEPS = 4
@@ -102,6 +107,8 @@ def main() -> None:
                         "ligerzoo's blocks are (each layer, then the root), on 1 GPU too, so scaling compares "
                         "like with like; tokens/s and peak memory are per GPU. Without it: one plain process, "
                         "FSDP only where train.py would use it (ligerzoo's float32 master weights)")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cpu (with --shape tiny, "
+                        "gloo ranks, the kernels' PyTorch path): checks the plumbing, not speed")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # a child process: one JSON-encoded run
     args = parser.parse_args()
     if args.one:
@@ -109,12 +116,19 @@ def main() -> None:
         if int(os.environ.get("RANK", "0")) == 0:
             print("RESULT " + json.dumps(result), flush=True)
         return
+    if args.steps <= UNTIMED_STEPS:
+        parser.error(f"--steps {args.steps}: the first {UNTIMED_STEPS} are not timed, so at least "
+                     f"{UNTIMED_STEPS + 1} are needed")
+    if args.device == "cpu" and args.memory:
+        parser.error("--memory replays the CUDA allocator's trace: it needs --device cuda")
 
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, shape {args.shape}, "
+    where = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
+    print(f"{where}, torch {torch.__version__}, shape {args.shape}, "
           f"seq {args.seq} x batch {args.batch}, {args.steps} steps ({UNTIMED_STEPS} untimed)\n", flush=True)
     print("| run | checkpointing | GPUs | tokens/s per GPU | MFU | peak memory per GPU (GiB) | "
           "loss at the last step | scaling efficiency | SM clock, power (rank 0, medians) |")
     print("|---|---|---|---|---|---|---|---|---|", flush=True)
+    failed = 0
     for checkpointing in args.checkpointing:
         for peer in args.peers:
             if peer.startswith("hf") and checkpointing == "selective":
@@ -124,9 +138,10 @@ def main() -> None:
                 run = dict(peer=peer, shape=args.shape, seq=args.seq, batch=args.batch,
                            checkpointing=checkpointing, steps=args.steps, profile=args.profile, memory=args.memory,
                            shard=args.gpus is not None)
-                result = _in_child(run, gpus if args.gpus else None)
+                result = _in_child(run, args.device, gpus if args.gpus else None)
                 if "error" in result:
                     print(f"| {peer} | {checkpointing} | {gpus} | failed: {result['error']} | | | | | |", flush=True)
+                    failed += 1
                     continue
                 per_gpu = result["tokens_per_s"]
                 per_gpu_at_fewest = per_gpu_at_fewest or (gpus, per_gpu)
@@ -135,23 +150,34 @@ def main() -> None:
                 clocks = "n/a"
                 if result["clock_mhz"] is not None:
                     clocks = f"{result['clock_mhz']:.0f} MHz, {result['power_w']:.0f} W"
-                print(f"| {peer} | {checkpointing} | {gpus} | {per_gpu:,.0f} | {100 * result['mfu']:.1f}% "
-                      f"| {result['peak_gib']:.1f} | {result['loss']:.3f} | {efficiency} | {clocks} |", flush=True)
+                mfu = "n/a" if result["mfu"] is None else f"{100 * result['mfu']:.1f}%"
+                peak = "n/a" if result["peak_gib"] is None else f"{result['peak_gib']:.1f}"
+                print(f"| {peer} | {checkpointing} | {gpus} | {per_gpu:,.0f} | {mfu} "
+                      f"| {peak} | {result['loss']:.3f} | {efficiency} | {clocks} |", flush=True)
+    if failed:
+        sys.exit(f"{failed} run(s) failed; their errors are above")
 
 
-def _in_child(run: dict, gpus: int | None = None) -> dict:
+def _in_child(run: dict, device: str, gpus: int | None = None) -> dict:
     """The run in a fresh process, or in a torchrun of `gpus` ranks."""
     command = [sys.executable, __file__, "--one", json.dumps(run)]
     if gpus is not None:
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}",
                    *command[1:]]
-    done = subprocess.run(command, capture_output=True, text=True)
+    environment = {**MULTICAST_OFF, **os.environ}
+    if device == "cpu":
+        # Ranks on the CPU even where there are GPUs; the kernels on their PyTorch path, since
+        # Triton's interpreter does not run inside compiled blocks.
+        environment.update(CUDA_VISIBLE_DEVICES="", TRITON_INTERPRET="0")
+    done = subprocess.run(command, capture_output=True, text=True, env=environment)
     for line in done.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT "):])
-    tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-    print(done.stderr[-3000:], file=sys.stderr)
-    return {"error": tail[:200]}
+    # torchrun prints its own summary after the ranks' tracebacks, which it prefixes "[rankN]:".
+    lines = done.stderr.strip().splitlines() or ["no output"]
+    ranks = [line for line in lines if line.startswith("[rank")]
+    print("\n".join((ranks or lines)[-40:]), file=sys.stderr)
+    return {"error": (ranks or lines)[-1][:200]}
 
 
 def run_one(peer: str, shape: str, seq: int, batch: int, checkpointing: str, steps: int,
@@ -163,10 +189,12 @@ def run_one(peer: str, shape: str, seq: int, batch: int, checkpointing: str, ste
                                 always_shard=shard)
     else:
         model = _hf_model(shape, checkpointing, device, liger=peer == "hf-liger", compiled=peer == "hf-compiled")
-        if shard:
-            _shard_hf_model(model)
-    torch.cuda.reset_peak_memory_stats()  # from here: the weights and what training adds
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+        if shard:  # wrapped exactly as ligerzoo's model: each decoder layer, then the root
+            apply_fsdp(model, device, torch.bfloat16, torch.bfloat16, always_shard=True, blocks=model.model.layers)
+    on_gpu = device.type == "cuda"
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats()  # from here: the weights and what training adds
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=on_gpu)
     vocab = SHAPES[shape]["vocab_size"]
     input_ids = torch.randint(0, vocab, (batch, seq), device=device)
 
@@ -181,46 +209,56 @@ def run_one(peer: str, shape: str, seq: int, batch: int, checkpointing: str, ste
     times, losses = [], []
     sampler = None
     for index in range(steps):
-        if index == UNTIMED_STEPS:
+        if index == UNTIMED_STEPS and on_gpu:
             sampler = GpuSampler(device)
-        torch.cuda.synchronize()
+        _synchronize(device)
         started = time.perf_counter()
         losses.append(step())
-        torch.cuda.synchronize()
+        _synchronize(device)
         times.append(time.perf_counter() - started)
     clock_mhz, power_w = sampler.stop() if sampler else (None, None)
     # Every rank runs the extra steps (their collectives must match); each writes its own file.
     name = f"{peer}-{checkpointing}" + (f"-rank{rank}" if world_size > 1 else "")
     if profile:
-        _profile(step, os.path.join(profile, f"{name}.txt"))
+        _profile(step, os.path.join(profile, f"{name}.txt"), device)
     if memory:
         _memory_at_peak(step, os.path.join(memory, f"{name}-memory.txt"))
     # Per GPU: each rank's batch over the step time (the slowest rank's, all ranks being in step
     # after the gradient reduction), and the largest rank's peak memory.
     tokens_per_s = batch * seq / statistics.median(times[UNTIMED_STEPS:])
-    peak = torch.tensor(torch.cuda.max_memory_allocated(), dtype=torch.float64, device=device)
+    peak = torch.tensor(torch.cuda.max_memory_allocated() if on_gpu else 0, dtype=torch.float64, device=device)
     dist.all_reduce(peak, op=dist.ReduceOp.MAX)
     loss = losses[-1].float()
     dist.all_reduce(loss, op=dist.ReduceOp.AVG)
     # One count for every peer: the same architecture, counted on a ligerzoo model without memory.
     flops = flops_per_token(build_model(ModelConfig(**SHAPES[shape]), device="meta"), seq)
-    result = {"tokens_per_s": tokens_per_s, "mfu": tokens_per_s * flops / peak_flops(device),
-              "peak_gib": peak.item() / 2**30, "loss": loss.item(), "clock_mhz": clock_mhz, "power_w": power_w}
+    peak_flops_per_s = peak_flops(device)
+    result = {"tokens_per_s": tokens_per_s, "mfu": tokens_per_s * flops / peak_flops_per_s if peak_flops_per_s else None,
+              "peak_gib": peak.item() / 2**30 if on_gpu else None, "loss": loss.item(),
+              "clock_mhz": clock_mhz, "power_w": power_w}
     dist.destroy_process_group()
     return result
 
 
-def _profile(step, path: str) -> None:
-    """The CUDA kernels of 2 steps, by total time, to `path`."""
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _profile(step, path: str, device: torch.device) -> None:
+    """The kernels of 2 steps (CUDA's; the CPU's ops with --device cpu), by total time, to `path`."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
+    on_gpu = device.type == "cuda"
+    activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if on_gpu else [ProfilerActivity.CPU]
+    with profile(activities=activities, record_shapes=True) as prof:
         for _ in range(2):
             step()
-        torch.cuda.synchronize()
+        _synchronize(device)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    sort_by = "self_device_time_total" if on_gpu else "self_cpu_time_total"
     with open(path, "w") as file:
-        file.write(prof.key_averages().table(sort_by="self_device_time_total", row_limit=60, max_name_column_width=90))
+        file.write(prof.key_averages().table(sort_by=sort_by, row_limit=60, max_name_column_width=90))
         # The matmuls by operand shapes: where two peers' GEMM totals differ, which products differ.
         # Self time: an eager mm(out=) nests one aten::mm in another, and totals count its kernel twice.
         matmuls = [event for event in prof.key_averages(group_by_input_shape=True)
@@ -295,19 +333,6 @@ def _ligerzoo_model(shape: str, checkpointing: str, device: torch.device, bf16_m
     apply_fsdp(model, device, torch.bfloat16, torch.bfloat16 if bf16_master else torch.float32, always_shard)
     model.train()
     return model
-
-
-def _shard_hf_model(model) -> None:
-    """transformers' model under the FSDP2 wrapping ligerzoo's training uses: each decoder layer,
-    then the root, the last layer and the root staying gathered after the forward; bf16 compute,
-    float32 gradient reduction."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    last = len(model.model.layers) - 1
-    for index, layer in enumerate(model.model.layers):
-        fully_shard(layer, mp_policy=policy, reshard_after_forward=index < last)
-    fully_shard(model, mp_policy=policy, reshard_after_forward=False)
 
 
 def _hf_model(shape: str, checkpointing: str, device: torch.device, liger: bool, compiled: bool):

@@ -129,6 +129,10 @@ class FakeHub:
         status, code, message = error
         body = json.dumps({"error": message}).encode()
         headers = {"X-Error-Message": message} | ({"X-Error-Code": code} if code else {})
+        # The connection is closed after an error (handler.close_connection in _route): say so, or
+        # the client may send its next request down it before the close reaches it, and read
+        # "Server disconnected" instead of the answer (seen once in CI, under load).
+        headers["Connection"] = "close"
         self._send(handler, status, body, headers, handler.command != "HEAD")
         return None
 

@@ -13,6 +13,7 @@ import sys
 import pytest
 import torch
 
+from ligerzoo.training.data import PackedData
 from test_train import ROOT, losses, run_train
 
 # The checkpoint to reshard lies at step 4 of 12; the others resume from it.
@@ -59,3 +60,27 @@ def test_init_distributed_turns_nvlink_multicast_off():
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr[-4000:]
     assert result.stdout.split() == ["0", "1", "1"]
+
+
+
+def read_steps(state: dict, steps: int, batch_size: int, world_size: int) -> tuple[list, dict]:
+    """The rows every rank reads in `steps` steps from `state` (each rank with its own data, as in
+    training), and the data state they end in."""
+    documents = [[i] * (3 + i % 5) for i in range(200)]  # no two rows of 8 tokens alike
+    ranks = [PackedData.from_documents(documents, seq_len=8, seed=3) for _ in range(world_size)]
+    for data in ranks:
+        data.load_state_dict(state)
+    rows = [tuple(row) for _ in range(steps) for rank, data in enumerate(ranks)
+            for row in data.next_batch(batch_size, rank, world_size)["input_ids"].tolist()]
+    assert all(data.state_dict() == ranks[0].state_dict() for data in ranks)
+    return rows, ranks[0].state_dict()
+
+
+def test_resuming_with_another_global_batch_reads_every_row_once():
+    """The data position is the global count of rows consumed, so a run that resumes on another
+    number of ranks, or with another batch size, neither repeats nor skips a row."""
+    before, state = read_steps({"rows_consumed": 0}, steps=3, batch_size=4, world_size=2)
+    after, _ = read_steps(state, steps=2, batch_size=5, world_size=3)
+    unbroken, _ = read_steps({"rows_consumed": 0}, steps=1, batch_size=3 * 2 * 4 + 2 * 3 * 5, world_size=1)
+    assert len(before + after) == len(unbroken)
+    assert sorted(before + after) == sorted(unbroken)

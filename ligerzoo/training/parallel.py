@@ -16,6 +16,12 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 
+# No NVLink multicast (NVLS) in NCCL, symmetric memory or NVSHMEM: multicast objects can take a
+# host's shared GPUs out of service, and nothing here needs them. Every process that may start
+# NCCL gets these (init_distributed, and any launcher's environment); a value set outside is kept.
+MULTICAST_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
+
 def init_distributed() -> tuple[int, int, torch.device]:
     """(rank, world size, device) from torchrun's environment; a plain `python train.py` becomes
     a one-rank group, so every run takes the same path. NCCL on GPUs, gloo on CPU."""
@@ -23,12 +29,8 @@ def init_distributed() -> tuple[int, int, torch.device]:
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    # No NVLink multicast (NVLS) in NCCL, symmetric memory or NVSHMEM: multicast objects can take
-    # a host's shared GPUs out of service, and nothing here needs them. Read when each library
-    # starts, so set before the process group is created; a value set outside is kept.
-    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
-    os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
-    os.environ.setdefault("NVSHMEM_DISABLE_NVLS", "1")
+    for name, value in MULTICAST_OFF.items():  # read when each library starts: set them first
+        os.environ.setdefault(name, value)
     if "MASTER_PORT" not in os.environ:
         import socket
 
@@ -114,7 +116,7 @@ def _checkpointed(forward, options: dict):
 
 
 def apply_fsdp(model, device: torch.device, param_dtype: torch.dtype,
-               master_dtype: torch.dtype = torch.float32, always_shard: bool = False) -> bool:
+               master_dtype: torch.dtype = torch.float32, always_shard: bool = False, blocks=None) -> bool:
     """Shard every block, then the root (embedding, final norm, head), and say whether it did.
 
     On the GPU parameters are gathered and computed in `param_dtype`, gradients reduce in float32,
@@ -123,7 +125,8 @@ def apply_fsdp(model, device: torch.device, param_dtype: torch.dtype,
     unsharded: FSDP would have nothing to shard or cast, only copies to make (all-gathers into
     and out of its buffers, float32 copies of each block's gradients): 9% of a Llama-3.2-1B step
     and 10 GiB at Mixtral's layer shapes, measured on an H100. always_shard: wrap it all the
-    same (a scaling measurement compares one GPU with several under the same wrapping).
+    same (a scaling measurement compares one GPU with several under the same wrapping). blocks:
+    the decoder layers, if not `model.layers` (another implementation wrapped the same way).
     """
     on_gpu = device.type == "cuda"
     model.to(master_dtype if on_gpu else torch.float32)
@@ -140,8 +143,9 @@ def apply_fsdp(model, device: torch.device, param_dtype: torch.dtype,
     # The backward starts where the forward ends: the root's parameters (embedding, final norm,
     # output head) and the last block's are kept gathered after the forward rather than gathered
     # again at once, with nothing yet to overlap the all-gather with.
-    last = len(model.layers) - 1
-    for index, block in enumerate(model.layers):
+    blocks = model.layers if blocks is None else blocks
+    last = len(blocks) - 1
+    for index, block in enumerate(blocks):
         fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=index < last)
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
     return True

@@ -9,8 +9,8 @@ and matmul ceilings from each, the peak memory above the inputs, and the relativ
 output and gradients against a float64 reference, then prints a markdown table. See
 benchmarks/README.md for the columns.
 
-    python benchmarks/kernels.py [--only rms_norm,swiglu] [--quick] [--out benchmarks/RESULTS-kernels.md]
-    python benchmarks/kernels.py --dry-run        # CPU, tiny shapes, no GPU timing: checks the plumbing
+    python benchmarks/triton_kernels.py [--only rms_norm,swiglu] [--quick] [--out benchmarks/RESULTS-kernels.md]
+    python benchmarks/triton_kernels.py --dry-run        # CPU, tiny shapes, no GPU timing: checks the plumbing
 """
 
 from __future__ import annotations

@@ -1,0 +1,73 @@
+"""benchmarks/train.py's plumbing on CPU (gloo ranks, a tiny Llama): each peer as a torchrun of 1
+and of 2 ranks under the same FSDP2 wrapping, and the table it prints. Speed is measured on the
+GPU, never here; these runs only show that the script the GPU session runs works end to end."""
+
+import importlib.util
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from test_train import ROOT
+
+TINY_VOCAB = 512  # benchmarks/train.py's "tiny" shape
+
+
+def run_benchmark(*args) -> subprocess.CompletedProcess:
+    command = [sys.executable, str(ROOT / "benchmarks" / "train.py"), "--device", "cpu", "--shape", "tiny",
+               "--seq", "64", "--batch", "2", "--steps", "5", *args]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=600)
+
+
+def table_rows(stdout: str) -> list[dict]:
+    lines = [line for line in stdout.splitlines() if line.startswith("| ") and not line.startswith("|---")]
+    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    return [dict(zip(header, (cell.strip() for cell in line.strip("|").split("|")), strict=True))
+            for line in lines[1:]]
+
+
+def test_training_benchmark_runs_each_peer_on_one_and_two_ranks():
+    result = run_benchmark("--gpus", "1", "2", "--checkpointing", "full", "--peers", "ligerzoo", "hf")
+    assert result.returncode == 0, result.stdout + result.stderr[-6000:]
+    rows = table_rows(result.stdout)
+    assert [(row["run"], row["GPUs"]) for row in rows] == [("ligerzoo", "1"), ("ligerzoo", "2"), ("hf", "1"),
+                                                          ("hf", "2")]
+    for row in rows:
+        assert float(row["tokens/s per GPU"].replace(",", "")) > 0
+        # Random tokens and a few small steps from random init: the loss stays near ln(vocab).
+        assert abs(float(row["loss at the last step"]) - math.log(TINY_VOCAB)) < 0.3, row
+        efficiency = row["scaling efficiency"]
+        assert (efficiency == "") == (row["GPUs"] == "1")  # the 2-rank run against the 1-rank one
+        if efficiency:
+            assert float(efficiency) > 0
+        assert row["MFU"] == row["peak memory per GPU (GiB)"] == "n/a"  # not measured on the CPU
+
+
+@pytest.mark.skipif(importlib.util.find_spec("liger_kernel") is not None, reason="liger-kernel is installed")
+def test_training_benchmark_fails_when_a_run_fails():
+    result = run_benchmark("--checkpointing", "off", "--peers", "hf-liger")
+    assert result.returncode != 0
+    assert "1 run(s) failed" in result.stderr
+    assert "| hf-liger | off | 1 | failed: " in result.stdout
+    assert "liger_kernel" in result.stdout  # the child's error, in the table
+
+
+def test_training_benchmark_rejects_too_few_steps():
+    result = run_benchmark("--steps", "4")
+    assert result.returncode == 2
+    assert "at least 5 are needed" in result.stderr
+
+
+def test_collectives_benchmark_times_a_blocks_all_gather_and_reduce_scatter():
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(ROOT / "benchmarks" / "collectives.py"), "--shape", "tiny", "--repeats", "3"]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr[-6000:]
+    rows = table_rows(result.stdout)
+    assert [row["collective (one block)"] for row in rows] == ["all-gather bf16", "reduce-scatter fp32"]
+    for row in rows:
+        assert float(row["ms"]) > 0
