@@ -263,10 +263,10 @@ def _profile(step, path: str, device: torch.device) -> None:
         # Self time: an eager mm(out=) nests one aten::mm in another, and totals count its kernel twice.
         matmuls = [event for event in prof.key_averages(group_by_input_shape=True)
                    if event.key in ("aten::mm", "aten::addmm", "aten::addmm_", "aten::_grouped_mm")
-                   and event.self_device_time_total > 0]
-        file.write("\nmatmuls by operand shapes (self device time of 2 steps, calls):\n")
-        for event in sorted(matmuls, key=lambda event: -event.self_device_time_total):
-            file.write(f"{event.self_device_time_total / 1e3:9.2f} ms {event.count:5d}  {event.key} "
+                   and getattr(event, sort_by) > 0]
+        file.write(f"\nmatmuls by operand shapes ({'device' if on_gpu else 'CPU'} self time of 2 steps, calls):\n")
+        for event in sorted(matmuls, key=lambda event: -getattr(event, sort_by)):
+            file.write(f"{getattr(event, sort_by) / 1e3:9.2f} ms {event.count:5d}  {event.key} "
                        f"{event.input_shapes}\n")
 
 
