@@ -23,14 +23,13 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/train.py's shapes
-from train import SHAPES  # noqa: E402
+from train import SHAPES, _synchronize  # noqa: E402
 
 from ligerzoo.models import ModelConfig, build_model  # noqa: E402
 from ligerzoo.training.parallel import init_distributed  # noqa: E402
 
-# Tokens per GPU and step of the measured runs (benchmarks/multi_gpu.sh).
-TOKENS = {"llama-1b": 4 * 4096, "llama-8b": 8192, "mixtral-2l": 2 * 4096, "tiny": 2 * 64}
-SEQ = {"llama-1b": 4096, "llama-8b": 8192, "mixtral-2l": 4096, "tiny": 64}
+# (seq, batch) per GPU of the measured runs (benchmarks/multi_gpu.sh).
+RUNS = {"llama-1b": (4096, 4), "llama-8b": (8192, 1), "mixtral-2l": (4096, 2), "tiny": (64, 2)}
 
 
 def block_parameters(shape: str) -> int:
@@ -41,9 +40,9 @@ def block_parameters(shape: str) -> int:
 def block_forward_flops(shape: str) -> float:
     """Matmul FLOPs of one block's forward over one GPU's tokens: 2 per weight per token, and the
     attention scores and weighted sum (4 x heads x head_dim x seq per token, as PaLM counts)."""
-    config = ModelConfig(**SHAPES[shape])
-    per_token = 2 * block_parameters(shape) + 4 * config.num_attention_heads * config.head_dim * SEQ[shape]
-    return per_token * TOKENS[shape]
+    config, (seq, batch) = ModelConfig(**SHAPES[shape]), RUNS[shape]
+    per_token = 2 * block_parameters(shape) + 4 * config.num_attention_heads * config.head_dim * seq
+    return per_token * seq * batch
 
 
 def timed(collective, device: torch.device, repeats: int) -> float:
@@ -53,12 +52,10 @@ def timed(collective, device: torch.device, repeats: int) -> float:
     times = []
     for _ in range(repeats):
         dist.barrier()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        _synchronize(device)
         started = time.perf_counter()
         collective()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        _synchronize(device)
         elapsed = torch.tensor(time.perf_counter() - started, dtype=torch.float64, device=device)
         dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
         times.append(elapsed.item())
@@ -67,7 +64,7 @@ def timed(collective, device: torch.device, repeats: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", nargs="+", choices=sorted(TOKENS), default=["llama-1b", "llama-8b"])
+    parser.add_argument("--shape", nargs="+", choices=sorted(RUNS), default=["llama-1b", "llama-8b"])
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--tflops", type=float, default=650.0, help="matmul rate for the compute column "
                         "(bf16 GEMMs in the 1B step ran at ~710 TFLOP/s on an H100, power-bound)")
@@ -87,15 +84,15 @@ def main() -> None:
         params = block_parameters(shape)
         shard = -(-params // world_size)  # FSDP2 pads each parameter to a multiple of the ranks
         forward_ms = block_forward_flops(shape) / (args.tflops * 1e12) * 1e3
-        for name, dtype, overlaps in (("all-gather bf16", torch.bfloat16, f"forward {forward_ms:.2f} ms"),
-                                      ("reduce-scatter fp32", torch.float32, f"backward {2 * forward_ms:.2f} ms")):
+        average = dist.ReduceOp.AVG if dist.get_backend() == "nccl" else dist.ReduceOp.SUM  # gloo has no AVG
+        cases = (("all-gather bf16", torch.bfloat16, f"forward {forward_ms:.2f} ms",
+                  lambda whole, part: dist.all_gather_into_tensor(whole, part)),
+                 ("reduce-scatter fp32", torch.float32, f"backward {2 * forward_ms:.2f} ms",
+                  lambda whole, part: dist.reduce_scatter_tensor(part, whole, op=average)))
+        for name, dtype, overlaps, collective in cases:
             whole = torch.empty(shard * world_size, dtype=dtype, device=device).normal_()
             part = torch.empty(shard, dtype=dtype, device=device).normal_()
-            if name.startswith("all-gather"):
-                seconds = timed(lambda: dist.all_gather_into_tensor(whole, part), device, args.repeats)
-            else:
-                op = dist.ReduceOp.AVG if dist.get_backend() == "nccl" else dist.ReduceOp.SUM
-                seconds = timed(lambda: dist.reduce_scatter_tensor(part, whole, op=op), device, args.repeats)
+            seconds = timed(lambda: collective(whole, part), device, args.repeats)
             size = whole.numel() * whole.element_size()
             bus = size * (world_size - 1) / world_size / seconds / 1e9
             if rank == 0:
