@@ -247,31 +247,16 @@ def save_pretrained(
     # The weights' dtype, in the spelling every transformers version reads (5.x maps it to `dtype`).
     config["torch_dtype"] = str(dtype).removeprefix("torch.")
 
-    staged: list[tuple[Path, Path]] = []  # (temporary, final)
-    try:
-        for filename, names in zip(filenames, shards):
-            # Copies, so that a shard never holds views into a larger (fused) parameter.
-            tensors = {
-                name: regions[name].detach().to("cpu", memory_format=torch.contiguous_format, copy=True)
-                for name in names
-            }
-            staged.append((_temporary_path(directory, filename), directory / filename))
-            save_file(tensors, staged[-1][0], metadata={"format": "pt"})
-            _fsync(staged[-1][0])
-            del tensors
-        if len(shards) > 1:
-            total_size = sum(t.numel() * t.element_size() for t in regions.values())
-            weight_map = {name: filename for filename, names in zip(filenames, shards) for name in names}
-            index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
-            staged.append(_stage_json(directory, INDEX_FILE, index))
-        staged.append(_stage_json(directory, CONFIG_FILE, config))
-        for temporary, final in staged:
-            os.replace(temporary, final)
-    except BaseException:
-        for temporary, _ in staged:
-            temporary.unlink(missing_ok=True)
-        raise
-    _fsync_directory(directory)
+    # Views into the (possibly fused) parameters; copied to the CPU one file at a time.
+    tensor_files = {filename: {name: regions[name] for name in names}
+                    for filename, names in zip(filenames, shards)}
+    json_files = {}
+    if len(shards) > 1:
+        total_size = sum(t.numel() * t.element_size() for t in regions.values())
+        weight_map = {name: filename for filename, names in zip(filenames, shards) for name in names}
+        json_files[INDEX_FILE] = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
+    json_files[CONFIG_FILE] = config
+    write_files_atomically(directory, tensor_files, json_files)
     _remove_stale_weights(directory, keep=set(filenames))
 
 
@@ -286,10 +271,13 @@ def write_files_atomically(directory: str | os.PathLike, tensor_files: dict[str,
     try:
         for filename, tensors in tensor_files.items():
             staged.append((_temporary_path(directory, filename), directory / filename))
-            tensors = {name: t.detach().to("cpu", memory_format=torch.contiguous_format, copy=True)
-                       for name, t in tensors.items()}
-            save_file(tensors, staged[-1][0], metadata={"format": "pt"})
+            # Copies, so that a file never holds views into a larger (fused) parameter; one file's
+            # worth at a time, so a save of a large model needs no second copy of it in memory.
+            copies = {name: t.detach().to("cpu", memory_format=torch.contiguous_format, copy=True)
+                      for name, t in tensors.items()}
+            save_file(copies, staged[-1][0], metadata={"format": "pt"})
             _fsync(staged[-1][0])
+            del copies
         for filename, content in json_files.items():
             staged.append(_stage_json(directory, filename, content))
         for temporary, final in staged:
