@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._pytree import tree_leaves
 
 from ligerzoo.checkpoint import CheckpointError
 from ligerzoo.medusa import MedusaConfig, MedusaHeads, head_targets, load_heads, save_heads
@@ -133,6 +134,17 @@ def test_frozen_trunk_gets_no_gradient_and_heads_do():
     weights = 0.8 ** torch.arange(3.0)
     torch.testing.assert_close(out.loss, (out.head_losses * weights).sum())
     assert out.head_accuracies.shape == (3,) and out.base_loss is None
+
+
+def test_outputs_show_their_loss_to_fsdp():
+    """FSDP2 hooks a wrapped module's backward on the tensors pytree finds in its output. torch
+    2.11's pytree does not look into dataclasses: with the trunk frozen no block hooked the
+    backward either, and on several ranks the heads' gradients were never reduced (the heads did
+    not learn). Both outputs must hold their loss where pytree sees it."""
+    model = MedusaModel(tiny_model(), random_heads(), mode="heads")
+    ids = torch.randint(0, 96, (2, 12))
+    for out in (model(ids, labels=ids), model.base(ids, labels=ids)):
+        assert any(leaf is out.loss for leaf in tree_leaves(out)), type(out).__name__
 
 
 def test_joint_training_adds_the_base_loss():

@@ -47,8 +47,12 @@ def row_block(n_cols: int, max_block: int = MAX_ROW_BLOCK) -> tuple[int, int]:
 def launch(kernel):
     """`wrap_triton(kernel)` while torch.compile traces a launcher (so Inductor sees the kernel),
     the kernel itself when the launcher simply runs (see `kernel_op`): even switched off,
-    wrap_triton's checks cost several microseconds a launch."""
-    return wrap_triton(kernel) if is_wrap_triton_enabled() else kernel
+    wrap_triton's checks cost several microseconds a launch. Under Triton's interpreter the kernel
+    is an interpreted function, which wrap_triton cannot trace: torch 2.13 hands it back as it
+    is, earlier versions raise."""
+    if is_wrap_triton_enabled() and not interpreting():
+        return wrap_triton(kernel)
+    return kernel
 
 
 def program_count(device: torch.device, per_sm: int = 1) -> int:

@@ -6,7 +6,7 @@ base model's plus the heads', scaled by `heads_weight`. Head k's loss is weighte
 in both: the further ahead a head looks, the less its loss can fall.
 """
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -17,8 +17,7 @@ from ligerzoo.models import Transformer
 MODES = ("heads", "joint")
 
 
-@dataclass
-class MedusaOutput:
+class MedusaOutput(NamedTuple):  # a NamedTuple for FSDP2, as CausalLMOutput (models/transformer.py) says
     loss: torch.Tensor  # float32 scalar: what the step minimises
     head_losses: torch.Tensor  # [K] each head's mean cross-entropy
     base_loss: torch.Tensor | None = None  # the base model's loss, in joint training

@@ -13,7 +13,7 @@ For generation, `forward` takes a KVCache (kv_cache.py): it sets the positions a
 each layer's attention writes its keys and values there and attends over them.
 """
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -28,8 +28,11 @@ from ligerzoo.models.rotary import RotaryEmbedding
 IGNORE_INDEX = -100
 
 
-@dataclass
-class CausalLMOutput:
+# A NamedTuple, not a dataclass: FSDP2 finds the tensors of a wrapped module's output with pytree,
+# which sees into tuples, and in torch 2.11 not into dataclasses (2.13 does). A root it cannot see
+# into gets no pre-backward hook; when no block is in the backward either (a frozen trunk under
+# Medusa heads), its gradients are never reduce-scattered and the optimizer sees none.
+class CausalLMOutput(NamedTuple):
     loss: torch.Tensor | None = None  # float32 scalar when labels were given (Mixtral: + coef * aux_loss)
     logits: torch.Tensor | None = None  # [B, T, V] only when labels were not given
     aux_loss: torch.Tensor | None = None  # Mixtral's load-balancing loss, unscaled
