@@ -7,7 +7,7 @@
 #   bash benchmarks/multi_gpu.sh scaling   # Llama-3.2-1B shape, seq 4096 x 4 per GPU, on 1 and on 2 GPUs
 #   bash benchmarks/multi_gpu.sh 8b        # Llama-3.1-8B, seq 8192 x 1 per GPU, on 2 GPUs
 #   bash benchmarks/multi_gpu.sh 8b-fp32   # the same with float32 master weights (as torchtitan trains)
-#   bash benchmarks/multi_gpu.sh profile   # 2 steps of the 1B shape on 2 GPUs, kernel by kernel (NCCL too)
+#   bash benchmarks/multi_gpu.sh profile   # 2 steps of the 1B shape on 2 GPUs, kernel by kernel, exposed NCCL time
 #
 # transformers + liger-kernel needs liger-kernel: installed, or its wheel carried in .whl/
 # (benchmarks/README.md says how to fetch it).

@@ -22,6 +22,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -30,6 +31,8 @@ import torch.distributed as dist
 from ligerzoo.models import ModelConfig, build_model
 from ligerzoo.training.metrics import flops_per_token, peak_flops
 from ligerzoo.training.parallel import MULTICAST_OFF, apply_fsdp, init_distributed, prepare_blocks
+
+from device_timeline import describe, device_timeline  # beside this script
 
 SHAPES = {
     # Llama-3.2-1B: 1.24B parameters, tied embeddings.
@@ -99,7 +102,8 @@ def main() -> None:
     parser.add_argument("--peers", nargs="+", choices=PEERS, default=list(PEERS))
     parser.add_argument("--steps", type=int, default=12, help=f"steps per run; the first {UNTIMED_STEPS} are not timed")
     parser.add_argument("--profile", metavar="DIR", help="also profile 2 steps of each run: the top CUDA "
-                        "kernels to DIR/<peer>-<checkpointing>.txt")
+                        "kernels, the matmuls by shape and the device's idle and exposed-NCCL time to "
+                        "DIR/<peer>-<checkpointing>[-rank<N>].txt")
     parser.add_argument("--memory", metavar="DIR", help="also record 2 steps' allocations of each run: what "
                         "is live at the peak, by where it was allocated, to DIR/<peer>-<checkpointing>-memory.txt")
     parser.add_argument("--gpus", nargs="+", type=int, help="GPU counts to run each peer on, each run a "
@@ -246,7 +250,9 @@ def _synchronize(device: torch.device) -> None:
 
 
 def _profile(step, path: str, device: torch.device) -> None:
-    """The kernels of 2 steps (CUDA's; the CPU's ops with --device cpu), by total time, to `path`."""
+    """The kernels of 2 steps (CUDA's; the CPU's ops with --device cpu), by total time, to `path`,
+    then the device's timeline: how long it was idle, and how much of NCCL's time no other kernel
+    overlapped (device_timeline.py)."""
     from torch.profiler import ProfilerActivity, profile
 
     on_gpu = device.type == "cuda"
@@ -268,6 +274,11 @@ def _profile(step, path: str, device: torch.device) -> None:
         for event in sorted(matmuls, key=lambda event: -getattr(event, sort_by)):
             file.write(f"{getattr(event, sort_by) / 1e3:9.2f} ms {event.count:5d}  {event.key} "
                        f"{event.input_shapes}\n")
+        with tempfile.TemporaryDirectory() as scratch:  # the trace itself is too large to keep
+            trace = os.path.join(scratch, "trace.json")
+            prof.export_chrome_trace(trace)
+            with open(trace) as chrome:
+                file.write("\n" + describe(device_timeline(json.load(chrome)["traceEvents"])))
 
 
 def _memory_at_peak(step, path: str) -> None:

@@ -71,3 +71,49 @@ def test_collectives_benchmark_times_a_blocks_all_gather_and_reduce_scatter():
     assert [row["collective (one block)"] for row in rows] == ["all-gather bf16", "reduce-scatter fp32"]
     for row in rows:
         assert float(row["ms"]) > 0
+
+
+def test_profile_writes_each_ranks_kernels_and_timeline(tmp_path):
+    result = run_benchmark("--gpus", "2", "--checkpointing", "off", "--peers", "ligerzoo",
+                           "--profile", str(tmp_path))
+    assert result.returncode == 0, result.stdout + result.stderr[-6000:]
+    for rank in (0, 1):
+        text = (tmp_path / f"ligerzoo-off-rank{rank}.txt").read_text()
+        assert "aten::mm" in text and "matmuls by operand shapes" in text
+        assert "device timeline: no device events in the trace" in text  # CPU ranks
+
+
+def kernel(name, start, duration, device=0):
+    return {"ph": "X", "cat": "kernel", "name": name, "pid": device, "tid": 7, "ts": start, "dur": duration}
+
+
+def test_device_timeline_counts_only_the_collectives_time_that_nothing_overlaps():
+    timeline = load_benchmark_module("device_timeline")
+    events = [
+        {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "pid": 1234, "ts": 0, "dur": 5000},  # host: ignored
+        kernel("sm90_xmma_gemm_bf16", 1000, 400),
+        kernel("ncclDevKernel_AllGather_RING_LL", 1200, 500),  # 200 us under the GEMM, 300 exposed
+        kernel("triton_rms_norm", 1900, 100),  # a gap of 200 us before it: idle
+        kernel("ncclDevKernel_ReduceScatter_RING_LL", 1950, 100),  # 50 us under the norm, 50 exposed
+        kernel("ncclDevKernel_ReduceScatter_RING_LL", 1960, 20),  # inside the one above: counted once
+        {"ph": "X", "cat": "gpu_memcpy", "name": "Memcpy DtoD", "pid": 0, "ts": 2050, "dur": 50},
+        kernel("gemm", 0, 10, device=1),
+    ]
+    zero, one = timeline.device_timeline(events)
+    assert zero["device"] == 0 and one["device"] == 1
+    assert zero["window_ms"] == pytest.approx(1.1)  # 1000 us to 2100 us
+    assert zero["busy_ms"] == pytest.approx(0.9)  # all but the 200 us gap
+    assert zero["collective_ms"] == pytest.approx(0.6)
+    assert zero["exposed_collective_ms"] == pytest.approx(0.35)
+    assert one["collective_ms"] == one["exposed_collective_ms"] == 0.0
+    text = timeline.describe([zero])
+    assert "idle 0.2 ms" in text and "collectives (NCCL) 0.6 ms" in text
+    assert timeline.device_timeline([events[0]]) == []
+    assert "no device events" in timeline.describe([])
+
+
+def load_benchmark_module(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
