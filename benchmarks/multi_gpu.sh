@@ -9,6 +9,9 @@
 #   bash benchmarks/multi_gpu.sh 8b-fp32   # the same with float32 master weights (as torchtitan trains)
 #   bash benchmarks/multi_gpu.sh profile   # 2 steps of the 1B shape on 2 GPUs, kernel by kernel, exposed NCCL time
 #
+# Arguments after the part go to benchmarks/train.py, e.g. FSDP2's settings to compare:
+#   bash benchmarks/multi_gpu.sh scaling --fsdp-prefetch 2 --fsdp-keep-gathered
+#
 # transformers + liger-kernel needs liger-kernel: installed, or its wheel carried in .whl/
 # (benchmarks/README.md says how to fetch it).
 set -euo pipefail
@@ -39,4 +42,4 @@ case "$part" in
                    --profile "$out/profile") ;;
     *) echo "usage: bash benchmarks/multi_gpu.sh links|scaling|8b|8b-fp32|profile" >&2; exit 2 ;;
 esac
-python3 benchmarks/train.py "${args[@]}" 2> "$out/$part.err" | tee "$out/$part.md"
+python3 benchmarks/train.py "${args[@]}" "${@:2}" 2> "$out/$part.err" | tee "$out/$part.md"

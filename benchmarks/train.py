@@ -111,6 +111,10 @@ def main() -> None:
                         "ligerzoo's blocks are (each layer, then the root), on 1 GPU too, so scaling compares "
                         "like with like; tokens/s and peak memory are per GPU. Without it: one plain process, "
                         "FSDP only where train.py would use it (ligerzoo's float32 master weights)")
+    parser.add_argument("--fsdp-prefetch", type=int, default=0, metavar="N", help="with --gpus: each block "
+                        "starts the next N blocks' all-gathers (0: FSDP2's own order), for every peer")
+    parser.add_argument("--fsdp-keep-gathered", action="store_true", help="with --gpus: keep each block's "
+                        "gathered parameters from its forward to its backward (no resharding), for every peer")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cpu (with --shape tiny, "
                         "gloo ranks, the kernels' PyTorch path): checks the plumbing, not speed")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # a child process: one JSON-encoded run
@@ -123,12 +127,23 @@ def main() -> None:
     if args.steps <= UNTIMED_STEPS:
         parser.error(f"--steps {args.steps}: the first {UNTIMED_STEPS} are not timed, so at least "
                      f"{UNTIMED_STEPS + 1} are needed")
+    if args.fsdp_prefetch < 0:
+        parser.error(f"--fsdp-prefetch {args.fsdp_prefetch}: blocks to gather ahead, 0 or more")
+    if args.gpus is None and (args.fsdp_prefetch or args.fsdp_keep_gathered):
+        parser.error("--fsdp-prefetch and --fsdp-keep-gathered set FSDP2's wrapping: they need --gpus")
     if args.device == "cpu" and args.memory:
         parser.error("--memory replays the CUDA allocator's trace: it needs --device cuda")
 
     where = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
-    print(f"{where}, torch {torch.__version__}, shape {args.shape}, "
-          f"seq {args.seq} x batch {args.batch}, {args.steps} steps ({UNTIMED_STEPS} untimed)\n", flush=True)
+    wrapping = ""
+    if args.gpus:
+        ahead = "in FSDP2's own order"
+        if args.fsdp_prefetch:
+            ahead = f"{args.fsdp_prefetch} block{'s' if args.fsdp_prefetch > 1 else ''} ahead"
+        wrapping = (f", all-gathers {ahead}, blocks {'kept gathered' if args.fsdp_keep_gathered else 'resharded'} "
+                    f"after the forward")
+    print(f"{where}, torch {torch.__version__}, shape {args.shape}, seq {args.seq} x batch {args.batch}, "
+          f"{args.steps} steps ({UNTIMED_STEPS} untimed){wrapping}\n", flush=True)
     print("| run | checkpointing | GPUs | tokens/s per GPU | MFU | peak memory per GPU (GiB) | "
           "loss at the last step | scaling efficiency | SM clock, power (rank 0, medians) |")
     print("|---|---|---|---|---|---|---|---|---|", flush=True)
@@ -141,7 +156,8 @@ def main() -> None:
             for gpus in args.gpus or [1]:
                 run = dict(peer=peer, shape=args.shape, seq=args.seq, batch=args.batch,
                            checkpointing=checkpointing, steps=args.steps, profile=args.profile, memory=args.memory,
-                           shard=args.gpus is not None)
+                           shard=args.gpus is not None,
+                           fsdp=dict(prefetch=args.fsdp_prefetch, reshard_after_forward=not args.fsdp_keep_gathered))
                 result = _in_child(run, args.device, gpus if args.gpus else None)
                 if "error" in result:
                     print(f"| {peer} | {checkpointing} | {gpus} | failed: {result['error']} | | | | | |", flush=True)
@@ -185,16 +201,18 @@ def _in_child(run: dict, device: str, gpus: int | None = None) -> dict:
 
 
 def run_one(peer: str, shape: str, seq: int, batch: int, checkpointing: str, steps: int,
-            profile: str | None = None, memory: str | None = None, shard: bool = False) -> dict:
+            profile: str | None = None, memory: str | None = None, shard: bool = False,
+            fsdp: dict | None = None) -> dict:
     rank, world_size, device = init_distributed()
     torch.manual_seed(rank)  # each rank its own tokens, as a data-parallel run has
     if peer.startswith("ligerzoo"):
         model = _ligerzoo_model(shape, checkpointing, device, bf16_master=peer.endswith("bf16-master"),
-                                always_shard=shard)
+                                always_shard=shard, fsdp=fsdp or {})
     else:
         model = _hf_model(shape, checkpointing, device, liger=peer == "hf-liger", compiled=peer == "hf-compiled")
         if shard:  # wrapped exactly as ligerzoo's model: each decoder layer, then the root
-            apply_fsdp(model, device, torch.bfloat16, torch.bfloat16, always_shard=True, blocks=model.model.layers)
+            apply_fsdp(model, device, torch.bfloat16, torch.bfloat16, always_shard=True, blocks=model.model.layers,
+                       **(fsdp or {}))
     on_gpu = device.type == "cuda"
     if on_gpu:
         torch.cuda.reset_peak_memory_stats()  # from here: the weights and what training adds
@@ -338,10 +356,11 @@ def _where(event) -> list[str]:
     return frames[:3] or ["(no Python frame)"]
 
 
-def _ligerzoo_model(shape: str, checkpointing: str, device: torch.device, bf16_master: bool, always_shard: bool):
+def _ligerzoo_model(shape: str, checkpointing: str, device: torch.device, bf16_master: bool, always_shard: bool,
+                    fsdp: dict):
     model = build_model(ModelConfig(**SHAPES[shape]), device=device, dtype=torch.bfloat16 if bf16_master else torch.float32)
     prepare_blocks(model, checkpointing, compile=True)
-    apply_fsdp(model, device, torch.bfloat16, torch.bfloat16 if bf16_master else torch.float32, always_shard)
+    apply_fsdp(model, device, torch.bfloat16, torch.bfloat16 if bf16_master else torch.float32, always_shard, **fsdp)
     model.train()
     return model
 

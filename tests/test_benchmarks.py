@@ -73,14 +73,22 @@ def test_collectives_benchmark_times_a_blocks_all_gather_and_reduce_scatter():
         assert float(row["ms"]) > 0
 
 
-def test_profile_writes_each_ranks_kernels_and_timeline(tmp_path):
-    result = run_benchmark("--gpus", "2", "--checkpointing", "off", "--peers", "ligerzoo",
-                           "--profile", str(tmp_path))
+def test_profile_and_fsdp_settings_on_two_ranks(tmp_path):
+    result = run_benchmark("--gpus", "2", "--checkpointing", "off", "--peers", "ligerzoo", "hf",
+                           "--fsdp-prefetch", "1", "--fsdp-keep-gathered", "--profile", str(tmp_path))
     assert result.returncode == 0, result.stdout + result.stderr[-6000:]
-    for rank in (0, 1):
-        text = (tmp_path / f"ligerzoo-off-rank{rank}.txt").read_text()
-        assert "aten::mm" in text and "matmuls by operand shapes" in text
-        assert "device timeline: no device events in the trace" in text  # CPU ranks
+    assert "all-gathers 1 block ahead, blocks kept gathered after the forward" in result.stdout
+    assert [row["run"] for row in table_rows(result.stdout)] == ["ligerzoo", "hf"]
+    for peer in ("ligerzoo", "hf"):
+        for rank in (0, 1):
+            text = (tmp_path / f"{peer}-off-rank{rank}.txt").read_text()
+            assert "aten::mm" in text and "matmuls by operand shapes" in text
+            assert "device timeline: no device events in the trace" in text  # CPU ranks
+
+
+def test_fsdp_settings_need_several_ranks():
+    result = run_benchmark("--fsdp-prefetch", "2")
+    assert result.returncode == 2 and "they need --gpus" in result.stderr
 
 
 def kernel(name, start, duration, device=0):

@@ -87,6 +87,8 @@ def test_config_flags_override_toml(tmp_path):
         load_config(["--train.nope", "1"])
     with pytest.raises(ValueError, match="not a valid int"):
         load_config(["--max_steps", "many"])
+    with pytest.raises(ValueError, match="train.fsdp_prefetch is -1"):
+        load_config(["--train.fsdp_prefetch", "-1"])
 
 
 @pytest.mark.parametrize("configs_file", sorted((ROOT / "configs").glob("*.toml")), ids=lambda p: p.name)
@@ -109,6 +111,16 @@ def test_one_rank_and_two_ranks_give_the_same_loss_curve(reference_run, tmp_path
     run_train(tmp_path, "--max_steps", "12", "--checkpoint_every", "0", "--data.batch_size", "8", nproc=1)
     for step, loss in losses(reference_run).items():
         assert losses(tmp_path)[step] == pytest.approx(loss, rel=1e-4), step  # float32, other reduction order
+
+
+def test_fsdp_prefetch_and_keeping_blocks_gathered_give_the_same_losses(reference_run, tmp_path):
+    """When the all-gathers start and whether a block's parameters are freed between its forward
+    and backward change speed and memory, never the numbers."""
+    run_train(tmp_path, "--max_steps", "4", "--checkpoint_every", "0", "--train.fsdp_prefetch", "2",
+              "--train.fsdp_reshard_after_forward", "false")
+    reference = losses(reference_run)
+    for step, loss in losses(tmp_path).items():
+        assert loss == pytest.approx(reference[step], rel=1e-5), step
 
 
 @pytest.mark.parametrize("mode", ["full", "selective"])

@@ -54,6 +54,10 @@ class TrainSection:
     # The sharded weights AdamW updates, and its state, on the GPU: float32 (master weights, 16
     # bytes a parameter with the gradient and AdamW state) or bfloat16 (8 bytes: leaner, less exact).
     master_dtype: str = "float32"
+    # FSDP2 on several GPUs: how many blocks ahead each block starts the all-gathers (0: FSDP2's
+    # own order), and whether a block's parameters are freed between its forward and backward.
+    fsdp_prefetch: int = 0
+    fsdp_reshard_after_forward: bool = True
     seed: int = 0
 
 
@@ -99,6 +103,8 @@ def load_config(argv: list[str]) -> Config:
             f"train.activation_checkpointing is {config.train.activation_checkpointing!r}: "
             "use 'off', 'full' or 'selective'"
         )
+    if config.train.fsdp_prefetch < 0:
+        raise ValueError(f"train.fsdp_prefetch is {config.train.fsdp_prefetch}: blocks to gather ahead, 0 or more")
     if config.medusa.num_heads < 0 or config.medusa.num_layers < 1:
         raise ValueError("medusa.num_heads must be >= 0 and medusa.num_layers >= 1")
     if config.medusa.mode not in ("heads", "joint"):

@@ -116,7 +116,8 @@ def _checkpointed(forward, options: dict):
 
 
 def apply_fsdp(model, device: torch.device, param_dtype: torch.dtype,
-               master_dtype: torch.dtype = torch.float32, always_shard: bool = False, blocks=None) -> bool:
+               master_dtype: torch.dtype = torch.float32, always_shard: bool = False, blocks=None,
+               prefetch: int = 0, reshard_after_forward: bool = True) -> bool:
     """Shard every block, then the root (embedding, final norm, head), and say whether it did.
 
     On the GPU parameters are gathered and computed in `param_dtype`, gradients reduce in float32,
@@ -127,7 +128,17 @@ def apply_fsdp(model, device: torch.device, param_dtype: torch.dtype,
     and 10 GiB at Mixtral's layer shapes, measured on an H100. always_shard: wrap it all the
     same (a scaling measurement compares one GPU with several under the same wrapping). blocks:
     the decoder layers, if not `model.layers` (another implementation wrapped the same way).
+
+    prefetch: 0 leaves the order of all-gathers to FSDP2 (a block's backward starts the next
+    one's; the forward gathers each block as the host reaches it, which is early enough while the
+    host runs ahead of the GPU); N starts the next N blocks' all-gathers when a block starts, in
+    the forward and the backward, for links too slow to hide one block's gather behind one
+    block's compute, at the cost of N blocks' gathered parameters held at once.
+    reshard_after_forward: False keeps every block's gathered parameters from its forward to its
+    backward (no second all-gather: a third less traffic, for the memory of all of them).
     """
+    if prefetch < 0:
+        raise ValueError(f"prefetch is {prefetch}: the number of blocks to gather ahead, 0 or more")
     on_gpu = device.type == "cuda"
     model.to(master_dtype if on_gpu else torch.float32)
     if not always_shard and dist.get_world_size() == 1 and master_dtype == (param_dtype if on_gpu else torch.float32):
@@ -146,6 +157,12 @@ def apply_fsdp(model, device: torch.device, param_dtype: torch.dtype,
     blocks = model.layers if blocks is None else blocks
     last = len(blocks) - 1
     for index, block in enumerate(blocks):
-        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=index < last)
+        reshard = reshard_after_forward and index < last
+        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
+    if prefetch:
+        blocks = list(blocks)
+        for index, block in enumerate(blocks):
+            block.set_modules_to_forward_prefetch(blocks[index + 1:index + 1 + prefetch])
+            block.set_modules_to_backward_prefetch(blocks[max(0, index - prefetch):index][::-1])
     return True
