@@ -87,6 +87,7 @@ def main() -> None:
           f"residual block(s) per head, {args.steps} steps ({UNTIMED_STEPS} untimed)\n", flush=True)
     print("| run | K | tokens/s | peak memory (GiB) | mean head loss | loss per head |")
     print("|---|---|---|---|---|---|", flush=True)
+    failed = 0
     for num_heads in args.heads:
         for peer in args.peers:
             if peer == "hf-liger" and args.device != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -98,11 +99,14 @@ def main() -> None:
             result = _in_child(run)
             if "error" in result:
                 print(f"| {peer} | {num_heads} | failed: {result['error']} | | | |", flush=True)
+                failed += 1
                 continue
             peak = "n/a" if result["peak_gib"] is None else f"{result['peak_gib']:.1f}"
             per_head = ", ".join(f"{loss:.3f}" for loss in result["losses"])
             print(f"| {peer} | {num_heads} | {result['tokens_per_s']:,.0f} | {peak} "
                   f"| {statistics.mean(result['losses']):.3f} | {per_head} |", flush=True)
+    if failed:
+        sys.exit(f"{failed} run(s) failed; their errors are above")
 
 
 def _in_child(run: dict) -> dict:

@@ -1,6 +1,7 @@
-"""benchmarks/train.py's plumbing on CPU (gloo ranks, a tiny Llama): each peer as a torchrun of 1
-and of 2 ranks under the same FSDP2 wrapping, and the table it prints. Speed is measured on the
-GPU, never here; these runs only show that the script the GPU session runs works end to end."""
+"""The benchmarks' plumbing on CPU: benchmarks/train.py (gloo ranks, a tiny Llama) with each peer as
+a torchrun of 1 and of 2 ranks under the same FSDP2 wrapping, and the table it prints; the Medusa
+training and the generation benchmarks on tiny models. Speed is measured on the GPU, never here;
+these runs only show that the scripts a GPU session runs work end to end."""
 
 import importlib.util
 import math
@@ -13,6 +14,8 @@ import pytest
 from test_train import ROOT
 
 TINY_VOCAB = 512  # benchmarks/train.py's "tiny" shape
+# The kernels' PyTorch path (the interpreter is for the kernel tests, and too slow for whole models).
+PYTORCH_PATH = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "0"}
 
 
 def run_benchmark(*args) -> subprocess.CompletedProcess:
@@ -125,3 +128,24 @@ def load_benchmark_module(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def test_medusa_training_benchmark_runs_on_cpu():
+    command = [sys.executable, str(ROOT / "benchmarks" / "medusa_train.py"), "--device", "cpu", "--tiny",
+               "--heads", "2", "--steps", "4", "--peers", "ligerzoo", "hf-logits"]
+    result = subprocess.run(command, cwd=ROOT, env=PYTORCH_PATH, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr[-6000:]
+    rows = table_rows(result.stdout)
+    assert [(row["run"], row["K"]) for row in rows] == [("ligerzoo", "2"), ("hf-logits", "2")]
+    for row in rows:
+        # Fresh heads on a random trunk and random tokens: each head's loss stays near ln(vocab).
+        assert all(abs(float(loss) - math.log(TINY_VOCAB)) < 0.3 for loss in row["loss per head"].split(", ")), row
+
+
+def test_generation_benchmark_dry_run():
+    command = [sys.executable, str(ROOT / "benchmarks" / "generate.py"), "--dry-run"]
+    result = subprocess.run(command, cwd=ROOT, env=PYTORCH_PATH, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr[-6000:]
+    assert "## Errors" not in result.stdout
+    decode = [line for line in result.stdout.splitlines() if line.startswith("| ligerzoo (static cache")]
+    assert len(decode) == 2, result.stdout  # batch 1 and batch 16
