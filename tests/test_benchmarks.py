@@ -25,8 +25,11 @@ def run_benchmark(*args) -> subprocess.CompletedProcess:
     return subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=600)
 
 
-def table_rows(stdout: str) -> list[dict]:
-    lines = [line for line in stdout.splitlines() if line.startswith("| ") and not line.startswith("|---")]
+def table_rows(stdout: str, header: str = "| ") -> list[dict]:
+    """The rows of the first table whose header line starts with `header`, as {column: cell}."""
+    text = stdout[stdout.index(header):]
+    table = text[:text.index("\n\n")] if "\n\n" in text else text
+    lines = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("|---")]
     header = [cell.strip() for cell in lines[0].strip("|").split("|")]
     return [dict(zip(header, (cell.strip() for cell in line.strip("|").split("|")), strict=True))
             for line in lines[1:]]
@@ -149,3 +152,23 @@ def test_generation_benchmark_dry_run():
     assert "## Errors" not in result.stdout
     decode = [line for line in result.stdout.splitlines() if line.startswith("| ligerzoo (static cache")]
     assert len(decode) == 2, result.stdout  # batch 1 and batch 16
+
+
+def test_medusa_decoding_benchmark_runs_on_cpu():
+    command = [sys.executable, str(ROOT / "benchmarks" / "medusa_decode.py"), "--tiny"]
+    result = subprocess.run(command, cwd=ROOT, env=PYTORCH_PATH, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr[-6000:]
+    rows = table_rows(result.stdout, "| decoder |")
+    assert [row["tree"] for row in rows] == ["-", "chain", "small", "mc_sim_7b_63"]
+    assert all(row["vs plain greedy"] == "equal" for row in rows[1:])  # greedy Medusa is lossless
+
+
+def test_kernel_benchmark_dry_run():
+    command = [sys.executable, str(ROOT / "benchmarks" / "triton_kernels.py"), "--dry-run", "--quick",
+               "--peers", "eager,ligerzoo"]
+    result = subprocess.run(command, cwd=ROOT, env=PYTORCH_PATH, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr[-6000:]
+    assert "## Errors" not in result.stdout
+    rows = table_rows(result.stdout, "| kernel |")
+    assert {row["kernel"] for row in rows} >= {"RMSNorm", "add+RMSNorm", "SwiGLU", "RoPE", "CrossEntropy", "LinearCE"}
+    assert all(row["ligerzoo wall (eager)"].endswith(" ms") for row in rows)
