@@ -200,19 +200,18 @@ def _in_child(run: dict, device: str, gpus: int | None = None) -> dict:
     return {"error": (ranks or lines)[-1][:200]}
 
 
-def run_one(peer: str, shape: str, seq: int, batch: int, checkpointing: str, steps: int,
-            profile: str | None = None, memory: str | None = None, shard: bool = False,
-            fsdp: dict | None = None) -> dict:
+def run_one(peer: str, shape: str, seq: int, batch: int, checkpointing: str, steps: int, shard: bool, fsdp: dict,
+            profile: str | None = None, memory: str | None = None) -> dict:
     rank, world_size, device = init_distributed()
     torch.manual_seed(rank)  # each rank its own tokens, as a data-parallel run has
     if peer.startswith("ligerzoo"):
         model = _ligerzoo_model(shape, checkpointing, device, bf16_master=peer.endswith("bf16-master"),
-                                always_shard=shard, fsdp=fsdp or {})
+                                always_shard=shard, fsdp=fsdp)
     else:
         model = _hf_model(shape, checkpointing, device, liger=peer == "hf-liger", compiled=peer == "hf-compiled")
         if shard:  # wrapped exactly as ligerzoo's model: each decoder layer, then the root
             apply_fsdp(model, device, torch.bfloat16, torch.bfloat16, always_shard=True, blocks=model.model.layers,
-                       **(fsdp or {}))
+                       **fsdp)
     on_gpu = device.type == "cuda"
     if on_gpu:
         torch.cuda.reset_peak_memory_stats()  # from here: the weights and what training adds

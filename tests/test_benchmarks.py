@@ -14,15 +14,23 @@ import pytest
 from test_train import ROOT
 
 TINY_VOCAB = 512  # benchmarks/train.py's "tiny" shape
-# The kernels' PyTorch path (the interpreter is for the kernel tests, and too slow for whole models).
-PYTORCH_PATH = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "0"}
+# On the CPU even where there are GPUs, the kernels on their PyTorch path (the interpreter is for
+# the kernel tests, and too slow for whole models).
+CPU_ENVIRONMENT = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "0", "CUDA_VISIBLE_DEVICES": ""}
+
+
+def run_script(script: str, *args, ranks: int | None = None) -> subprocess.CompletedProcess:
+    """benchmarks/<script> with args, in a process of its own or a torchrun of `ranks` ranks."""
+    command = [sys.executable, str(ROOT / "benchmarks" / script), *args]
+    if ranks is not None:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks),
+                   *command[1:]]
+    return subprocess.run(command, cwd=ROOT, env=CPU_ENVIRONMENT, capture_output=True, text=True, timeout=600)
 
 
 def run_benchmark(*args) -> subprocess.CompletedProcess:
-    command = [sys.executable, str(ROOT / "benchmarks" / "train.py"), "--device", "cpu", "--shape", "tiny",
-               "--seq", "64", "--batch", "2", "--steps", "5", *args]
-    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=600)
+    return run_script("train.py", "--device", "cpu", "--shape", "tiny", "--seq", "64", "--batch", "2",
+                      "--steps", "5", *args)
 
 
 def table_rows(stdout: str, header: str = "| ") -> list[dict]:
@@ -68,10 +76,7 @@ def test_training_benchmark_rejects_too_few_steps():
 
 
 def test_collectives_benchmark_times_a_blocks_all_gather_and_reduce_scatter():
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(ROOT / "benchmarks" / "collectives.py"), "--shape", "tiny", "--repeats", "3"]
-    environment = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    result = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=300)
+    result = run_script("collectives.py", "--shape", "tiny", "--repeats", "3", ranks=2)
     assert result.returncode == 0, result.stdout + result.stderr[-6000:]
     rows = table_rows(result.stdout)
     assert [row["collective (one block)"] for row in rows] == ["all-gather bf16", "reduce-scatter fp32"]
@@ -134,9 +139,8 @@ def load_benchmark_module(name: str):
 
 
 def test_medusa_training_benchmark_runs_on_cpu():
-    command = [sys.executable, str(ROOT / "benchmarks" / "medusa_train.py"), "--device", "cpu", "--tiny",
-               "--heads", "2", "--steps", "4", "--peers", "ligerzoo", "hf-logits"]
-    result = subprocess.run(command, cwd=ROOT, env=PYTORCH_PATH, capture_output=True, text=True, timeout=600)
+    result = run_script("medusa_train.py", "--device", "cpu", "--tiny", "--heads", "2", "--steps", "4",
+                        "--peers", "ligerzoo", "hf-logits")
     assert result.returncode == 0, result.stdout + result.stderr[-6000:]
     rows = table_rows(result.stdout)
     assert [(row["run"], row["K"]) for row in rows] == [("ligerzoo", "2"), ("hf-logits", "2")]
@@ -146,8 +150,7 @@ def test_medusa_training_benchmark_runs_on_cpu():
 
 
 def test_generation_benchmark_dry_run():
-    command = [sys.executable, str(ROOT / "benchmarks" / "generate.py"), "--dry-run"]
-    result = subprocess.run(command, cwd=ROOT, env=PYTORCH_PATH, capture_output=True, text=True, timeout=600)
+    result = run_script("generate.py", "--dry-run")
     assert result.returncode == 0, result.stdout + result.stderr[-6000:]
     assert "## Errors" not in result.stdout
     decode = [line for line in result.stdout.splitlines() if line.startswith("| ligerzoo (static cache")]
@@ -155,8 +158,7 @@ def test_generation_benchmark_dry_run():
 
 
 def test_medusa_decoding_benchmark_runs_on_cpu():
-    command = [sys.executable, str(ROOT / "benchmarks" / "medusa_decode.py"), "--tiny"]
-    result = subprocess.run(command, cwd=ROOT, env=PYTORCH_PATH, capture_output=True, text=True, timeout=600)
+    result = run_script("medusa_decode.py", "--tiny")
     assert result.returncode == 0, result.stdout + result.stderr[-6000:]
     rows = table_rows(result.stdout, "| decoder |")
     assert [row["tree"] for row in rows] == ["-", "chain", "small", "mc_sim_7b_63"]
@@ -164,9 +166,7 @@ def test_medusa_decoding_benchmark_runs_on_cpu():
 
 
 def test_kernel_benchmark_dry_run():
-    command = [sys.executable, str(ROOT / "benchmarks" / "triton_kernels.py"), "--dry-run", "--quick",
-               "--peers", "eager,ligerzoo"]
-    result = subprocess.run(command, cwd=ROOT, env=PYTORCH_PATH, capture_output=True, text=True, timeout=600)
+    result = run_script("triton_kernels.py", "--dry-run", "--quick", "--peers", "eager,ligerzoo")
     assert result.returncode == 0, result.stdout + result.stderr[-6000:]
     assert "## Errors" not in result.stdout
     rows = table_rows(result.stdout, "| kernel |")
