@@ -99,7 +99,7 @@ def _checkpoint_files(directory: Path) -> list[Path]:
     index_path = directory / INDEX_FILE
     if index_path.is_file():
         index = _read_json(index_path)
-        if not isinstance(index.get("weight_map"), dict):
+        if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
             raise CheckpointError(f"{index_path} has no 'weight_map' object")
         names = list(dict.fromkeys(index["weight_map"].values()))  # file names in first-use order
         absent = [name for name in names if not (directory / name).is_file()]
@@ -120,11 +120,12 @@ def _checkpoint_files(directory: Path) -> list[Path]:
 def _read_json(path: Path) -> dict:
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
+            value = json.load(f)
     except FileNotFoundError:
         raise CheckpointError(f"{path} does not exist") from None
-    except json.JSONDecodeError as error:
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise CheckpointError(f"{path} is not valid JSON ({error})") from error
+    return value
 
 
 def _read_headers(files: list[Path]) -> dict[str, tuple[Path, tuple[int, ...], str]]:

@@ -4,7 +4,7 @@
     ligerzoo generate MODEL "prompt" [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P]
                       [--seed S] [--dtype bf16] [--device cuda] [--chat] [--chat-format F]
                       [--medusa DIR [--medusa-tree NAME]]
-    ligerzoo plot DIR [--out PATH]
+    ligerzoo plot DIR [--out PATH.png|.svg|.pdf|.jpg|...]
     ligerzoo prepare INPUT [INPUT ...] --output PATH.tokens [--tokenizer NAME_OR_DIR]
 
 MODEL is a local checkpoint directory or a Hugging Face Hub repo id. Generated text goes to
@@ -16,6 +16,7 @@ uses when it runs.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 from pathlib import Path
@@ -24,6 +25,14 @@ from pathlib import Path
 TREE_NAMES = ("chain", "small", "mc_sim_7b_63")
 DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16",
           "fp32": "float32", "float32": "float32"}
+# How a file of each image format `plot` writes begins (matplotlib's savefig format is the suffix):
+# an existing file at the output path is replaced only if it is such an image, an earlier plot.
+IMAGE_SIGNATURES = {
+    ".png": rb"\x89PNG\r\n\x1a\n", ".jpg": rb"\xff\xd8\xff", ".jpeg": rb"\xff\xd8\xff",
+    ".svg": rb"(<\?xml[^>]*>\s*)?(<!DOCTYPE svg|<svg)", ".svgz": rb"\x1f\x8b", ".pdf": rb"%PDF-",
+    ".eps": rb"%!PS-Adobe", ".ps": rb"%!PS-Adobe", ".gif": rb"GIF8[79]a", ".webp": rb"RIFF.{4}WEBP",
+    ".tif": rb"II\*\x00|MM\x00\*", ".tiff": rb"II\*\x00|MM\x00\*",
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,7 +71,7 @@ def generate(args: argparse.Namespace) -> int:
     if args.medusa is not None and (args.top_k is not None or args.top_p is not None):
         raise ValueError("--top-k and --top-p do not apply to Medusa decoding: with --temperature > 0 it "
                          "samples with typical acceptance")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = _device(args.device)
     dtype = DTYPES[args.dtype] if args.dtype else ("bfloat16" if device.type == "cuda" else "float32")
     directory = resolve_model_dir(args.model, args.revision)  # one fetch for the weights and tokenizer
     tokenizer = load_tokenizer(directory, chat_format=args.chat_format)
@@ -94,7 +103,7 @@ def generate(args: argparse.Namespace) -> int:
     if args.medusa is None:
         generate_ids(model, [prompt], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                      top_k=args.top_k, top_p=args.top_p, stop_ids=tokenizer.stop_ids, on_token=on_token,
-                     seed=args.seed)
+                     seed=args.seed, vocab_size=min(tokenizer.vocab_size, model.config.vocab_size))
     else:
         medusa_generate(model, heads, [prompt], max_new_tokens=args.max_new_tokens, tree=args.medusa_tree,
                         stop_ids=tokenizer.stop_ids,
@@ -112,8 +121,8 @@ def generate(args: argparse.Namespace) -> int:
 
 
 def plot(args: argparse.Namespace) -> int:
-    """Draw the loss and throughput of a training run against the step into a PNG and print its
-    path. matplotlib is the optional extra `plot`."""
+    """Draw the loss and throughput of a training run against the step into an image (its format
+    the suffix of --out: PNG by default) and print its path. matplotlib is the optional extra `plot`."""
     from ligerzoo.training.metrics import read_metrics
 
     steps, losses, throughputs = [], [], []
@@ -121,16 +130,22 @@ def plot(args: argparse.Namespace) -> int:
         steps.append(record["step"])
         losses.append(record["loss"])
         throughputs.append(record["tokens_per_s"])
+    out = Path(args.out) if args.out else Path(args.directory) / "metrics.png"
+    image_format = _image_format(out)
     try:
         import matplotlib
-    except ImportError:
-        print(f'ligerzoo {args.name}: error: matplotlib is not installed; '
-              f'install the extra: pip install "ligerzoo[plot]"', file=sys.stderr)
-        return 1
-    matplotlib.use("Agg")  # files only, no display
-    from matplotlib import pyplot
 
-    out = Path(args.out) if args.out else Path(args.directory) / "metrics.png"
+        matplotlib.use("Agg")  # files only, no display
+        from matplotlib import pyplot
+    except ImportError as error:
+        if error.name == "PIL":  # matplotlib needs it, whatever the format
+            reason = "matplotlib needs pillow, which is not installed: pip install pillow"
+        elif (error.name or "").startswith("matplotlib"):
+            reason = 'matplotlib is not installed; install the extra: pip install "ligerzoo[plot]"'
+        else:
+            reason = f"matplotlib cannot be imported ({error})"
+        print(f"ligerzoo {args.name}: error: {reason}", file=sys.stderr)
+        return 1
     figure, (loss_axes, speed_axes) = pyplot.subplots(2, 1, sharex=True, figsize=(8, 6))
     try:
         loss_axes.plot(steps, losses, color="tab:blue")
@@ -142,7 +157,10 @@ def plot(args: argparse.Namespace) -> int:
         for axes in (loss_axes, speed_axes):
             axes.grid(True, alpha=0.3)
         figure.tight_layout()
-        figure.savefig(out, format="png", dpi=100)
+        if image_format not in figure.canvas.get_supported_filetypes():
+            raise ValueError(f"matplotlib {matplotlib.__version__} cannot write {out.suffix} files; "
+                             f"use .png, .svg or .pdf")
+        figure.savefig(out, format=image_format, dpi=100)
     finally:
         pyplot.close(figure)
     print(out)
@@ -181,6 +199,50 @@ def prepare(args: argparse.Namespace) -> int:
 
 def _status(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
+
+
+def _device(name: str | None):
+    """The torch device --device names (default: cuda if available, else cpu), checked to exist,
+    so that a wrong one fails in one line before anything is loaded."""
+    import torch
+
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:  # torch's message lists twenty device types ligerzoo does not run on
+        raise ValueError(f"--device {name!r} is not a device: use cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda") or (device.type == "cpu" and device.index):
+        raise ValueError(f"--device {name!r}: ligerzoo runs on cpu, cuda or cuda:N")
+    count = torch.cuda.device_count() if device.type == "cuda" else 0
+    if device.type == "cuda" and count == 0:
+        why = "this PyTorch is a CPU-only build" if torch.version.cuda is None else "no CUDA GPU is visible"
+        raise ValueError(f"--device {name}: {why}; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= count:
+        raise ValueError(f"--device {name}: this machine has {count} CUDA GPU{'s' * (count > 1)} "
+                         f"(cuda:0{f' to cuda:{count - 1}' if count > 1 else ''})")
+    return device
+
+
+def _image_format(out: Path) -> str:
+    """The savefig format `out`'s suffix names; raises if it names none, or if `out` is something
+    other than an image of that format (never overwrite metrics.jsonl or a checkpoint)."""
+    if out.is_dir():
+        raise IsADirectoryError(f"cannot write the plot to {out}: it is a directory; name an image file")
+    if not out.parent.is_dir():
+        raise FileNotFoundError(f"cannot write the plot to {out}: no such directory: {out.parent}")
+    suffix = out.suffix.lower()
+    if suffix not in IMAGE_SIGNATURES:
+        why = f"its suffix {out.suffix!r} names no image format" if out.suffix else "it has no suffix"
+        raise ValueError(f"cannot write the plot to {out}: {why}; name the image format with one of "
+                         f"{', '.join(IMAGE_SIGNATURES)}")
+    if out.exists():
+        with open(out, "rb") as f:
+            head = f.read(512)  # an SVG's XML declaration comes before its <svg
+        if not re.match(IMAGE_SIGNATURES[suffix], head, re.DOTALL):
+            raise FileExistsError(f"not overwriting {out}: it exists and is not a {suffix[1:].upper()} "
+                                  "image; choose another --out, or remove the file")
+    return suffix[1:]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -233,11 +295,14 @@ def _parser() -> argparse.ArgumentParser:
     gen.set_defaults(command=generate, name="generate")
 
     draw = commands.add_parser(
-        "plot", help="draw a training run's loss and throughput curves into a PNG",
+        "plot", help="draw a training run's loss and throughput curves into an image",
         description="Draw the loss and throughput (tokens/s) of DIR/metrics.jsonl against the step "
-                    "into a PNG and print its path. Needs matplotlib: pip install \"ligerzoo[plot]\".")
+                    "into an image and print its path. Needs matplotlib: pip install \"ligerzoo[plot]\".")
     draw.add_argument("directory", metavar="DIR", help="a training run's output_dir")
-    draw.add_argument("--out", metavar="PATH", help="the PNG to write (default: DIR/metrics.png)")
+    draw.add_argument("--out", metavar="PATH",
+                      help=f"the image to write, its format named by its suffix "
+                           f"({', '.join(IMAGE_SIGNATURES)}); an existing file is replaced only if it is "
+                           "an image of that format (default: DIR/metrics.png)")
     draw.set_defaults(command=plot, name="plot")
 
     tokenise = commands.add_parser(

@@ -44,6 +44,7 @@ def generate(
     stop_ids: Iterable[int] | None = None,
     on_token: Callable[[int, int], None] | None = None,
     seed: int | None = None,
+    vocab_size: int | None = None,
 ) -> list[list[int]]:
     """The new token ids of each prompt: max_new_tokens of them, or fewer when the row produced a
     stop token (it ends the row's list).
@@ -58,10 +59,14 @@ def generate(
     on_token: called as on_token(row, token_id) for every returned token, in order, as soon as the
         host knows it (one decode step after it was chosen).
     seed: seeds the sampling (a torch.Generator on the model's device): equal seeds, equal samples.
+    vocab_size: generate only ids below it: a tokenizer's size, where the model's vocabulary is
+        padded past it (rows no text maps to).
     """
     config: ModelConfig = model.config
     prompts = _prompt_lists(input_ids)
     stop_set = _check_request(config, prompts, max_new_tokens, temperature, top_k, top_p, stop_ids)
+    if vocab_size is not None and not 1 <= vocab_size <= config.vocab_size:
+        raise ValueError(f"vocab_size={vocab_size} is outside [1, {config.vocab_size}], the model's vocabulary")
     device = model.output_weight.device
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     stops = torch.tensor(sorted(stop_set), dtype=torch.long, device=device)
@@ -80,7 +85,7 @@ def generate(
         for step in range(max_new_tokens):
             if step > 0:
                 logits = decoder.step(model)  # [B, V], from decoder.tokens
-            next_tokens = sample(logits, temperature, top_k, top_p, generator)
+            next_tokens = sample(logits[:, :vocab_size], temperature, top_k, top_p, generator)
             if stop_set:
                 next_tokens = torch.where(finished, pad_id, next_tokens)
                 finished |= torch.isin(next_tokens, stops)
@@ -280,10 +285,20 @@ def _check_request(config, prompts, max_new_tokens, temperature, top_k, top_p, s
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     longest, context = max(map(len, prompts)), config.max_position_embeddings
     if longest + max_new_tokens > context:
+        # Advise only what can fit: a prompt (at least one token) and at least one new token.
+        where = f"the model's context of {context} tokens (max_position_embeddings)"
+        if longest >= context:
+            fix = f"shorten the prompt to at most {context - max_new_tokens} tokens"
+            if max_new_tokens >= context:
+                fix = f"shorten the prompt and lower max_new_tokens: together at most {context} tokens"
+            raise ValueError(f"a prompt of {longest} tokens leaves no room for a new token in {where}: {fix}")
+        if max_new_tokens >= context:
+            raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt of {longest} "
+                             f"tokens in {where}: lower max_new_tokens to at most {context - longest}")
         raise ValueError(
-            f"a prompt of {longest} tokens plus max_new_tokens={max_new_tokens} exceeds the model's context "
-            f"of {context} tokens (max_position_embeddings): shorten the prompt to at most "
-            f"{context - max_new_tokens} tokens or ask for fewer new tokens"
+            f"a prompt of {longest} tokens plus max_new_tokens={max_new_tokens} exceeds {where}: lower "
+            f"max_new_tokens to at most {context - longest}, or shorten the prompt to at most "
+            f"{context - max_new_tokens} tokens"
         )
     if not isinstance(temperature, (int, float)) or not 0 <= temperature < float("inf"):
         raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature!r}")

@@ -19,6 +19,7 @@ metadata: `refs/<revision>` and, with huggingface_hub 2.x, the file listing `tre
 
 from __future__ import annotations
 
+import difflib
 import glob
 import json
 import os
@@ -61,6 +62,8 @@ def resolve_model_dir(
     if path.exists():
         raise NotADirectoryError(f"{str(path)!r} is a file; pass the model's directory or a Hub repo id")
     repo_id = str(name_or_path)
+    if _looks_local(repo_id):
+        raise FileNotFoundError(f"no such directory: {repo_id!r}{_nearest_hint(path)}")
     _check_repo_id(repo_id)
 
     patterns = list(CONFIG_FILES)
@@ -81,6 +84,28 @@ def resolve_model_dir(
     if tokenizer and not any((directory / name).is_file() for name in TOKENIZER_FILES):
         _check_present(repo_id, revision, directory, TOKENIZER_FILES, "tokenizer (any one of these files)")
     return directory
+
+
+def _looks_local(name: str) -> bool:
+    """Whether `name` can only mean a local path: Hub repo ids are 'name' or 'owner/name', never
+    absolute, never starting with '.' or '~', and their owner is no directory here (a typo in
+    `runs/defualt` is not a Hub repo that cannot be reached)."""
+    return (Path(name).is_absolute() or name.startswith((".", "~")) or "\\" in name
+            or name.count("/") > 1 or ("/" in name and Path(name.split("/")[0]).is_dir()))
+
+
+def _nearest_hint(path: Path) -> str:
+    """Where `path` first goes astray, and the closest existing name there: "; did you mean ...?"."""
+    missing = path
+    while not missing.parent.exists() and missing.parent != missing:
+        missing = missing.parent
+    try:
+        names = [entry.name for entry in missing.parent.iterdir()]
+    except OSError:  # unreadable: no hint
+        names = []
+    nearest = difflib.get_close_matches(missing.name, names, n=1)
+    where = f"; {str(missing)!r} does not exist" if missing != path else ""
+    return where + (f"; did you mean {str(missing.parent / nearest[0])!r}?" if nearest else "")
 
 
 def _check_repo_id(repo_id: str) -> None:

@@ -5,8 +5,10 @@
   (lines of `base64-token rank`, with the 256 special tokens placed after the vocabulary as
   llama-models does), or from a Hugging Face `tokenizer.json` when a repository ships only that
   (its vocabulary mapped back to bytes, its added tokens as the specials).
+- Bytes: UTF-8 bytes as ids 0-255, <s> 256, </s> 257, for models trained from scratch; it needs
+  no file, and `ByteTokenizer.save` writes it as a `tokenizer.json` that Hugging Face reads too.
 
-`load_tokenizer` finds the file in a directory, a path, or a Hub repo id, and tells the two kinds
+`load_tokenizer` finds the file in a directory, a path, or a Hub repo id, and tells the kinds
 apart by their content, not their name. Encodings equal the reference implementations'
 (llama-models' `Tokenizer`, mistral-common's `SentencePieceTokenizer`) token for token, and
 text that looks like a special token (`<|eot_id|>`, `[INST]`) is encoded as plain text: only
@@ -76,7 +78,8 @@ class Tokenizer:
 
     Attributes: bos_id, eos_id, stop_ids (the ids that end a reply), vocab_size (the number of
     ids, specials included), special_tokens (name -> id), chat_format (one of CHAT_FORMATS, or
-    None where the files do not say), path (the file it was read from).
+    None where the files do not say), path (the file it was read from; None for a ByteTokenizer
+    made in memory).
     """
 
     bos_id: int
@@ -85,7 +88,7 @@ class Tokenizer:
     vocab_size: int
     special_tokens: dict[str, int]
     chat_format: str | None
-    path: Path
+    path: Path | None
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
         """The ids of `text`, with the begin-of-text id first if `bos` and the end id last if `eos`."""
@@ -113,15 +116,16 @@ class Tokenizer:
         """
         if self.chat_format is None:
             raise ValueError(
-                f"{self.path} does not say which chat format it belongs to; pass "
+                f"{self.path or type(self).__name__} does not say which chat format it belongs to; pass "
                 f"load_tokenizer(..., chat_format=...) with one of {', '.join(CHAT_FORMATS)}"
             )
         formatter, roles = _CHAT_FORMATTERS[self.chat_format]
         return formatter(self, _check_messages(messages, roles, self.chat_format), add_generation_prompt)
 
     def __repr__(self) -> str:
+        path = None if self.path is None else str(self.path)
         return (
-            f"{type(self).__name__}({str(self.path)!r}, vocab_size={self.vocab_size}, "
+            f"{type(self).__name__}({path!r}, vocab_size={self.vocab_size}, "
             f"chat_format={self.chat_format!r})"
         )
 
@@ -153,6 +157,26 @@ class StreamDecoder:
 
     def flush(self) -> str:
         raise NotImplementedError
+
+
+# The text whose ids a fingerprint records: accents, CJK, an emoji, digits, a blank line, a tab,
+# doubled spaces. Token files written by `ligerzoo prepare` hold its ids: never change it.
+_PROBE = "Probe: the café at 東京 opened in 1987 🙂\n\n\tLet's see,  twice-spaced text… THE END."
+
+
+def tokenizer_fingerprint(tokenizer: Tokenizer) -> dict:
+    """What identifies a tokenizer, as JSON-serialisable data: its kind (class name), vocab_size,
+    bos_id, eos_id, and `probe`, its ids of a fixed text (with BOS and EOS), which tells apart
+    tokenizers of one size (Llama 2 and Mistral 7B both have 32000 ids). Equal fingerprints mean
+    the same encoding as far as the probe can tell; the file a tokenizer was read from is no part
+    of it."""
+    return {
+        "kind": type(tokenizer).__name__,
+        "vocab_size": tokenizer.vocab_size,
+        "bos_id": tokenizer.bos_id,
+        "eos_id": tokenizer.eos_id,
+        "probe": tokenizer.encode(_PROBE, bos=True, eos=True),
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -327,10 +351,11 @@ class TiktokenTokenizer(Tokenizer):
 
 
 class _ByteStreamDecoder(StreamDecoder):
-    """Every id is a run of bytes; Python's incremental UTF-8 decoder holds back a character's
-    first bytes until the rest arrive, and replaces invalid bytes exactly as `bytes.decode` does."""
+    """Every id is a run of bytes (the tokenizer's `_token_bytes`); Python's incremental UTF-8
+    decoder holds back a character's first bytes until the rest arrive, and replaces invalid
+    bytes exactly as `bytes.decode` does."""
 
-    def __init__(self, tokenizer: TiktokenTokenizer):
+    def __init__(self, tokenizer: TiktokenTokenizer | ByteTokenizer):
         self._tok = tokenizer
         self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
 
@@ -392,12 +417,11 @@ def _bytes_to_unicode() -> dict[int, str]:
     return mapping
 
 
-def _read_tokenizer_json(path: Path) -> tuple[dict[bytes, int], dict[str, int], str]:
-    """(ranks, special tokens, pattern) of a Hugging Face tokenizer.json holding a byte-level BPE
-    with a split pattern, as Llama 3's does. Ranks are the token ids: tiktoken merges the pair
-    whose merged token ranks lowest, which is Hugging Face's merge order wherever the merges are
-    listed by the id of the token they make (checked)."""
-    spec = _read_json(path)
+def _read_tokenizer_json(path: Path, spec: dict) -> tuple[dict[bytes, int], dict[str, int], str]:
+    """(ranks, special tokens, pattern) of a Hugging Face tokenizer.json (`spec`, read from `path`)
+    holding a byte-level BPE with a split pattern, as Llama 3's does. Ranks are the token ids:
+    tiktoken merges the pair whose merged token ranks lowest, which is Hugging Face's merge order
+    wherever the merges are listed by the id of the token they make (checked)."""
     model = spec.get("model") or {}
     pre = spec.get("pre_tokenizer") or {}
     steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
@@ -439,6 +463,126 @@ def _read_tokenizer_json(path: Path) -> tuple[dict[bytes, int], dict[str, int], 
 
 
 # ---------------------------------------------------------------------------------------------
+# Bytes: models trained from scratch
+
+
+class ByteTokenizer(Tokenizer):
+    """UTF-8 bytes as ids 0-255, <s> 256, </s> 257: needs no files, for models trained from scratch.
+
+    path: the tokenizer.json it was read from (load_tokenizer reads what `save` writes), or None.
+    """
+
+    bos_id, eos_id, vocab_size = 256, 257, 258
+    chat_format = None
+
+    def __init__(self, path: Path | None = None):
+        self.path = path
+        self.stop_ids = {self.eos_id}
+        self.special_tokens = {"<s>": self.bos_id, "</s>": self.eos_id}
+
+    def _encode_plain(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def _decode(self, ids: list[int]) -> str:
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+    def decoder(self) -> StreamDecoder:
+        return _ByteStreamDecoder(self)
+
+    def _token_bytes(self, token_id: int) -> bytes:
+        return bytes([token_id]) if token_id < 256 else b""  # <s> and </s> show nothing
+
+    def save(self, directory: str | os.PathLike, model_max_length: int | None = None) -> Path:
+        """Write tokenizer.json and tokenizer_config.json into `directory` (made if missing), from
+        which load_tokenizer and Hugging Face's AutoTokenizer both read this tokenizer; return the
+        tokenizer.json path.
+
+        transformers then encodes as `encode(text)` does, <s> first; so does the `tokenizers`
+        library, except that it reads a literal "<s>" or "</s>" in the text as the special token
+        unless `encode_special_tokens` is set (transformers sets it from split_special_tokens).
+        model_max_length: the longest sequence the model takes, recorded for transformers.
+        """
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        config = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": "<s>",
+            "eos_token": "</s>",
+            "add_bos_token": True,
+            "add_eos_token": False,
+            "split_special_tokens": True,  # "<s>" in a text is text, as in `encode`
+            "clean_up_tokenization_spaces": False,  # decode as `decode` does: " ," stays
+        }
+        if model_max_length is not None:
+            config["model_max_length"] = model_max_length
+        _write_json(directory / "tokenizer_config.json", config)
+        path = directory / "tokenizer.json"
+        _write_json(path, _byte_tokenizer_json())
+        return path
+
+
+def _byte_vocab() -> dict[str, int]:
+    """The 256 byte tokens of a byte-level BPE, each at its byte value."""
+    return {char: b for b, char in _bytes_to_unicode().items()}
+
+
+def _byte_tokenizer_json() -> dict:
+    """ByteTokenizer as a Hugging Face tokenizer.json, as the `tokenizers` library writes one: a
+    byte-level BPE without merges (each byte its own token; no regex split, as nothing merges),
+    <s> and </s> as added specials, and a post-processor that puts <s> first."""
+    specials = {"<s>": ByteTokenizer.bos_id, "</s>": ByteTokenizer.eos_id}
+    added = [
+        {"id": i, "content": name, "single_word": False, "lstrip": False, "rstrip": False,
+         "normalized": False, "special": True}
+        for name, i in specials.items()
+    ]
+    bos = {"SpecialToken": {"id": "<s>", "type_id": 0}}
+    text_a, text_b = {"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}
+    post_processor = {  # "<s> $A"; a pair: "<s> $A <s> $B"
+        "type": "TemplateProcessing",
+        "single": [bos, text_a],
+        "pair": [bos, text_a, bos, text_b],
+        "special_tokens": {"<s>": {"id": "<s>", "ids": [ByteTokenizer.bos_id], "tokens": ["<s>"]}},
+    }
+    model = {
+        "type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+        "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+        "vocab": _byte_vocab(), "merges": [],
+    }
+    return {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": added,
+        "normalizer": None,
+        "pre_tokenizer": {
+            "type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False,
+        },
+        "post_processor": post_processor,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+        "model": model,
+    }
+
+
+def _is_byte_tokenizer_json(spec: dict) -> bool:
+    """Whether a tokenizer.json encodes as ByteTokenizer: a byte-level BPE without merges, prefix
+    space or normaliser, whose vocabulary is the 256 bytes at their byte values and whose added
+    tokens are <s> at 256 and </s> at 257 (the post-processor and decoder do not change the ids)."""
+    model = spec.get("model") or {}
+    pre = spec.get("pre_tokenizer") or {}
+    added = {token.get("content"): token.get("id") for token in spec.get("added_tokens", [])}
+    return (
+        model.get("type") == "BPE"
+        and not model.get("merges")
+        and model.get("vocab") == _byte_vocab()
+        and pre.get("type") == "ByteLevel"
+        and not pre.get("add_prefix_space")
+        and not spec.get("normalizer")
+        and added == {"<s>": ByteTokenizer.bos_id, "</s>": ByteTokenizer.eos_id}
+    )
+
+
+# ---------------------------------------------------------------------------------------------
 # Loading
 
 
@@ -470,6 +614,13 @@ def load_tokenizer(
                 f"{file} is a SentencePiece model; chat_format 'llama3' needs Llama 3's tiktoken BPE"
             )
         return SentencePieceTokenizer(file, chat_format)
+    spec = _read_json(file) if kind == "json" else None
+    if spec is not None and _is_byte_tokenizer_json(spec):
+        if chat_format is not None:
+            raise ValueError(
+                f"{file} is a byte tokenizer, which has no chat format; drop chat_format={chat_format!r}"
+            )
+        return ByteTokenizer(file)
     if chat_format not in (None, "llama3"):
         raise ValueError(
             f"{file} is Llama 3's tiktoken BPE; chat_format {chat_format!r} is for SentencePiece models"
@@ -477,7 +628,7 @@ def load_tokenizer(
     if kind == "tiktoken":
         ranks = _read_tiktoken_file(file)
         return TiktokenTokenizer(file, ranks, _llama3_special_tokens(len(ranks)), LLAMA3_PATTERN)
-    return TiktokenTokenizer(file, *_read_tokenizer_json(file))
+    return TiktokenTokenizer(file, *_read_tokenizer_json(file, spec))
 
 
 def _find_tokenizer_file(directory: Path) -> Path:
@@ -526,6 +677,10 @@ def _read_json(path: Path) -> dict:
     if not isinstance(data, dict):
         raise TokenizerError(f"{path} holds a JSON {type(data).__name__}, expected an object")
     return data
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
 
 
 # ---------------------------------------------------------------------------------------------

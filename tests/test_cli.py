@@ -4,6 +4,7 @@ its streamed text equal to decoding what ligerzoo.generate returns."""
 
 import importlib.util
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -13,15 +14,16 @@ import pytest
 import torch
 from test_hub import FakeHub, hub_env, repo_files, tiny_checkpoint
 
+from ligerzoo.cli import main
 from ligerzoo.models import ModelConfig, build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def ligerzoo_command(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+def ligerzoo_command(*args: str, env: dict | None = None, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     if env is None:
         env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.run([sys.executable, "-m", "ligerzoo", *args], env=env, cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "ligerzoo", *args], env=env, cwd=cwd,
                           capture_output=True, text=True, timeout=300)
 
 
@@ -71,6 +73,40 @@ def test_bad_sampling_flag_is_rejected_before_loading(tmp_path):
     result = ligerzoo_command("generate", str(tmp_path), "hi", "--top-p", "1.5")
     assert result.returncode == 2
     assert "argument --top-p: 1.5 is not in (0, 1]" in result.stderr
+
+
+def test_mistyped_local_directory_is_reported_missing_not_as_a_hub_problem(tmp_path):
+    (tmp_path / "runs" / "default").mkdir(parents=True)
+    result = ligerzoo_command("generate", "runs/defualt", "hi", "--device", "cpu", cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr == ("ligerzoo generate: error: no such directory: 'runs/defualt'; "
+                             "did you mean 'runs/default'?\n")
+
+
+# --- --device ------------------------------------------------------------------------------------
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is present")
+def test_device_cuda_without_a_gpu_is_one_line_before_loading_anything(tmp_path):
+    # The model directory does not exist: the device is checked first.
+    for device in ("cuda", "cuda:3"):
+        result = ligerzoo_command("generate", str(tmp_path / "nothing"), "hi", "--device", device)
+        assert result.returncode == 1
+        assert re.fullmatch(rf"ligerzoo generate: error: --device {device}: [^\n]+; use --device cpu\n",
+                            result.stderr), result.stderr
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda:x", "", "meta", "cpu:1"])
+def test_device_that_is_no_device_ligerzoo_runs_on_is_one_line(tmp_path, device):
+    result = ligerzoo_command("generate", str(tmp_path / "nothing"), "hi", "--device", device)
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"ligerzoo generate: error: --device {device!r}")
+    assert result.stderr.endswith("cpu, cuda or cuda:N\n") and result.stderr.count("\n") == 1
+
+
+def test_device_index_past_the_gpus_names_the_gpus_there_are(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert main(["generate", str(tmp_path / "nothing"), "hi", "--device", "cuda:3"]) == 1
+    assert capsys.readouterr().err == (
+        "ligerzoo generate: error: --device cuda:3: this machine has 2 CUDA GPUs (cuda:0 to cuda:1)\n")
 
 
 # --- generate -----------------------------------------------------------------------------------
@@ -132,3 +168,14 @@ def test_generate_without_a_tokenizer_exits_1_naming_the_directory(checkpoint_wi
     result = ligerzoo_command("generate", str(tmp_path), "hi", "--device", "cpu")
     assert result.returncode == 1
     assert f"ligerzoo generate: error: no tokenizer file in {tmp_path}" in result.stderr
+
+
+def test_absurd_max_new_tokens_says_how_many_fit_beside_the_prompt(checkpoint_with_tokenizer):
+    result = ligerzoo_command("generate", str(checkpoint_with_tokenizer), "hi", "--device", "cpu",
+                              "--max-new-tokens", "1000000000", "--chat-format", "mistral-v1")
+    assert result.returncode == 1
+    match = re.search(r"ligerzoo generate: error: max_new_tokens=1000000000 leaves no room for a prompt of "
+                      r"(\d+) tokens in the model's context of 128 tokens \(max_position_embeddings\): lower "
+                      r"max_new_tokens to at most (\d+)\n\Z", result.stderr)
+    assert match is not None, result.stderr
+    assert int(match.group(1)) + int(match.group(2)) == 128

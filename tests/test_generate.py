@@ -243,3 +243,15 @@ def test_forward_with_a_cache_rejects_labels_position_ids_and_other_batch_sizes(
         model(input_ids, labels=input_ids, cache=cache)
     with pytest.raises(ValueError, match="made for 2"):
         model(input_ids[:1], cache=cache)
+
+
+def test_vocab_size_keeps_generation_inside_a_smaller_tokenizer():
+    """A model whose vocabulary is padded past its tokenizer's never emits the padding ids."""
+    model = tiny()
+    prompt = [[1, 5, 9, 33]]
+    free = generate(model, prompt, max_new_tokens=12)[0]
+    limit = max(free)  # the largest id it chose is now past the end
+    limited = generate(model, prompt, max_new_tokens=12, vocab_size=limit)[0]
+    assert max(limited) < limit and limited != free
+    with pytest.raises(ValueError, match=f"vocab_size={VOCAB + 1} is outside"):
+        generate(model, prompt, max_new_tokens=4, vocab_size=VOCAB + 1)

@@ -450,10 +450,28 @@ def test_local_directory_with_a_revision_is_rejected(tmp_path):
         resolve_model_dir(tmp_path, revision="main")
 
 
-def test_missing_local_path_is_not_sent_to_the_hub(tmp_path):
-    for name in (tmp_path / "nothing", "./nothing", "~/nothing/at/all"):
-        with pytest.raises(FileNotFoundError, match="is not a local directory, nor a Hugging Face Hub repo"):
-            resolve_model_dir(name)
+@pytest.mark.parametrize("name", ["{tmp}/nothing", "./nothing", "~/nothing/at/all", "a/b/c", "a\\b"])
+def test_missing_local_path_is_reported_as_no_such_directory(tmp_path, monkeypatch, name):
+    monkeypatch.chdir(tmp_path)
+    name = name.format(tmp=tmp_path)
+    with pytest.raises(FileNotFoundError, match=f"^no such directory: {re.escape(repr(name))}"):
+        resolve_model_dir(name)
+
+
+def test_mistyped_run_directory_is_not_taken_for_a_hub_repo(tmp_path, monkeypatch):
+    (tmp_path / "runs" / "default").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError) as error:
+        resolve_model_dir("runs/defualt")
+    assert str(error.value) == "no such directory: 'runs/defualt'; did you mean 'runs/default'?"
+
+
+def test_missing_parent_of_a_local_path_is_named_with_the_nearest_name(tmp_path):
+    (tmp_path / "default").mkdir()
+    with pytest.raises(FileNotFoundError) as error:
+        resolve_model_dir(tmp_path / "defualt" / "step_100")
+    assert str(error.value).endswith(f"; {str(tmp_path / 'defualt')!r} does not exist; "
+                                     f"did you mean {str(tmp_path / 'default')!r}?")
 
 
 def test_file_instead_of_directory_is_rejected(tmp_path):

@@ -87,7 +87,7 @@ def test_config_flags_override_toml(tmp_path):
         load_config(["--train.nope", "1"])
     with pytest.raises(ValueError, match="not a valid int"):
         load_config(["--max_steps", "many"])
-    with pytest.raises(ValueError, match="train.fsdp_prefetch is -1"):
+    with pytest.raises(ValueError, match="--train.fsdp_prefetch -1: blocks to gather ahead"):
         load_config(["--train.fsdp_prefetch", "-1"])
 
 

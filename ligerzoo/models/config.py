@@ -9,6 +9,7 @@ implement raise a ValueError naming the field.
 """
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -47,6 +48,10 @@ MUST_BE = {"attention_dropout": 0.0, "router_jitter_noise": 0.0, "partial_rotary
 
 LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor",
                     "original_max_position_embeddings")
+# Fields that are sizes: positive integers. num_key_value_heads and head_dim may be None (derived).
+SIZE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+               "num_key_value_heads", "head_dim", "max_position_embeddings")
+FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 ROPE_KEYS = ("rope_theta", "rope_scaling", "rope_parameters")
 
 
@@ -89,10 +94,22 @@ class ModelConfig:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        for name in SIZE_FIELDS:  # first: the derived fields are computed from them
+            value = getattr(self, name)
+            if not (value is None and name in ("num_key_value_heads", "head_dim")):
+                _check_positive(name, value, integer=True)
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None:
+            if self.hidden_size % self.num_attention_heads:
+                raise ValueError(
+                    f"hidden_size ({self.hidden_size}) must be a multiple of num_attention_heads "
+                    f"({self.num_attention_heads}), or head_dim must be given"
+                )
             self.head_dim = self.hidden_size // self.num_attention_heads
+        for name in ("rms_norm_eps", "rope_theta"):
+            _check_positive(name, getattr(self, name))
+        self.rope_theta = float(self.rope_theta)
         if self.model_type == "mixtral":
             defaults = FAMILY_DEFAULTS["mixtral"]
             for name in ("num_local_experts", "num_experts_per_tok", "router_aux_loss_coef"):
@@ -114,11 +131,9 @@ class ModelConfig:
                 )
         if self.hidden_act != "silu":
             raise ValueError(f"hidden_act {self.hidden_act!r} is not supported: these models use 'silu'")
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                     "num_attention_heads", "num_key_value_heads", "head_dim"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.dtype is not None and str(self.dtype).removeprefix("torch.") not in FLOAT_DTYPES:
+            raise ValueError(f"dtype {self.dtype!r} is not a floating-point dtype: expected one of "
+                             f"{', '.join(FLOAT_DTYPES)}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
@@ -130,6 +145,8 @@ class ModelConfig:
         if window is not None and (not isinstance(window, int) or window < 1):
             raise ValueError(f"sliding_window must be a positive integer or None, got {window!r}")
         if self.model_type == "mixtral":
+            for name in ("num_local_experts", "num_experts_per_tok"):
+                _check_positive(name, getattr(self, name), integer=True)
             if not 1 <= self.num_experts_per_tok <= self.num_local_experts:
                 raise ValueError(
                     f"num_experts_per_tok ({self.num_experts_per_tok}) must be in [1, num_local_experts "
@@ -144,6 +161,8 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
         """Parse a Hugging Face config.json dict (either RoPE style)."""
+        if not isinstance(d, dict):
+            raise ValueError(f"a model config is a JSON object of settings, got {type(d).__name__} {d!r:.80}")
         d = dict(d)
         model_type = _model_type(d)
         d.pop("architectures", None)
@@ -167,9 +186,12 @@ class ModelConfig:
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> "ModelConfig":
-        """Read a config.json file."""
-        with open(path) as f:
-            return cls.from_dict(json.load(f))
+        """Read a config.json file; a ValueError names the file."""
+        with open(path, encoding="utf-8") as f:
+            try:
+                return cls.from_dict(json.load(f))
+            except ValueError as error:  # json's errors too
+                raise ValueError(f"{path}: {error}") from error
 
     def to_dict(self) -> dict:
         """A config.json dict that transformers' AutoConfig loads. RoPE and dtype are written in the
@@ -185,13 +207,21 @@ class ModelConfig:
         return {**d, **self.extra}
 
 
+def _check_positive(name: str, value, integer: bool = False) -> None:
+    """Raise a ValueError naming `name` unless `value` is a positive (finite) integer or number."""
+    kinds, what = (int, "integer") if integer else ((int, float), "finite number")
+    if isinstance(value, bool) or not isinstance(value, kinds) or not 0 < value < math.inf:
+        raise ValueError(f"{name} must be a positive {what}, got {value!r}")
+
+
 def _model_type(d: dict) -> str:
     model_type = d.get("model_type")
     architectures = d.get("architectures")
     if model_type is None and architectures:
         by_architecture = {arch: family for family, arch in ARCHITECTURES.items()}
-        model_type = by_architecture.get(architectures[0] if isinstance(architectures, list) else None)
-    if model_type not in ARCHITECTURES:
+        first = architectures[0] if isinstance(architectures, list) else None
+        model_type = by_architecture.get(first) if isinstance(first, str) else None
+    if not isinstance(model_type, str) or model_type not in ARCHITECTURES:
         raise ValueError(
             f"model_type {model_type!r} (architectures {architectures!r}) is not supported: expected one of "
             f"{sorted(ARCHITECTURES)}"
@@ -208,6 +238,9 @@ def _parse_rope(d: dict, default_theta: float) -> tuple[float, dict | None]:
     """(rope_theta, rope_scaling) from either `rope_parameters` or `rope_theta` + `rope_scaling`."""
     old_theta, old_scaling = d.get("rope_theta"), d.get("rope_scaling")
     params = d.get("rope_parameters")
+    for name, value in (("rope_scaling", old_scaling), ("rope_parameters", params)):
+        if value is not None and not isinstance(value, dict):
+            raise ValueError(f"{name} must be an object or null, got {value!r}")
     if params is not None:
         params = dict(params)
         if any(isinstance(value, dict) for value in params.values()):
@@ -221,11 +254,11 @@ def _parse_rope(d: dict, default_theta: float) -> tuple[float, dict | None]:
             raise ValueError(f"rope_theta ({old_theta}) disagrees with rope_parameters' rope_theta ({theta})")
         if old_scaling is not None and _rope_type(old_scaling) != _rope_type(params):
             raise ValueError(f"rope_scaling {old_scaling!r} disagrees with rope_parameters {params!r}")
-        return float(theta), scaling
+        return theta, scaling  # checked (a positive number) and made a float by ModelConfig
     theta = old_theta if old_theta is not None else default_theta
     if old_scaling is not None and _rope_type(old_scaling) == "default":
         old_scaling = None
-    return float(theta), old_scaling
+    return theta, old_scaling
 
 
 def _rope_type(scaling: dict) -> str:
@@ -245,4 +278,9 @@ def _rope_scaling(scaling: dict, max_position_embeddings: int) -> dict:
     missing = [key for key in LLAMA3_ROPE_KEYS if key not in values]
     if missing:
         raise ValueError(f"rope_scaling of type 'llama3' lacks {missing}: got {scaling!r}")
+    for key in LLAMA3_ROPE_KEYS:
+        _check_positive(f"rope_scaling's {key}", values[key])
+    if values["high_freq_factor"] <= values["low_freq_factor"]:  # they divide the band between them
+        raise ValueError(f"rope_scaling's high_freq_factor ({values['high_freq_factor']}) must exceed its "
+                         f"low_freq_factor ({values['low_freq_factor']})")
     return {"rope_type": "llama3", **{key: values[key] for key in LLAMA3_ROPE_KEYS}}

@@ -5,6 +5,7 @@
 """
 
 import dataclasses
+import math
 import tomllib
 import types
 import typing
@@ -41,7 +42,11 @@ class DataSection:
 class TrainSection:
     output_dir: str = "runs/default"
     max_steps: int = 200
-    checkpoint_every: int = 100  # 0: only the final export
+    checkpoint_every: int = 100  # 0: only the final checkpoint and export
+    keep_checkpoints: int = 0  # the newest N checkpoints are kept, older ones deleted; 0: keep all
+    # Start afresh in an output_dir that holds an earlier run (its checkpoints, metrics and export
+    # are deleted); without it such a directory is resumed from, or refused if it cannot be.
+    overwrite: bool = False
     lr: float = 3e-3
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     warmup_steps: int = 20
@@ -79,6 +84,8 @@ class Config:
     medusa: MedusaSection = field(default_factory=MedusaSection)
 
 
+FLOAT32_MAX = 3.4028234663852886e38
+
 SHORT_FLAGS = {"max_steps": "train.max_steps", "output_dir": "train.output_dir",
                "checkpoint_every": "train.checkpoint_every"}
 
@@ -98,21 +105,78 @@ def load_config(argv: list[str]) -> Config:
     for key, value in pairs:
         if key != "config":
             _set(config, SHORT_FLAGS.get(key, key), value, from_text=True)
-    if config.train.activation_checkpointing not in ("off", "full", "selective"):
-        raise ValueError(
-            f"train.activation_checkpointing is {config.train.activation_checkpointing!r}: "
-            "use 'off', 'full' or 'selective'"
-        )
-    if config.train.fsdp_prefetch < 0:
-        raise ValueError(f"train.fsdp_prefetch is {config.train.fsdp_prefetch}: blocks to gather ahead, 0 or more")
-    if config.medusa.num_heads < 0 or config.medusa.num_layers < 1:
-        raise ValueError("medusa.num_heads must be >= 0 and medusa.num_layers >= 1")
-    if config.medusa.mode not in ("heads", "joint"):
-        raise ValueError(f"medusa.mode is {config.medusa.mode!r}: use 'heads' (trunk frozen) or 'joint'")
-    for key in ("dtype", "master_dtype"):
-        if getattr(config.train, key) not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"train.{key} is {getattr(config.train, key)!r}: use 'float32' or 'bfloat16'")
+    problems = config_problems(config)
+    if problems:
+        raise ValueError("bad settings:\n  " + "\n  ".join(problems) if len(problems) > 1 else problems[0])
     return config
+
+
+def config_problems(config: Config) -> list[str]:
+    """Every setting outside its range, each as "--section.key VALUE: what is allowed"."""
+    problems = []
+
+    def require(ok: bool, key: str, allowed: str) -> None:
+        if not ok:
+            section, _, name = key.partition(".")
+            problems.append(f"--{key} {getattr(getattr(config, section), name)!r}: {allowed}")
+
+    model, data, train, medusa = config.model, config.data, config.train, config.medusa
+    require(model.name is None or model.name.strip() != "", "model.name", "a Hub repo id or a directory")
+    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads", "max_position_embeddings"):
+        require(getattr(model, name) >= 1, f"model.{name}", "a positive integer")
+    if model.num_attention_heads >= 1 and model.num_key_value_heads >= 1:
+        require(model.hidden_size % model.num_attention_heads == 0, "model.hidden_size",
+                f"a multiple of model.num_attention_heads ({model.num_attention_heads})")
+        require(model.num_attention_heads % model.num_key_value_heads == 0, "model.num_key_value_heads",
+                f"a divisor of model.num_attention_heads ({model.num_attention_heads})")
+    require(data.path is None or data.path.strip() != "", "data.path", "a file, or none for the built-in corpus")
+    require(data.tokenizer is None or data.tokenizer.strip() != "", "data.tokenizer",
+            "a Hub repo id, a directory or file, or 'bytes'")
+    require(data.seq_len >= 2, "data.seq_len", "2 or more tokens a row (each row predicts its next tokens)")
+    for name in ("batch_size", "grad_accum", "num_documents"):
+        require(getattr(data, name) >= 1, f"data.{name}", "a positive integer")
+    require(train.output_dir.strip() != "", "train.output_dir", "a directory to write the run into")
+    require(train.max_steps >= 1, "train.max_steps", "a positive number of steps")
+    require(train.checkpoint_every >= 0, "train.checkpoint_every", "steps between checkpoints, or 0 for none "
+            "but the final one")
+    require(train.keep_checkpoints >= 0, "train.keep_checkpoints", "how many checkpoints to keep, or 0 for all")
+    require(0 < train.lr < FLOAT32_MAX, "train.lr", "a positive learning rate (the optimizer holds it as a float32)")
+    require(0 <= train.min_lr_ratio <= 1, "train.min_lr_ratio", "a fraction of train.lr, from 0 to 1")
+    require(train.warmup_steps >= 0, "train.warmup_steps", "0 or more steps")
+    require(0 <= train.weight_decay < math.inf, "train.weight_decay", "0 or more")
+    require(len(train.betas) == 2 and all(0 <= b < 1 for b in train.betas), "train.betas",
+            "two numbers in [0, 1), as --train.betas 0.9,0.95")
+    require(0 < train.max_grad_norm, "train.max_grad_norm", "a positive gradient norm to clip at (inf: no "
+            "clipping); 0 would zero every update")
+    require(train.activation_checkpointing in ("off", "full", "selective"), "train.activation_checkpointing",
+            "'off', 'full' or 'selective'")
+    for name in ("dtype", "master_dtype"):
+        require(getattr(train, name) in ("float32", "bfloat16", "float16"), f"train.{name}",
+                "'float32', 'bfloat16' or 'float16'")
+    require(train.fsdp_prefetch >= 0, "train.fsdp_prefetch", "blocks to gather ahead, 0 or more")
+    require(0 <= train.seed < 2**63, "train.seed", "an integer from 0 to 2**63 - 1")
+    require(medusa.num_heads >= 0, "medusa.num_heads", "0 (no heads) or more")
+    require(medusa.num_layers >= 1, "medusa.num_layers", "a positive number of blocks a head")
+    require(medusa.mode in ("heads", "joint"), "medusa.mode", "'heads' (trunk frozen) or 'joint'")
+    require(0 < medusa.decay <= 1, "medusa.decay", "a weight ratio in (0, 1]")
+    require(0 <= medusa.heads_weight < math.inf, "medusa.heads_weight", "0 or more")
+    return problems
+
+
+def config_warnings(config: Config) -> list[str]:
+    """Settings that are legal but most likely not what was meant."""
+    warnings, train = [], config.train
+    if train.warmup_steps >= train.max_steps:
+        warnings.append(f"train.warmup_steps ({train.warmup_steps}) is not shorter than the run "
+                        f"(train.max_steps {train.max_steps}): the learning rate never reaches train.lr")
+    if train.checkpoint_every > train.max_steps:
+        warnings.append(f"train.checkpoint_every ({train.checkpoint_every}) exceeds train.max_steps "
+                        f"({train.max_steps}): only the final checkpoint is written")
+    if config.model.name is None and config.data.seq_len > config.model.max_position_embeddings:
+        warnings.append(f"data.seq_len ({config.data.seq_len}) exceeds model.max_position_embeddings "
+                        f"({config.model.max_position_embeddings}): the model is trained past its context")
+    return warnings
 
 
 def _pairs(argv: list[str]) -> list[tuple[str, str]]:

@@ -13,6 +13,7 @@ file of the same documents gives.
 """
 
 import array
+import codecs
 import itertools
 import json
 import mmap
@@ -28,20 +29,9 @@ from pathlib import Path
 import torch
 
 from ligerzoo.checkpoint import _fsync_directory
+from ligerzoo.tokenizer import ByteTokenizer, tokenizer_fingerprint  # noqa: F401 (re-exported)
 
 IGNORE_INDEX = -100
-
-
-class ByteTokenizer:
-    """UTF-8 bytes as ids 0-255, BOS 256, EOS 257: needs no files, for models trained from scratch."""
-
-    bos_id, eos_id, vocab_size = 256, 257, 258
-
-    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
-        return [self.bos_id] * bos + list(text.encode("utf-8")) + [self.eos_id] * eos
-
-    def decode(self, ids) -> str:
-        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
 
 
 def builtin_corpus(num_documents: int, seed: int = 0) -> list[str]:
@@ -63,22 +53,43 @@ def builtin_corpus(num_documents: int, seed: int = 0) -> list[str]:
 
 
 def read_documents(path: str) -> list[str]:
-    """A .jsonl file's "text" fields, or a text file's blank-line-separated paragraphs."""
-    with open(path, encoding="utf-8") as file:
+    """The documents of a UTF-8 corpus file, by its suffix (in any case): .jsonl, one {"text": ...}
+    record per line; .json, one array of {"text": ...} records or strings; anything else, text
+    whose blank-line-separated paragraphs are the documents. A file without documents, or one
+    that is not UTF-8 text, raises a ValueError that says where."""
+    with _open_corpus(path) as file:
         return list(_documents(file, path))
 
 
+def _open_corpus(path: str):
+    """A corpus file opened for _documents (a UTF-8 byte-order mark, as Windows writes, skipped)."""
+    return open(path, encoding="utf-8-sig")
+
+
 def _documents(file, path: str) -> Iterator[str]:
-    """The documents of an open text file, one at a time, as read_documents reads them."""
-    if path.endswith(".jsonl"):
-        for number, line in enumerate(file, 1):
-            if line.strip():
-                yield _jsonl_text(line, f"{path}:{number}")
-        return
-    # Paragraphs end at an empty line, as `text.split("\n\n")` cuts them, but streamed.
+    """The documents of a corpus file opened by _open_corpus, one at a time, as read_documents
+    reads them; .txt and .jsonl files are streamed."""
+    suffix = Path(path).suffix.lower()
+    read = {".jsonl": _jsonl_documents, ".json": _json_array_documents}.get(suffix, _paragraphs)
+    found = False
+    try:
+        for text in read(file, path):
+            found = True
+            yield text
+    except UnicodeDecodeError as error:
+        raise _not_utf8_error(path, error) from None
+    if not found:
+        raise ValueError(f"{path} holds no documents (it is empty or blank): pass a corpus with text in it")
+
+
+def _paragraphs(file, path: str) -> Iterator[str]:
+    """A text file's paragraphs, which end at an empty line, as `text.split("\n\n")` cuts them,
+    but streamed."""
     lines = []
-    for line in itertools.chain(file, ["\n"]):  # the end of the file ends the last paragraph
+    for number, line in enumerate(itertools.chain(file, ["\n"]), 1):  # the end ends the last one
         if line != "\n":
+            if "\0" in line:
+                raise _binary_file_error(path, number)
             lines.append(line)
             continue
         text = "".join(lines).strip()
@@ -87,14 +98,75 @@ def _documents(file, path: str) -> Iterator[str]:
             yield text
 
 
-def _jsonl_text(line: str, where: str) -> str:
+def _jsonl_documents(file, path: str) -> Iterator[str]:
+    """The "text" of each line's record (blank lines skipped)."""
+    for number, line in enumerate(file, 1):
+        if "\0" in line:
+            raise _binary_file_error(path, number)
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{where}: not a line of JSON ({error})") from None
+        yield _record_text(record, where, strings=False)
+
+
+def _json_array_documents(file, path: str) -> Iterator[str]:
+    """The texts of a .json file holding one array of records or strings (read whole: a corpus
+    too large for memory belongs in a .jsonl file)."""
+    expected = 'one JSON array of {"text": ...} records or of strings (one record per line is .jsonl)'
     try:
-        record = json.loads(line)
+        records = json.load(file)
     except json.JSONDecodeError as error:
-        raise ValueError(f"{where}: not a line of JSON ({error})") from None
+        raise ValueError(f"{path} is not valid JSON ({error}); a .json corpus is {expected}") from None
+    if not isinstance(records, list):
+        raise ValueError(f"{path} holds a JSON {type(records).__name__}; a .json corpus is {expected}")
+    for index, record in enumerate(records):
+        yield _record_text(record, f"{path}: record {index}", strings=True)
+
+
+def _record_text(record, where: str, strings: bool) -> str:
+    """The text of one JSON record: its "text" string, or (where `strings`) the record itself."""
+    if strings and isinstance(record, str):
+        return record
     if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-        raise ValueError(f"{where}: a JSONL record needs a \"text\" string, got {line.strip()[:80]!r}")
+        rule = 'a JSONL record needs a "text" string'
+        if strings:
+            rule = 'a record needs a "text" string or is a string'
+        raise ValueError(f"{where}: {rule}, got {json.dumps(record, ensure_ascii=False)[:80]}")
     return record["text"]
+
+
+def _binary_file_error(path: str, line: int) -> ValueError:
+    return ValueError(f"{path}:{line}: holds a NUL byte, so it is not a text file (binary data, or "
+                      "UTF-16 text): pass the corpus as UTF-8 .txt, .jsonl or .json")
+
+
+_SCAN_CHUNK = 1 << 20  # bytes read at a time by _not_utf8_error
+
+
+def _not_utf8_error(path: str, error: UnicodeDecodeError) -> ValueError:
+    """Where `path` first fails to decode as UTF-8: found again from the start of the file, since
+    the text reader's error counts from a buffer of unknown offset."""
+    offset = newlines = 0  # in what has been decoded so far
+    pending = b""  # the first bytes of a character split across chunks
+    with open(path, "rb") as file:
+        while True:
+            chunk = file.read(_SCAN_CHUNK)
+            data = pending + chunk
+            try:
+                _, used = codecs.utf_8_decode(data, "strict", not chunk)  # final at the end
+            except UnicodeDecodeError as found:
+                bad, line = offset + found.start, newlines + data.count(b"\n", 0, found.start) + 1
+                return ValueError(
+                    f"{path} is not UTF-8 text: byte {bad} (line {line}) is 0x{data[found.start]:02x}; "
+                    "a corpus must be UTF-8 text (convert one in another encoding, e.g. with "
+                    "`iconv -f latin1 -t utf-8`), not a binary file")
+            if not chunk:  # not found again: the file changed while it was read
+                return ValueError(f"{path} is not UTF-8 text ({error})")
+            offset, newlines, pending = offset + used, newlines + data.count(b"\n", 0, used), data[used:]
 
 
 class PackedData:
@@ -168,28 +240,28 @@ class PackedData:
 # document starts (int64), a JSON header, then a 16-byte trailer: the header's length (uint64)
 # and the magic b"LZTOKEN1". The ids begin at byte 0, so `numpy.fromfile(path, dtype,
 # count=num_tokens)` reads them too. The header records the dtype, the counts, where the starts
-# lie, the largest id, the sources, and the tokenizer: its name, vocab_size and its encoding of a
-# probe text, which tells apart tokenizers of one size (Llama 2 and Mistral 7B both have 32000).
+# lie, the largest id, the sources, and the tokenizer: its name (its file, or "bytes") and its
+# `tokenizer_fingerprint` (kind, vocab_size, bos_id, eos_id, and `probe`, its ids of a probe text).
+# Files written before the fingerprint record only vocab_size and probe, and are checked on those.
 
 TOKEN_FILE_SUFFIX = ".tokens"
 _TRAILER = struct.Struct("<Q8s")
 _MAGIC = b"LZTOKEN1"
 _TYPECODES = {"uint16": "H", "uint32": "I"}
 _CHUNK_TOKENS = 1 << 20  # ids buffered between writes
-_PROBE = "Probe: the café at 東京 opened in 1987 🙂\n\n\tLet's see,  twice-spaced text… THE END."
 
 
 def write_token_file(inputs: list[str], tokenizer, output: str,
                      on_progress: Callable[[int, int, int], None] | None = None) -> dict:
-    """Tokenise the documents of `inputs` (.txt or .jsonl, read as read_documents reads them) one at
-    a time into the token file `output`, and return its header.
+    """Tokenise the documents of `inputs` (read as read_documents reads them) one at a time into the
+    token file `output`, and return its header.
 
     The file is written under a temporary name, synced, and renamed: `output` is complete or absent
     (or, after a failed rewrite, still the earlier file).
     on_progress: called after each chunk written with (documents, tokens, input bytes read).
     """
     output = Path(output)
-    if output.suffix != TOKEN_FILE_SUFFIX:
+    if output.suffix.lower() != TOKEN_FILE_SUFFIX:
         raise ValueError(f"the output {str(output)!r} does not end in {TOKEN_FILE_SUFFIX}, "
                          "the suffix by which training recognises a token file")
     dtype = "uint16" if tokenizer.vocab_size <= 1 << 16 else "uint32"
@@ -200,7 +272,7 @@ def write_token_file(inputs: list[str], tokenizer, output: str,
     try:
         with open(staging, "wb") as out, open(starts_staging, "w+b") as starts_out:
             for path in inputs:
-                with open(path, encoding="utf-8") as file:
+                with _open_corpus(path) as file:
                     for text in _documents(file, path):
                         document = tokenizer.encode(text, bos=True, eos=True)
                         starts.append(tokens)
@@ -278,17 +350,23 @@ def read_token_file(path: str) -> tuple[torch.Tensor, torch.Tensor, dict]:
 
 
 def _tokenizer_record(tokenizer) -> dict:
-    name = str(tokenizer.path) if hasattr(tokenizer, "path") else "bytes"
-    return {"name": name, "vocab_size": tokenizer.vocab_size,
-            "probe": tokenizer.encode(_PROBE, bos=True, eos=True)}
+    """A token file's record of its tokenizer: its file (or "bytes") and its fingerprint."""
+    path = getattr(tokenizer, "path", None)
+    return {"name": "bytes" if path is None else str(path), **tokenizer_fingerprint(tokenizer)}
 
 
 def _check_tokenizer(header: dict, tokenizer, path: str) -> None:
-    """Raise unless `tokenizer` is the one that wrote the token file."""
+    """Raise unless `tokenizer` is the one that wrote the token file (by the fingerprint's fields
+    that the file records: older files lack kind, bos_id and eos_id)."""
     written, used = header["tokenizer"], _tokenizer_record(tokenizer)
-    if (written["vocab_size"], written["probe"]) != (used["vocab_size"], used["probe"]):
-        same_size = written["vocab_size"] == used["vocab_size"]
-        how = "encodes text differently" if same_size else "has another vocab_size"
+    differ = {key for key, value in used.items() if key in written and written[key] != value} - {"name"}
+    if differ:
+        if "vocab_size" in differ:
+            how = "has another vocab_size"
+        elif differ & {"probe", "bos_id", "eos_id"}:
+            how = "encodes text differently"
+        else:
+            how = f"is another kind of tokenizer ({used['kind']}, the file's {written['kind']})"
         raise ValueError(
             f"{path} was tokenised with {written['name']} (vocab_size {written['vocab_size']}), but training "
             f"uses {used['name']} (vocab_size {used['vocab_size']}), which {how}: prepare the file again "
@@ -303,7 +381,7 @@ def build_data(data_config, tokenizer, seed: int) -> PackedData:
     """Pack the configured corpus: a token file, memory-mapped, or a text file (or the built-in
     corpus) tokenised here."""
     path = data_config.path
-    if path is not None and path.endswith(TOKEN_FILE_SUFFIX):
+    if path is not None and Path(path).suffix.lower() == TOKEN_FILE_SUFFIX:
         tokens, starts, header = read_token_file(path)
         _check_tokenizer(header, tokenizer, path)
         return PackedData(tokens, starts, data_config.seq_len, seed)

@@ -5,22 +5,24 @@ import math
 import os
 import random
 import signal
+import sys
 import time
 
 import torch
 import torch.distributed as dist
 
 from ligerzoo.checkpoint import from_pretrained
+from ligerzoo.hub import resolve_model_dir
 from ligerzoo.models import ModelConfig, build_model
-from ligerzoo.tokenizer import load_tokenizer
-from ligerzoo.training.checkpointing import export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
-from ligerzoo.training.config import Config
-from ligerzoo.training.data import IGNORE_INDEX, ByteTokenizer, build_data
+from ligerzoo.tokenizer import ByteTokenizer, load_tokenizer, tokenizer_fingerprint
+from ligerzoo.training.checkpointing import complete_checkpoints, export_hf, resume_latest, save_checkpoint
+from ligerzoo.training.config import Config, config_warnings
+from ligerzoo.training.data import IGNORE_INDEX, build_data
 from ligerzoo.training.medusa import export_heads, medusa_flops_per_token, with_medusa_heads
 from ligerzoo.training.metrics import MetricsLog, flops_per_token, peak_flops
-from ligerzoo.training.parallel import (
-    apply_fsdp, init_distributed, prepare_blocks,
-)
+from ligerzoo.training.output_dir import OutputDirError, claim_output_dir
+from ligerzoo.training.parallel import apply_fsdp, init_distributed, prepare_blocks
+from ligerzoo.training.run_record import resume_differences, run_record
 
 # Test hook: the process SIGKILLs itself after this step (simulates a crash at the worst moment).
 KILL_AFTER_STEP_ENV = "LIGERZOO_KILL_AFTER_STEP"
@@ -30,7 +32,11 @@ HEAD_ACCURACY_ROWS = 1024
 
 def train(config: Config) -> None:
     rank, world_size, device = init_distributed()
-    _train(config, rank, world_size, device)
+    try:
+        _train(config, rank, world_size, device)
+    except BaseException:
+        dist.destroy_process_group()
+        raise
     # Every rank leaves together: a gloo rank that tears its group down while another still
     # holds it can abort at exit ("terminate called without an active exception"). So can a
     # collective's work object that a reference cycle (FSDP's modules have them) keeps alive
@@ -41,11 +47,26 @@ def train(config: Config) -> None:
 
 
 def _train(config: Config, rank: int, world_size: int, device: torch.device) -> None:
+    train_cfg = config.train
+    for warning in config_warnings(config):
+        _warn(rank, warning)
+    # Before anything is written: the output directory is ours alone, and holds no earlier run
+    # that this one would silently replace.
+    lock = _claim_output_dir(train_cfg, rank)
+    try:
+        _train_locked(config, rank, world_size, device)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train_locked(config: Config, rank: int, world_size: int, device: torch.device) -> None:
     train_cfg, data_cfg = config.train, config.data
     _seed_everything(train_cfg.seed)
 
     # Build: the same weights on every rank (same seed or same checkpoint), then sharded.
-    model, tokenizer, tokenizer_dir = _build_model_and_tokenizer(config)
+    model, tokenizer, model_dir = _build_model_and_tokenizer(config, rank)
+    run = run_record(config, model.config.to_dict(), tokenizer_fingerprint(tokenizer), world_size)
     medusa = config.medusa.num_heads > 0
     if medusa:
         model = with_medusa_heads(model, config.medusa)
@@ -57,19 +78,38 @@ def _train(config: Config, rank: int, world_size: int, device: torch.device) -> 
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=train_cfg.lr, betas=train_cfg.betas,
                                   weight_decay=train_cfg.weight_decay, fused=device.type == "cuda")
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, train_cfg))
     data = build_data(data_cfg, tokenizer, train_cfg.seed)
 
-    # Maybe resume from the latest complete checkpoint.
-    start_step = 0
-    checkpoint = latest_checkpoint(train_cfg.output_dir)
-    if checkpoint is not None:
-        start_step = load_checkpoint(checkpoint, model, optimizer, scheduler, data)
-        if rank == 0:
-            print(f"resumed from {checkpoint} (step {start_step})", flush=True)
+    # Maybe resume from the latest checkpoint that is whole and was saved by a compatible run.
+    def check_run(path, saved):
+        if saved is None:
+            _warn(rank, f"{path} records no settings (saved by an earlier ligerzoo): resuming unchecked")
+            return
+        conflicts, changes = resume_differences(saved, run)
+        if conflicts:
+            raise ValueError(
+                f"cannot resume from {path}: this run differs in what the checkpoint holds:\n  " + "\n  ".join(conflicts)
+                + f"\nRun with the checkpoint's settings, or choose another --output_dir "
+                f"(or pass --train.overwrite true to delete {train_cfg.output_dir}'s run and start afresh)"
+            )
+        for change in changes:
+            _say(rank, f"changed since the checkpoint, takes effect: {change}")
+
+    start_step, skipped = resume_latest(train_cfg.output_dir, model, optimizer, data, check_run)
+    for warning in skipped:
+        _warn(rank, warning)
+    _set_hyperparameters(optimizer, train_cfg)  # the checkpoint's are replaced by this run's
+    if start_step:
+        _say(rank, f"resumed from {train_cfg.output_dir}/checkpoints/step_{start_step:08d} (step {start_step})")
+    if start_step > train_cfg.max_steps:
+        raise ValueError(f"the checkpoint is at step {start_step}, past --train.max_steps {train_cfg.max_steps}; "
+                         f"raise it to train on")
     metrics = MetricsLog(train_cfg.output_dir, train_cfg.max_steps, start_step, enabled=rank == 0)
     peak = peak_flops(device)
     kill_after = int(os.environ.get(KILL_AFTER_STEP_ENV, "0"))
+
+    def checkpoint(step):
+        save_checkpoint(train_cfg.output_dir, step, model, optimizer, data, run, keep=train_cfg.keep_checkpoints)
 
     for step in range(start_step + 1, train_cfg.max_steps + 1):
         started = time.perf_counter()
@@ -95,24 +135,29 @@ def _train(config: Config, rank: int, world_size: int, device: torch.device) -> 
                 head_loss_sum += out.head_losses * count
         dist.all_reduce(loss_sum)
         step_loss = (loss_sum / total).item()
-        if not math.isfinite(step_loss):
-            raise FloatingPointError(
-                f"the loss is {step_loss} at step {step}; stopping without an update. Lower train.lr, "
-                f"or resume from the last checkpoint in {train_cfg.output_dir}/checkpoints"
-            )
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, train_cfg.max_grad_norm)
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        lr = scheduler.get_last_lr()[0]
+        grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
+        # A step that is not finite is never applied, so the weights, and every checkpoint, stay
+        # as they were after the last good step.
+        if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
+            what = f"the loss is {step_loss}" if not math.isfinite(step_loss) else f"the gradient norm is {grad_norm}"
+            raise FloatingPointError(
+                f"{what} at step {step}; stopping without applying it. Lower --train.lr (or raise "
+                f"--train.warmup_steps) and run again: it resumes from the last checkpoint in "
+                f"{train_cfg.output_dir}/checkpoints"
+            )
+        lr = train_cfg.lr * _lr_factor(step - 1, train_cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
 
         tokens = world_size * data_cfg.grad_accum * data_cfg.batch_size * data_cfg.seq_len
         if device.type == "cuda":
             torch.cuda.synchronize()
         tokens_per_s = tokens / (time.perf_counter() - started)
         record = {
-            "step": step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm.item(),
+            "step": step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm,
             "tokens_per_s": tokens_per_s,
             "mfu": None if peak is None else tokens_per_s * seq_flops / (peak * world_size),
             "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
@@ -121,20 +166,51 @@ def _train(config: Config, rank: int, world_size: int, device: torch.device) -> 
             record.update(_head_metrics(head_loss_sum / total, out.head_accuracies, world_size))
         metrics.log(record)
         if train_cfg.checkpoint_every and step % train_cfg.checkpoint_every == 0 and step < train_cfg.max_steps:
-            save_checkpoint(train_cfg.output_dir, step, model, optimizer, scheduler, data)
+            checkpoint(step)
         if step == kill_after and rank == 0:
             os.kill(os.getpid(), signal.SIGKILL)
 
     metrics.close()
-    save_checkpoint(train_cfg.output_dir, train_cfg.max_steps, model, optimizer, scheduler, data)
+    if start_step < train_cfg.max_steps:
+        checkpoint(train_cfg.max_steps)
     if medusa:
         target = export_heads(model, train_cfg.output_dir, base_model=config.model.name)
-        if rank == 0:
-            print(f"Medusa heads saved to {target}", flush=True)
+        _say(rank, f"Medusa heads saved to {target}")
     if not medusa or config.medusa.mode == "joint":  # a frozen trunk is the checkpoint it came from
-        export_hf(model.base if medusa else model, train_cfg.output_dir, tokenizer_dir)
-        if rank == 0:
-            print(f"exported to {train_cfg.output_dir}/hf", flush=True)
+        target = export_hf(model.base if medusa else model, train_cfg.output_dir, tokenizer, model_dir)
+        _say(rank, f"exported to {target}")
+
+
+def _claim_output_dir(train_cfg, rank: int):
+    """Rank 0 takes the output directory (claim_output_dir); every rank learns whether it could."""
+    lock, outcome = None, [None]
+    if rank == 0:
+        try:
+            resumable = not train_cfg.overwrite and bool(complete_checkpoints(train_cfg.output_dir))
+            lock, notes = claim_output_dir(train_cfg.output_dir, train_cfg.overwrite, resumable)
+            for note in notes:
+                _warn(rank, note)
+        except (OutputDirError, OSError) as error:
+            outcome = [str(error)]
+    dist.broadcast_object_list(outcome, src=0)
+    if outcome[0] is not None:
+        raise OutputDirError(outcome[0])
+    return lock
+
+
+def _set_hyperparameters(optimizer, train_cfg) -> None:
+    for group in optimizer.param_groups:
+        group["betas"], group["weight_decay"] = train_cfg.betas, train_cfg.weight_decay
+
+
+def _say(rank: int, message: str) -> None:
+    if rank == 0:
+        print(message, flush=True)
+
+
+def _warn(rank: int, message: str) -> None:
+    if rank == 0:
+        print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 def _head_metrics(head_losses: torch.Tensor, head_accuracies: torch.Tensor, world_size: int) -> dict:
@@ -150,24 +226,30 @@ def _head_metrics(head_losses: torch.Tensor, head_accuracies: torch.Tensor, worl
     return record
 
 
-def _build_model_and_tokenizer(config: Config):
-    """(model on CPU in float32, tokenizer, directory of the tokenizer files or None)."""
+def _build_model_and_tokenizer(config: Config, rank: int):
+    """(model on CPU in float32, tokenizer, directory of the model fine-tuned from or None)."""
     model_cfg, tokenizer_name = config.model, config.data.tokenizer
-    if model_cfg.name is not None:
-        model = from_pretrained(model_cfg.name, dtype=torch.float32, device="cpu")
-        tokenizer_name = tokenizer_name or model_cfg.name
+    model_dir = None if model_cfg.name is None else resolve_model_dir(model_cfg.name)
+    tokenizer_name = tokenizer_name or model_dir
+    tokenizer = ByteTokenizer() if tokenizer_name in (None, "bytes") else load_tokenizer(tokenizer_name)
+    if model_dir is not None:
+        model = from_pretrained(model_dir, dtype=torch.float32, device="cpu")
+        if tokenizer.vocab_size > model.config.vocab_size:
+            raise ValueError(f"the tokenizer {tokenizer_name} has {tokenizer.vocab_size} ids but the model "
+                             f"{model_cfg.name} only {model.config.vocab_size}: it is not this model's tokenizer")
     else:
-        bytes_ = ByteTokenizer()
+        if tokenizer.vocab_size > model_cfg.vocab_size:
+            padded = -(-tokenizer.vocab_size // 64) * 64
+            raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but --model.vocab_size is "
+                             f"{model_cfg.vocab_size}; pass --model.vocab_size {padded} (or more)")
+        # The special ids are the tokenizer's, so the export generates and stops as it trained.
         shape = {k: v for k, v in vars(model_cfg).items() if k != "name"}
-        model = build_model(ModelConfig(model_type="llama", bos_token_id=bytes_.bos_id,
-                                        eos_token_id=bytes_.eos_id, **shape), device="cpu", dtype=torch.float32)
-    if tokenizer_name in (None, "bytes"):
-        return model, ByteTokenizer(), None
-    tokenizer = load_tokenizer(tokenizer_name)
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but the model's vocab_size is "
-                         f"{model.config.vocab_size}")
-    return model, tokenizer, tokenizer.path.parent
+        model = build_model(ModelConfig(model_type="llama", bos_token_id=tokenizer.bos_id,
+                                        eos_token_id=tokenizer.eos_id, **shape), device="cpu", dtype=torch.float32)
+    if config.data.seq_len > model.config.max_position_embeddings and model_dir is not None:
+        _warn(rank, f"data.seq_len ({config.data.seq_len}) exceeds {model_cfg.name}'s max_position_embeddings "
+                    f"({model.config.max_position_embeddings}): it is trained past its context")
+    return model, tokenizer, model_dir
 
 
 def _lr_factor(step: int, cfg) -> float:

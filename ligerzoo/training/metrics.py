@@ -49,8 +49,14 @@ class MetricsLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         kept = []
         if self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= resume_step]
+            for number, line in enumerate(self.path.read_text().splitlines(), start=1):
+                record = _parse(line)
+                if record is None:
+                    if line.strip():  # a line cut short by a crash mid-write
+                        print(f"warning: dropped line {number} of {self.path}, not a whole record: {line[:60]!r}",
+                              file=sys.stderr, flush=True)
+                elif record["step"] <= resume_step:
+                    kept.append(line)
         staging = self.path.with_suffix(".tmp")
         staging.write_text("".join(line + "\n" for line in kept))
         staging.replace(self.path)
@@ -77,6 +83,15 @@ class MetricsLog:
                 print(file=sys.stderr)
 
 
+def _parse(line: str) -> dict | None:
+    """The record on one line of metrics.jsonl, or None if the line is not a whole one."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("step"), int) else None
+
+
 def read_metrics(directory: str | Path) -> list[dict]:
     """The records of <directory>/metrics.jsonl sorted by step, the last one for a step written more
     than once (a resumed run). Raises ValueError or FileNotFoundError naming what is wrong."""
@@ -87,7 +102,11 @@ def read_metrics(directory: str | Path) -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: is {directory} a training run's output_dir?")
     by_step = {}
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    text = path.read_text()
+    lines = text.splitlines()
+    if lines and not text.endswith("\n") and _parse(lines[-1]) is None:
+        lines.pop()  # being written (or cut short by a crash): not a record yet
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
