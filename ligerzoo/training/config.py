@@ -32,6 +32,10 @@ class DataSection:
     # `ligerzoo prepare` (made with the same tokenizer); None: the built-in corpus.
     path: str | None = None
     tokenizer: str | None = None  # default: the model's tokenizer, or "bytes" (a from-scratch model's)
+    # Chat and instruction data put only the answers in the loss; true puts the prompts back.
+    train_on_prompt: bool = False
+    val_path: str | None = None  # a held-out file of the same formats, for the validation loss
+    val_fraction: float = 0.0  # or this fraction of the training file's examples held out (0: none)
     seq_len: int = 256
     batch_size: int = 8  # rows per micro-batch per rank
     grad_accum: int = 1  # micro-batches per step
@@ -43,6 +47,7 @@ class TrainSection:
     output_dir: str = "runs/default"
     max_steps: int = 200
     checkpoint_every: int = 100  # 0: only the final checkpoint and export
+    eval_every: int = 0  # steps between validation losses (0: only the final one), with data.val_*
     keep_checkpoints: int = 0  # the newest N checkpoints are kept, older ones deleted; 0: keep all
     # Start afresh in an output_dir that holds an earlier run (its checkpoints, metrics and export
     # are deleted); without it such a directory is resumed from, or refused if it cannot be.
@@ -134,12 +139,17 @@ def config_problems(config: Config) -> list[str]:
     require(data.tokenizer is None or data.tokenizer.strip() != "", "data.tokenizer",
             "a Hub repo id, a directory or file, or 'bytes'")
     require(data.seq_len >= 2, "data.seq_len", "2 or more tokens a row (each row predicts its next tokens)")
+    require(data.val_path is None or data.val_path.strip() != "", "data.val_path", "a file, or none")
+    require(0 <= data.val_fraction < 1, "data.val_fraction", "a fraction of the examples, in [0, 1)")
+    if data.val_path is not None and data.val_fraction > 0:
+        problems.append(f"--data.val_path and --data.val_fraction {data.val_fraction} both given: choose one")
     for name in ("batch_size", "grad_accum", "num_documents"):
         require(getattr(data, name) >= 1, f"data.{name}", "a positive integer")
     require(train.output_dir.strip() != "", "train.output_dir", "a directory to write the run into")
     require(train.max_steps >= 1, "train.max_steps", "a positive number of steps")
     require(train.checkpoint_every >= 0, "train.checkpoint_every", "steps between checkpoints, or 0 for none "
             "but the final one")
+    require(train.eval_every >= 0, "train.eval_every", "steps between validations, or 0 for the final one only")
     require(train.keep_checkpoints >= 0, "train.keep_checkpoints", "how many checkpoints to keep, or 0 for all")
     require(0 < train.lr < FLOAT32_MAX, "train.lr", "a positive learning rate (the optimizer holds it as a float32)")
     require(0 <= train.min_lr_ratio <= 1, "train.min_lr_ratio", "a fraction of train.lr, from 0 to 1")
