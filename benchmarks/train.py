@@ -205,7 +205,7 @@ def run_one(peer: str, shape: str, seq: int, batch: int, checkpointing: str, ste
     rank, world_size, device = init_distributed()
     torch.manual_seed(rank)  # each rank its own tokens, as a data-parallel run has
     if peer.startswith("ligerzoo"):
-        model = _ligerzoo_model(shape, checkpointing, device, bf16_master=peer.endswith("bf16-master"),
+        model = ligerzoo_model(shape, checkpointing, device, bf16_master=peer.endswith("bf16-master"),
                                 always_shard=shard, fsdp=fsdp)
     else:
         model = _hf_model(shape, checkpointing, device, liger=peer == "hf-liger", compiled=peer == "hf-compiled")
@@ -355,7 +355,7 @@ def _where(event) -> list[str]:
     return frames[:3] or ["(no Python frame)"]
 
 
-def _ligerzoo_model(shape: str, checkpointing: str, device: torch.device, bf16_master: bool, always_shard: bool,
+def ligerzoo_model(shape: str, checkpointing: str, device: torch.device, bf16_master: bool, always_shard: bool,
                     fsdp: dict):
     model = build_model(ModelConfig(**SHAPES[shape]), device=device, dtype=torch.bfloat16 if bf16_master else torch.float32)
     prepare_blocks(model, checkpointing, compile=True)

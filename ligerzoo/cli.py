@@ -4,6 +4,9 @@
     ligerzoo generate MODEL "prompt" [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P]
                       [--seed S] [--dtype bf16] [--device cuda] [--chat] [--chat-format F]
                       [--medusa DIR [--medusa-tree NAME]]
+    ligerzoo chat MODEL [--system TEXT] [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P]
+                  [--seed S] [--dtype bf16] [--device cuda] [--chat-format F]
+    ligerzoo eval MODEL --data FILE [--seq-len N] [--batch-size B] [--train-on-prompt] [--dtype] [--device]
     ligerzoo plot DIR [--out PATH.png|.svg|.pdf|.jpg|...]
     ligerzoo prepare INPUT [INPUT ...] --output PATH.tokens [--tokenizer NAME_OR_DIR]
 
@@ -19,10 +22,12 @@ import argparse
 import re
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 # ligerzoo.medusa.tree.TREES' names, here so that parsing the arguments imports nothing heavy.
 TREE_NAMES = ("chain", "small", "mc_sim_7b_63")
+DEFAULT_EVAL_SEQ_LEN = 2048
 DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16",
           "fp32": "float32", "float32": "float32"}
 # How a file of each image format `plot` writes begins (matplotlib's savefig format is the suffix):
@@ -120,15 +125,115 @@ def generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def chat(args: argparse.Namespace) -> int:
+    """Talk with a model: each line of stdin is a user message and each reply streams to stdout.
+    The conversation is kept, its oldest turns dropped when it outgrows the model's context;
+    /reset forgets it, /exit or the end of the input ends the session."""
+    from ligerzoo.checkpoint import from_pretrained
+    from ligerzoo.hub import resolve_model_dir
+    from ligerzoo.tokenizer import load_tokenizer
+
+    if args.temperature == 0 and (args.top_k is not None or args.top_p is not None):
+        raise ValueError("--top-k and --top-p restrict sampling: set --temperature > 0 (0 is greedy)")
+    device = _device(args.device)
+    dtype = DTYPES[args.dtype] if args.dtype else ("bfloat16" if device.type == "cuda" else "float32")
+    directory = resolve_model_dir(args.model, args.revision)
+    tokenizer = load_tokenizer(directory, chat_format=args.chat_format)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    tokenizer.format_chat([*system, {"role": "user", "content": "Hi"}])  # no chat format: fail before loading
+    start = time.perf_counter()
+    model = from_pretrained(directory, dtype=dtype, device=device)
+    context = model.config.max_position_embeddings
+    budget = context - args.max_new_tokens  # the longest prompt
+    if budget < 1:
+        raise ValueError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the model's "
+                         f"context of {context} tokens (max_position_embeddings): lower it")
+    _status(f"loaded {args.model} ({dtype}, {device}) in {time.perf_counter() - start:.1f} s; "
+            "/reset clears the conversation, /exit or end of input ends it")
+
+    history, replies = list(system), 0
+    for line in _user_lines(prompt=sys.stdin.isatty()):
+        if line == "/exit":
+            break
+        if line == "/reset":
+            history = list(system)
+            _status("(conversation cleared)")
+            continue
+        history.append({"role": "user", "content": line})
+        prompt, dropped = _fit_conversation(tokenizer, history, len(system), budget)
+        if len(prompt) > budget:
+            history.pop()
+            _status(f"ligerzoo {args.name}: error: this message makes a prompt of {len(prompt)} tokens, "
+                    f"which with --max-new-tokens {args.max_new_tokens} exceeds the model's context of "
+                    f"{context} tokens: shorten it, or lower --max-new-tokens")
+            continue
+        if dropped:
+            del history[len(system):len(system) + dropped]
+            _status(f"(the conversation outgrew the model's context of {context} tokens: dropped its oldest "
+                    f"{dropped} messages)")
+        seed = None if args.seed is None else args.seed + replies
+        new = _stream_reply(model, tokenizer, prompt, args, seed)
+        replies += 1
+        if not new or new[-1] not in tokenizer.stop_ids:
+            _status(f"(reply cut at --max-new-tokens {args.max_new_tokens})")
+        history.append({"role": "assistant",
+                        "content": tokenizer.decode([t for t in new if t not in tokenizer.stop_ids])})
+    return 0
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    """The loss and perplexity of a model on a text or chat file, with the masking rules of
+    training, progress and tokens/s on stderr; the figures on stdout."""
+    from ligerzoo.checkpoint import from_pretrained
+    from ligerzoo.hub import resolve_model_dir
+    from ligerzoo.tokenizer import load_tokenizer
+    from ligerzoo.training.data import build_eval_data
+    from ligerzoo.training.evaluate import evaluate as evaluate_loss
+
+    device = _device(args.device)
+    dtype = DTYPES[args.dtype] if args.dtype else ("bfloat16" if device.type == "cuda" else "float32")
+    directory = resolve_model_dir(args.model, args.revision)
+    tokenizer = load_tokenizer(args.tokenizer or directory)
+    start = time.perf_counter()
+    model = from_pretrained(directory, dtype=dtype, device=device)
+    if device.type == "cuda":  # as training runs them: a packed row's document mask needs flex_attention compiled
+        from ligerzoo.training.parallel import prepare_blocks
+
+        prepare_blocks(model, compile=True)
+    seq_len = args.seq_len or min(DEFAULT_EVAL_SEQ_LEN, model.config.max_position_embeddings)
+    if seq_len > model.config.max_position_embeddings:
+        raise ValueError(f"--seq-len {seq_len} exceeds the model's context of "
+                         f"{model.config.max_position_embeddings} tokens (max_position_embeddings)")
+    data, _ = build_eval_data(args.data, tokenizer, seq_len, args.train_on_prompt)
+    num_batches = -(-len(data) // args.batch_size)
+    _status(f"loaded {args.model} ({dtype}, {device}) in {time.perf_counter() - start:.1f} s; {args.data}: "
+            f"{len(data):,} rows of {seq_len} tokens, {num_batches:,} batches of {args.batch_size}")
+    last = time.perf_counter()
+
+    def on_batch(done: int, tokens: int, seconds: float) -> None:
+        nonlocal last
+        if time.perf_counter() - last >= 5 or done == num_batches:
+            last = time.perf_counter()
+            _status(f"batch {done:,}/{num_batches:,}  {tokens / max(seconds, 1e-9):,.0f} tok/s")
+
+    result = evaluate_loss(model, data.eval_batches(args.batch_size, 0, 1), device, on_batch)
+    print(f"loss {result['loss']:.4f}  perplexity {result['perplexity']:.3f}  "
+          f"({result['tokens']:,} target tokens, {result['tokens_per_s']:,.0f} tok/s)")
+    return 0
+
+
 def plot(args: argparse.Namespace) -> int:
     """Draw the loss and throughput of a training run against the step into an image (its format
     the suffix of --out: PNG by default) and print its path. matplotlib is the optional extra `plot`."""
     from ligerzoo.training.metrics import read_metrics
 
-    steps, losses, throughputs = [], [], []
+    steps, losses, throughputs, val_steps, val_losses = [], [], [], [], []
     for record in read_metrics(args.directory):
         steps.append(record["step"])
         losses.append(record["loss"])
+        if isinstance(record.get("val_loss"), (int, float)):
+            val_steps.append(record["step"])
+            val_losses.append(record["val_loss"])
         throughputs.append(record["tokens_per_s"])
     out = Path(args.out) if args.out else Path(args.directory) / "metrics.png"
     image_format = _image_format(out)
@@ -148,7 +253,10 @@ def plot(args: argparse.Namespace) -> int:
         return 1
     figure, (loss_axes, speed_axes) = pyplot.subplots(2, 1, sharex=True, figsize=(8, 6))
     try:
-        loss_axes.plot(steps, losses, color="tab:blue")
+        loss_axes.plot(steps, losses, color="tab:blue", label="training")
+        if val_steps:
+            loss_axes.plot(val_steps, val_losses, color="tab:red", marker="o", markersize=3, label="validation")
+            loss_axes.legend()
         loss_axes.set_ylabel("loss")
         loss_axes.set_title(str(args.directory))
         speed_axes.plot(steps, throughputs, color="tab:orange")
@@ -195,6 +303,57 @@ def prepare(args: argparse.Namespace) -> int:
             f"from {megabytes:.1f} MB in {seconds:.1f} s ({megabytes / max(seconds, 1e-9):.1f} MB/s)")
     print(args.output)
     return 0
+
+
+def _user_lines(prompt: bool) -> Iterator[str]:
+    """The non-blank lines of stdin, stripped, until its end; with `prompt`, "> " on stderr before each."""
+    while True:
+        if prompt:
+            sys.stderr.write("> ")
+            sys.stderr.flush()
+        line = sys.stdin.readline()
+        if not line:
+            if prompt:
+                sys.stderr.write("\n")  # end the prompt's line after Ctrl-D
+            return
+        if line.strip():
+            yield line.strip()
+
+
+def _stream_reply(model, tokenizer, prompt: list[int], args: argparse.Namespace,
+                  seed: int | None) -> list[int]:
+    """Generate the reply to `prompt` with args' sampling settings, writing its text to stdout as
+    it comes; return its ids (the stop token last, if one ended it)."""
+    from ligerzoo.generate import generate
+
+    decoder = tokenizer.decoder()
+
+    def on_token(row: int, token_id: int) -> None:
+        if token_id not in tokenizer.stop_ids:  # a stop token ends the reply; it is not text
+            sys.stdout.write(decoder.step(token_id))
+            sys.stdout.flush()
+
+    new = generate(model, [prompt], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                   top_k=args.top_k, top_p=args.top_p, stop_ids=tokenizer.stop_ids, on_token=on_token,
+                   seed=seed, vocab_size=min(tokenizer.vocab_size, model.config.vocab_size))[0]
+    sys.stdout.write(decoder.flush() + "\n")
+    sys.stdout.flush()
+    return new
+
+
+def _fit_conversation(tokenizer, history: list[dict], keep: int, budget: int) -> tuple[list[int], int]:
+    """The prompt ids of `history` with the generation prompt, and how many messages after the
+    first `keep` (the system message) were left out of it so that it fits `budget` tokens: whole
+    exchanges, oldest first, the last user message always kept (the ids are longer than `budget`
+    when even that does not fit)."""
+    start = keep
+    while True:
+        ids = tokenizer.format_chat(history[:keep] + history[start:], add_generation_prompt=True)
+        if len(ids) <= budget or start == len(history) - 1:
+            return ids, start - keep
+        start += 1  # the oldest user message, then up to the next one: its replies
+        while start < len(history) - 1 and history[start]["role"] != "user":
+            start += 1
 
 
 def _status(message: str) -> None:
@@ -271,21 +430,9 @@ def _parser() -> argparse.ArgumentParser:
         description="Continue PROMPT with MODEL, streaming the text to stdout as it is produced.")
     gen.add_argument("model", help="local checkpoint directory or Hub repo id")
     gen.add_argument("prompt")
-    gen.add_argument("--revision", help="branch, tag or commit hash of a Hub repo (default: main)")
-    gen.add_argument("--max-new-tokens", type=_positive_int, default=256, metavar="N", help="default: 256")
-    gen.add_argument("--temperature", type=_non_negative_float, default=0.0, metavar="T",
-                     help="0 (the default) is greedy")
-    gen.add_argument("--top-k", type=_positive_int, metavar="K", help="sample among the K likeliest tokens")
-    gen.add_argument("--top-p", type=_probability, metavar="P",
-                     help="sample among the likeliest tokens whose probabilities add up to P")
-    gen.add_argument("--seed", type=int, metavar="S", help="seed of the sampling")
-    gen.add_argument("--dtype", choices=sorted(DTYPES), help="default: bf16 on cuda, fp32 on cpu")
-    gen.add_argument("--device", help="default: cuda if available, else cpu")
+    _add_decoding_arguments(gen, max_new_tokens=256, seed_help="seed of the sampling")
     gen.add_argument("--chat", action="store_true",
                      help="wrap the prompt as a user message in the model's instruct format")
-    gen.add_argument("--chat-format", metavar="F",
-                     help="the instruct format, where the tokenizer files do not say it "
-                          "(llama2, llama3, mistral-v1, mistral-v2, mistral-v3)")
     gen.add_argument("--medusa", metavar="DIR",
                      help="decode with the Medusa heads saved in DIR (greedy: the same text, fewer forwards; "
                           "--temperature > 0: typical acceptance)")
@@ -293,6 +440,35 @@ def _parser() -> argparse.ArgumentParser:
                      help=f"the tree of candidates Medusa verifies per forward: {', '.join(TREE_NAMES)} "
                           f"(default: mc_sim_7b_63, the Medusa project's)")
     gen.set_defaults(command=generate, name="generate")
+
+    talk = commands.add_parser(
+        "chat", help="talk with a model, a line a message, the conversation kept",
+        description="Talk with MODEL in its chat format: each line of stdin is a user message, each reply "
+                    "streams to stdout. The conversation is kept (its oldest exchanges dropped when it "
+                    "outgrows the model's context); /reset clears it, /exit or end of input ends.")
+    talk.add_argument("model", help="local checkpoint directory or Hub repo id")
+    talk.add_argument("--system", metavar="TEXT", help="a system message opening the conversation")
+    _add_decoding_arguments(talk, max_new_tokens=512, seed_help="seed of the sampling (reply i uses S + i)")
+    talk.set_defaults(command=chat, name="chat")
+
+    score = commands.add_parser(
+        "eval", help="the loss and perplexity of a model on a text or chat file",
+        description="Compute MODEL's mean loss per target token and its perplexity on FILE, with training's "
+                    "formats and masking: .txt or {\"text\"} lines count every token; {\"messages\"}, "
+                    "{\"prompt\", \"completion\"} and alpaca lines count only the answers. Rows of "
+                    "--seq-len tokens packed as training packs them; progress and tokens/s on stderr.")
+    score.add_argument("model", help="local checkpoint directory, training export or Hub repo id")
+    score.add_argument("--data", required=True, metavar="FILE", help=".txt, .jsonl, .json or a prepared .tokens file")
+    score.add_argument("--revision", help="branch, tag or commit hash of a Hub repo (default: main)")
+    score.add_argument("--tokenizer", metavar="NAME_OR_DIR", help="default: the model's own")
+    score.add_argument("--seq-len", type=_positive_int, metavar="N",
+                       help=f"tokens a row (default: {DEFAULT_EVAL_SEQ_LEN}, or the model's context if shorter)")
+    score.add_argument("--batch-size", type=_positive_int, default=4, metavar="B", help="rows a forward (default: 4)")
+    score.add_argument("--train-on-prompt", action="store_true",
+                       help="count the prompts of chat and instruction examples too")
+    score.add_argument("--dtype", choices=sorted(DTYPES), help="default: bf16 on cuda, fp32 on cpu")
+    score.add_argument("--device", help="default: cuda if available, else cpu")
+    score.set_defaults(command=evaluate, name="eval")
 
     draw = commands.add_parser(
         "plot", help="draw a training run's loss and throughput curves into an image",
@@ -318,6 +494,25 @@ def _parser() -> argparse.ArgumentParser:
                                "(the byte tokenizer of models trained from scratch; the default)")
     tokenise.set_defaults(command=prepare, name="prepare")
     return parser
+
+
+def _add_decoding_arguments(parser: argparse.ArgumentParser, max_new_tokens: int, seed_help: str) -> None:
+    """The options generate and chat share: the model's revision, sampling, dtype and device, and
+    the hand-written chat format."""
+    parser.add_argument("--revision", help="branch, tag or commit hash of a Hub repo (default: main)")
+    parser.add_argument("--max-new-tokens", type=_positive_int, default=max_new_tokens, metavar="N",
+                        help=f"the most tokens a reply (default: {max_new_tokens})")
+    parser.add_argument("--temperature", type=_non_negative_float, default=0.0, metavar="T",
+                        help="0 (the default) is greedy")
+    parser.add_argument("--top-k", type=_positive_int, metavar="K", help="sample among the K likeliest tokens")
+    parser.add_argument("--top-p", type=_probability, metavar="P",
+                        help="sample among the likeliest tokens whose probabilities add up to P")
+    parser.add_argument("--seed", type=int, metavar="S", help=seed_help)
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: bf16 on cuda, fp32 on cpu")
+    parser.add_argument("--device", help="default: cuda if available, else cpu")
+    parser.add_argument("--chat-format", metavar="F",
+                        help="a hand-written instruct format, for tokenizer files without a chat template "
+                             "(llama2, llama3, mistral-v1, mistral-v2, mistral-v3)")
 
 
 def _positive_int(text: str) -> int:

@@ -31,6 +31,8 @@ WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
 TOKENIZER_FILES = [
     "tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
     "original/tokenizer.model",  # Llama 3's tiktoken file
+    "tekken.json",  # Mistral's tiktoken-style file (Mistral-Nemo, Ministral, Mistral Small 3)
+    "chat_template.jinja",  # where transformers >= 4.50 saves the chat template
 ]
 
 

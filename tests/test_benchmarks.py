@@ -172,3 +172,15 @@ def test_kernel_benchmark_dry_run():
     rows = table_rows(result.stdout, "| kernel |")
     assert {row["kernel"] for row in rows} >= {"RMSNorm", "add+RMSNorm", "SwiGLU", "RoPE", "CrossEntropy", "LinearCE"}
     assert all(row["ligerzoo wall (eager)"].endswith(" ms") for row in rows)
+
+
+def test_fine_tuning_benchmark_runs_on_cpu():
+    result = run_script("sft.py", "--device", "cpu", "--shape", "tiny", "--seq", "512", "--batch", "2",
+                        "--steps", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = table_rows(result.stdout, "| run")
+    assert [row["run"] for row in rows] == ["train on text", "train on chat", "train on chat, prompts in the loss",
+                                             "training forward (autograd on, no backward), chat",
+                                             "evaluate (ligerzoo eval, validation loss), chat"]
+    assert all(float(row["tokens/s"].replace(",", "")) > 0 for row in rows)
+    assert "chat / text:" in result.stdout and "masked / unmasked chat:" in result.stdout

@@ -1,4 +1,4 @@
-"""ByteTokenizer (ligerzoo/tokenizer.py): UTF-8 bytes as ids, saved as a tokenizer.json that
+"""ByteTokenizer (ligerzoo/tokenizer/byte.py): UTF-8 bytes as ids, saved as a tokenizer.json that
 load_tokenizer, Hugging Face's `tokenizers` and transformers all read alike; and
 tokenizer_fingerprint, which tells tokenizers apart."""
 
@@ -107,12 +107,17 @@ def test_saved_directory_loads_as_a_byte_tokenizer(saved):
     assert json.loads((saved / "tokenizer_config.json").read_text())["model_max_length"] == 512
 
 
-def test_saved_file_with_a_merge_is_not_taken_for_bytes(saved):
+def test_saved_file_with_a_merge_is_read_as_a_byte_level_bpe(saved):
     spec = json.loads((saved / "tokenizer.json").read_text())
     spec["model"]["merges"] = ["a b"]
+    spec["model"]["vocab"]["ab"] = 258
     (saved / "tokenizer.json").write_text(json.dumps(spec))
-    with pytest.raises(ValueError, match="not a byte-level BPE with one split pattern"):
-        load_tokenizer(saved)  # read as a Llama 3 tokenizer.json, as before, and refused
+    tokenizer = load_tokenizer(saved)
+    assert isinstance(tokenizer, TiktokenTokenizer) and tokenizer.encode("cab", bos=False) == [99, 258]
+    spec["model"]["vocab"].pop("ab")
+    (saved / "tokenizer.json").write_text(json.dumps(spec))
+    with pytest.raises(ValueError, match=r"merge 0 \('a' \+ 'b'\) needs 'ab', which is not in the vocab"):
+        load_tokenizer(saved)
 
 
 def test_saved_tokenizer_refuses_a_chat_format(saved):
@@ -138,6 +143,17 @@ def test_transformers_encodes_and_decodes_the_saved_directory_alike(saved, text)
     assert hf.encode(text, add_special_tokens=False) == ours.encode(text, bos=False)
     ids = ours.encode(text, eos=True)
     assert hf.decode(ids, skip_special_tokens=True) == ours.decode(ids)
+
+
+def test_allow_special_reads_the_text_of_s_and_eos_as_those_tokens(saved):
+    hf = AutoTokenizer.from_pretrained(str(saved), split_special_tokens=False)
+    text = "a<s>b</s>c <s"
+    ours = ByteTokenizer().encode(text, allow_special=True)
+    assert ours == [256, 97, 256, 98, 257, 99, 32, 60, 115] == hf(text)["input_ids"]
+    assert ByteTokenizer().encode(text) == [256, *text.encode()]
+    assert ByteTokenizer().added_tokens == {"<s>": 256, "</s>": 257}
+    assert (ByteTokenizer().bos_token, ByteTokenizer().model_dir) == ("<s>", None)
+    assert load_tokenizer(saved).model_dir == saved
 
 
 def train_bpe(texts: list[str], vocab_size: int, directory: Path) -> Path:

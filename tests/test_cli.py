@@ -2,7 +2,10 @@
 against the fake Hub of test_hub.py, `generate` on a tiny local checkpoint with a real tokenizer,
 its streamed text equal to decoding what ligerzoo.generate returns."""
 
+import importlib
 import importlib.util
+import io
+import json
 import os
 import re
 import shutil
@@ -179,3 +182,150 @@ def test_absurd_max_new_tokens_says_how_many_fit_beside_the_prompt(checkpoint_wi
                       r"max_new_tokens to at most (\d+)\n\Z", result.stderr)
     assert match is not None, result.stderr
     assert int(match.group(1)) + int(match.group(2)) == 128
+
+
+# --- chat ---------------------------------------------------------------------------------------
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+SYSTEM = {"role": "system", "content": "Be brief."}
+
+
+def user(text: str) -> dict:
+    return {"role": "user", "content": text}
+
+
+@pytest.fixture
+def chat_model(tmp_path, monkeypatch) -> Path:
+    """A tiny random model (a context of 128 tokens) on the byte tokenizer, CHAT_TEMPLATE in its
+    tokenizer_config.json."""
+    from ligerzoo.tokenizer import ByteTokenizer
+
+    directory = tmp_path / "chat-model"
+    torch.manual_seed(0)
+    config = ModelConfig(model_type="llama", vocab_size=258, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=128)
+    build_model(config).save_pretrained(directory)
+    ByteTokenizer().save(directory)
+    config_path = directory / "tokenizer_config.json"
+    tokenizer_config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**tokenizer_config, "chat_template": CHAT_TEMPLATE}))
+    return directory
+
+
+@pytest.fixture
+def calls(monkeypatch) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, new ids) of each ligerzoo.generate call, recorded."""
+    module = importlib.import_module("ligerzoo.generate")  # the package's `generate` is the function
+    recorded, generate = [], module.generate
+
+    def recording_generate(model, input_ids, **kwargs):
+        new = generate(model, input_ids, **kwargs)
+        recorded.append((list(input_ids[0]), new[0]))
+        return new
+
+    monkeypatch.setattr(module, "generate", recording_generate)
+    return recorded
+
+
+def run_chat(monkeypatch, capsys, lines: str, *flags: str, tty: bool = False) -> tuple[int, str, str]:
+    stdin = io.StringIO(lines)
+    stdin.isatty = lambda: tty
+    monkeypatch.setattr(sys, "stdin", stdin)
+    status = main(["chat", *flags, "--max-new-tokens", "4", "--device", "cpu"])
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def test_chat_keeps_the_history_streams_each_reply_and_reset_forgets(chat_model, calls, monkeypatch, capsys):
+    from ligerzoo.tokenizer import load_tokenizer
+
+    status, out, err = run_chat(monkeypatch, capsys, "Hello there\n\nAnd again?\n/reset\nHello there\n",
+                                str(chat_model), "--system", "Be brief.")
+    assert status == 0, err
+    tokenizer = load_tokenizer(chat_model)
+    replies = [tokenizer.decode([t for t in new if t not in tokenizer.stop_ids]) for _, new in calls]
+    assert out == "".join(f"{reply}\n" for reply in replies)  # what was generated, streamed
+    history = [SYSTEM, user("Hello there"), {"role": "assistant", "content": replies[0]}, user("And again?")]
+    # The blank line is no turn; after /reset the conversation starts again.
+    expected = [history[:2], history, history[:2]]
+    assert [prompt for prompt, _ in calls] == [tokenizer.format_chat(messages) for messages in expected]
+    assert calls[2][1] == calls[0][1]  # greedy
+    assert "(conversation cleared)" in err and "> " not in err  # no prompt when stdin is no terminal
+
+
+def test_chat_drops_the_oldest_exchanges_when_the_context_is_full(chat_model, calls, monkeypatch, capsys):
+    # A context of 128 tokens and --max-new-tokens 4: a prompt of at most 124, one exchange (73 tokens).
+    first, second, third = "first " + "?" * 44, "second " + "!" * 43, "third " + "." * 44
+    status, _, err = run_chat(monkeypatch, capsys, f"{first}\n{second}\n{third}\n", str(chat_model))
+    assert status == 0, err
+    note = "the conversation outgrew the model's context of 128 tokens: dropped its oldest 2 messages"
+    assert err.count(note) == 2  # each time the one exchange before, the older ones already gone
+    from ligerzoo.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(chat_model)
+    assert [prompt for prompt, _ in calls] == [tokenizer.format_chat([user(text)])
+                                               for text in (first, second, third)]
+    assert len(calls[0][0]) == 73
+
+
+def test_chat_message_too_long_for_the_context_is_refused_and_the_chat_goes_on(chat_model, calls,
+                                                                               monkeypatch, capsys):
+    status, out, err = run_chat(monkeypatch, capsys, "x" * 150 + "\nshort\n", str(chat_model))
+    assert status == 0
+    assert ("ligerzoo chat: error: this message makes a prompt of 173 tokens, which with --max-new-tokens 4 "
+            "exceeds the model's context of 128 tokens: shorten it, or lower --max-new-tokens") in err
+    assert len(calls) == 1 and out.count("\n") == 1
+
+
+def test_chat_exit_ends_the_session_and_a_terminal_gets_a_prompt(chat_model, calls, monkeypatch, capsys):
+    status, out, err = run_chat(monkeypatch, capsys, "/exit\nnever read\n", str(chat_model), tty=True)
+    assert (status, out, calls) == (0, "", [])
+    assert err.count("> ") == 1
+
+
+def test_chat_without_a_chat_format_fails_before_loading_the_model(tmp_path, monkeypatch, capsys):
+    from ligerzoo.tokenizer import ByteTokenizer
+
+    ByteTokenizer().save(tmp_path)  # no template, no config.json, no weights
+    status, out, err = run_chat(monkeypatch, capsys, "hi\n", str(tmp_path))
+    assert status == 1 and out == ""
+    assert err.startswith("ligerzoo chat: error: ") and err.count("\n") == 1
+    assert "config.json" not in err
+
+
+def test_chat_sampling_flags_need_a_temperature(tmp_path, monkeypatch, capsys):
+    status, _, err = run_chat(monkeypatch, capsys, "", str(tmp_path), "--top-p", "0.9")
+    assert status == 1
+    assert err == ("ligerzoo chat: error: --top-k and --top-p restrict sampling: set --temperature > 0 "
+                   "(0 is greedy)\n")
+
+
+def test_chat_max_new_tokens_must_leave_room_for_a_prompt(chat_model, monkeypatch, capsys):
+    stdin = io.StringIO("hi\n")
+    monkeypatch.setattr(sys, "stdin", stdin)
+    assert main(["chat", str(chat_model), "--max-new-tokens", "128", "--device", "cpu"]) == 1
+    assert capsys.readouterr().err == (
+        "ligerzoo chat: error: --max-new-tokens 128 leaves no room for a prompt in the model's context of "
+        "128 tokens (max_position_embeddings): lower it\n")
+
+
+def test_chat_command_answers_each_line_of_stdin(chat_model, calls):
+    from ligerzoo.tokenizer import load_tokenizer
+
+    command = [sys.executable, "-m", "ligerzoo", "chat", str(chat_model), "--max-new-tokens", "4",
+               "--device", "cpu"]
+    result = subprocess.run(command, input="Hello there\nAnd again?\n", capture_output=True, text=True,
+                            env=dict(os.environ, PYTHONPATH=str(ROOT)), cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stderr
+    tokenizer = load_tokenizer(chat_model)
+    model = importlib.import_module("ligerzoo.checkpoint").from_pretrained(chat_model, dtype=torch.float32)
+    history, expected = [], ""
+    for line in ("Hello there", "And again?"):
+        history.append(user(line))
+        new = importlib.import_module("ligerzoo.generate").generate(
+            model, [tokenizer.format_chat(history)], max_new_tokens=4, stop_ids=tokenizer.stop_ids)[0]
+        reply = tokenizer.decode([t for t in new if t not in tokenizer.stop_ids])
+        history.append({"role": "assistant", "content": reply})
+        expected += reply + "\n"
+    assert result.stdout == expected

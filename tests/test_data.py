@@ -1,6 +1,7 @@
-"""Reading corpora (ligerzoo/training/data.py: read_documents, and write_token_file through it): the
-format chosen by suffix in any case, .json arrays, and clear errors for files that are not UTF-8
-text or hold no documents; and the tokenizer a token file records."""
+"""Reading corpora (ligerzoo/training/formats.py, through data.py: read_documents, and
+write_token_file through it): the format chosen by suffix in any case, .json arrays, and clear
+errors for files that are not UTF-8 text or hold no documents; and the tokenizer a token file
+records (token_file.py)."""
 
 import json
 
@@ -8,11 +9,11 @@ import pytest
 import torch
 
 from ligerzoo.tokenizer import tokenizer_fingerprint
-from ligerzoo.training import data as data_module
+from ligerzoo.training import formats, token_file
 from ligerzoo.training.config import DataSection
 from ligerzoo.training.data import (
     ByteTokenizer,
-    build_data,
+    build_datasets,
     read_documents,
     read_token_file,
     write_token_file,
@@ -42,8 +43,8 @@ def test_json_array_of_records_and_strings_is_read(tmp_path, name):
 @pytest.mark.parametrize("content, expected", [
     ('{"text": "one object"}', r"corpus\.json holds a JSON dict; a \.json corpus is one JSON array"),
     (jsonl(TEXTS), r"corpus\.json is not valid JSON .*Extra data.*one record per line is \.jsonl"),
-    ("[1, 2]", r"corpus\.json: record 0: a record needs a \"text\" string or is a string, got 1"),
-    ('["fine", {"title": "no text"}]', r"corpus\.json: record 1: a record needs a \"text\" string"),
+    ("[1, 2]", r"corpus\.json: record 0: a record holds \"messages\" .*or \"text\", or is a string; got 1"),
+    ('["fine", {"title": "no text"}]', r"corpus\.json: record 1: a record holds .*; its keys are \"title\""),
 ])
 def test_json_other_than_an_array_of_texts_is_refused(tmp_path, content, expected):
     path = tmp_path / "corpus.json"
@@ -67,7 +68,7 @@ def test_latin1_text_is_refused_naming_the_file_byte_and_line(tmp_path, name):
 
 
 def test_undecodable_byte_is_located_exactly_across_read_chunks(tmp_path, monkeypatch):
-    monkeypatch.setattr(data_module, "_SCAN_CHUNK", 5)  # characters split between chunks
+    monkeypatch.setattr(formats, "_SCAN_CHUNK", 5)  # characters split between chunks
     text = "東京\n🙂 café\n" * 3 + "é"  # 18 bytes in 2 lines, 3 times; then é at bytes 54-55
     path = tmp_path / "corpus.txt"
     path.write_bytes(text.encode() + b"\xff")  # in the chunk after the one that ends inside é
@@ -116,7 +117,7 @@ def test_token_file_suffix_is_recognised_in_any_case(tmp_path):
     write_token_file([str(corpus)], ByteTokenizer(), str(output))
 
     def packed(path):
-        return build_data(DataSection(path=str(path), seq_len=16), ByteTokenizer(), seed=0)
+        return build_datasets(DataSection(path=str(path), seq_len=16), ByteTokenizer(), seed=0)[0]
 
     from_file, from_text = packed(output), packed(corpus)
     assert len(from_file) == len(from_text) > 0
@@ -134,22 +135,22 @@ def test_token_file_records_the_tokenizer_fingerprint(tmp_path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n\n".join(TEXTS), encoding="utf-8")
     write_token_file([str(corpus)], ByteTokenizer(), str(tmp_path / "corpus.tokens"))
-    _, _, header = read_token_file(str(tmp_path / "corpus.tokens"))
+    _, header = read_token_file(str(tmp_path / "corpus.tokens"))
     assert header["tokenizer"] == {"name": "bytes", **tokenizer_fingerprint(ByteTokenizer())}
 
 
 def test_token_file_from_before_the_fingerprint_is_checked_on_what_it_records(tmp_path, monkeypatch):
-    full_record = data_module._tokenizer_record
+    full_record = token_file._tokenizer_record
 
     def old_record(tokenizer):  # what files held before kind, bos_id and eos_id
         return {key: full_record(tokenizer)[key] for key in ("name", "vocab_size", "probe")}
 
-    monkeypatch.setattr(data_module, "_tokenizer_record", old_record)
+    monkeypatch.setattr(token_file, "_tokenizer_record", old_record)
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n\n".join(TEXTS * 10), encoding="utf-8")
     write_token_file([str(corpus)], ByteTokenizer(), str(tmp_path / "old.tokens"))
     monkeypatch.undo()
     config = DataSection(path=str(tmp_path / "old.tokens"), seq_len=16)
-    assert len(build_data(config, ByteTokenizer(), seed=0)) > 0
+    assert len(build_datasets(config, ByteTokenizer(), seed=0)[0]) > 0
     with pytest.raises(ValueError, match="tokenised with bytes .vocab_size 258.*encodes text differently"):
-        build_data(config, ReversedBytes(), seed=0)
+        build_datasets(config, ReversedBytes(), seed=0)

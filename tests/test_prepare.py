@@ -1,18 +1,31 @@
-"""Token files (ligerzoo/training/data.py, `ligerzoo prepare`): written a document at a time and
-atomically, mapped by training, giving exactly the batches of the same documents read as text."""
+"""Token files (ligerzoo/training/token_file.py, `ligerzoo prepare`): written a document at a time and
+atomically, mapped by training, giving exactly the batches of the same documents read as text, or
+as chat and instruction data, masks included; files of the first version still read."""
 
 import json
+import struct
 from pathlib import Path
 
 import pytest
 import torch
+from test_sft_data import CONVERSATION, LLAMA3_FILE
 from test_train import losses, run_train
 
+from ligerzoo import load_tokenizer
 from ligerzoo.cli import main
-from ligerzoo.training import data as data_module
+from ligerzoo.tokenizer import tokenizer_fingerprint
+from ligerzoo.training import token_file
 from ligerzoo.training.config import DataSection
-from ligerzoo.training.data import (IGNORE_INDEX, ByteTokenizer, PackedData, build_data, builtin_corpus,
-                                    read_documents, read_token_file, write_token_file)
+from ligerzoo.training.data import (
+    IGNORE_INDEX,
+    ByteTokenizer,
+    PackedData,
+    build_datasets,
+    builtin_corpus,
+    read_documents,
+    read_token_file,
+    write_token_file,
+)
 
 
 class ReversedBytes(ByteTokenizer):
@@ -75,7 +88,7 @@ def test_token_file_gives_the_batches_of_the_text_file(tmp_path, suffix):
     write_token_file([str(corpus)], ByteTokenizer(), str(tmp_path / "corpus.tokens"))
 
     def packed(path):
-        return build_data(DataSection(path=str(path), seq_len=48), ByteTokenizer(), seed=5)
+        return build_datasets(DataSection(path=str(path), seq_len=48), ByteTokenizer(), seed=5)[0]
 
     from_text, from_file = packed(corpus), packed(tmp_path / "corpus.tokens")
     assert len(from_file) == len(from_text) > 4
@@ -113,7 +126,8 @@ def test_token_file_records_documents_and_tokenizer(tmp_path):
     texts = ["one", "two words", "three"]
     corpus = write_corpus(tmp_path / "corpus.jsonl", texts)
     header = write_token_file([str(corpus)], ByteTokenizer(), str(tmp_path / "corpus.tokens"))
-    tokens, starts, read_header = read_token_file(str(tmp_path / "corpus.tokens"))
+    corpus, read_header = read_token_file(str(tmp_path / "corpus.tokens"))
+    tokens, starts = corpus.tokens, corpus.starts
     expected = [t for text in texts for t in ByteTokenizer().encode(text, bos=True, eos=True)]
     assert read_header == header
     assert (header["dtype"], header["num_tokens"], header["num_documents"]) == ("uint16", len(expected), 3)
@@ -125,7 +139,7 @@ def test_token_file_records_documents_and_tokenizer(tmp_path):
 def test_large_vocabularies_are_stored_as_uint32(tmp_path):
     corpus = write_corpus(tmp_path / "corpus.txt", ["a document", "another"])
     header = write_token_file([str(corpus)], WideBytes(), str(tmp_path / "corpus.tokens"))
-    tokens, _, _ = read_token_file(str(tmp_path / "corpus.tokens"))
+    tokens = read_token_file(str(tmp_path / "corpus.tokens"))[0].tokens
     assert header["dtype"] == "uint32" and tokens.dtype == torch.uint32
     wide = WideBytes()
     assert tokens.long().tolist() == wide.encode("a document", eos=True) + wide.encode("another", eos=True)
@@ -133,7 +147,7 @@ def test_large_vocabularies_are_stored_as_uint32(tmp_path):
 
 
 def test_progress_counts_documents_tokens_and_bytes(tmp_path, monkeypatch):
-    monkeypatch.setattr(data_module, "_CHUNK_TOKENS", 64)
+    monkeypatch.setattr(token_file, "_CHUNK_TOKENS", 64)
     texts = builtin_corpus(30)
     corpus = write_corpus(tmp_path / "corpus.txt", texts)
     reports = []
@@ -154,7 +168,7 @@ def test_bad_jsonl_line_names_it_and_leaves_the_earlier_file(tmp_path):
     with pytest.raises(ValueError, match=r"bad\.jsonl:3: not a line of JSON"):
         write_token_file([str(bad)], ByteTokenizer(), str(output))
     bad.write_text('{"title": "no text"}\n')
-    with pytest.raises(ValueError, match=r"bad\.jsonl:1: a JSONL record needs a \"text\" string"):
+    with pytest.raises(ValueError, match=r"bad\.jsonl:1: a record holds .*; its keys are \"title\""):
         write_token_file([str(bad)], ByteTokenizer(), str(tmp_path / "fresh.tokens"))
     assert output.read_bytes() == before
     assert sorted(path.name for path in tmp_path.iterdir()) == ["bad.jsonl", "corpus.tokens", "good.txt"]
@@ -166,7 +180,7 @@ def test_truncated_token_file_is_refused(tmp_path):
     write_token_file([str(corpus)], ByteTokenizer(), str(output))
     output.write_bytes(output.read_bytes()[:100])
     with pytest.raises(ValueError, match="not a complete token file"):
-        build_data(DataSection(path=str(output)), ByteTokenizer(), seed=0)
+        build_datasets(DataSection(path=str(output)), ByteTokenizer(), seed=0)
 
 
 @pytest.mark.parametrize("tokenizer, reason", [(WideBytes(), "has another vocab_size"),
@@ -176,7 +190,7 @@ def test_token_file_of_another_tokenizer_is_refused(tmp_path, tokenizer, reason)
     corpus = write_corpus(tmp_path / "corpus.txt", builtin_corpus(20))
     write_token_file([str(corpus)], ByteTokenizer(), str(output))
     with pytest.raises(ValueError, match=f"tokenised with bytes .vocab_size 258.*{reason}"):
-        build_data(DataSection(path=str(output), seq_len=32), tokenizer, seed=0)
+        build_datasets(DataSection(path=str(output), seq_len=32), tokenizer, seed=0)
 
 
 def test_prepare_command_writes_the_token_file_and_prints_its_path(tmp_path, capsys):
@@ -187,8 +201,8 @@ def test_prepare_command_writes_the_token_file_and_prints_its_path(tmp_path, cap
     out, err = capsys.readouterr()
     assert out == f"{output}\n"
     assert "25 documents" in err and "uint16" in err
-    _, starts, header = read_token_file(str(output))
-    assert header["sources"] == [str(txt), str(jsonl)] and len(starts) == 25
+    corpus, header = read_token_file(str(output))
+    assert header["sources"] == [str(txt), str(jsonl)] and len(corpus.starts) == 25
 
 
 def test_prepare_command_refuses_an_output_without_the_suffix(tmp_path, capsys):
@@ -196,3 +210,66 @@ def test_prepare_command_refuses_an_output_without_the_suffix(tmp_path, capsys):
     assert main(["prepare", str(txt), "--output", str(tmp_path / "a.bin")]) == 1
     assert "does not end in .tokens" in capsys.readouterr().err
     assert not (tmp_path / "a.bin").exists()
+
+
+def test_token_file_of_chat_and_instruction_data_gives_the_batches_and_masks_of_the_jsonl_file(tmp_path):
+    tokenizer = load_tokenizer(LLAMA3_FILE)
+    records = [{"text": "plain text first, before any masked example"}] + [
+        record for i in range(8) for record in (
+            {"messages": CONVERSATION[:3 + 2 * (i % 2)]},
+            {"prompt": f"Q{i}: 2+{i}=", "completion": f" {2 + i}"},
+            {"instruction": f"Count to {i}.", "input": "" if i % 2 else "in French", "output": "un " * i},
+            {"text": f"text {i} " * (3 * i)})]
+    corpus = tmp_path / "mixed.jsonl"
+    corpus.write_text("".join(json.dumps(record) + "\n" for record in records), encoding="utf-8")
+    header = write_token_file([str(corpus)], tokenizer, str(tmp_path / "mixed.tokens"))
+    assert header["formats"] == {"text": 9, "chat": 8, "prompt_completion": 8, "alpaca": 8}
+    for train_on_prompt in (False, True):
+        built = [build_datasets(DataSection(path=str(path), seq_len=64, val_fraction=0.25,
+                                            train_on_prompt=train_on_prompt), tokenizer, seed=1)
+                 for path in (corpus, tmp_path / "mixed.tokens")]
+        (text_train, text_val, text_stats), (file_train, file_val, file_stats) = built
+        assert file_stats == text_stats and text_stats["train"]["cut"] > 0
+        for from_text, from_file in ((text_train, file_train), (text_val, file_val)):
+            rows = list(range(len(from_text)))
+            assert len(from_file) == len(from_text)
+            for key, value in from_text._rows(rows).items():
+                assert torch.equal(from_file._rows(rows)[key], value), (train_on_prompt, key)
+
+
+def test_plain_text_token_file_keeps_the_version_1_layout(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus.txt", builtin_corpus(5))
+    header = write_token_file([str(corpus)], ByteTokenizer(), str(tmp_path / "corpus.tokens"))
+    encoded = json.dumps(header, ensure_ascii=False).encode()
+    assert header["roles_offset"] is None and header["formats"] == {"text": 5}
+    assert (tmp_path / "corpus.tokens").stat().st_size == header["starts_offset"] + 8 * 5 + len(encoded) + 16
+
+
+def write_version_1_token_file(path: Path, documents: list[list[int]]) -> None:
+    """A token file as ligerzoo wrote it before roles: uint16 ids, padding to 8 bytes, int64 starts,
+    the JSON header, its length and the magic."""
+    ids = struct.pack(f"<{sum(map(len, documents))}H", *(t for document in documents for t in document))
+    header = {"format": "ligerzoo-tokens", "version": 1, "dtype": "uint16", "num_tokens": len(ids) // 2}
+    ids += bytes(-len(ids) % 8)
+    offsets = [sum(map(len, documents[:i])) for i in range(len(documents))]
+    fingerprint = tokenizer_fingerprint(ByteTokenizer())
+    header |= {"num_documents": len(documents), "starts_offset": len(ids),
+               "max_id": max(map(max, documents)), "sources": ["old.txt"],
+               "tokenizer": {"name": "bytes", "vocab_size": 258, "probe": fingerprint["probe"]}}
+    encoded = json.dumps(header).encode()
+    path.write_bytes(ids + struct.pack(f"<{len(offsets)}q", *offsets) + encoded
+                     + struct.pack("<Q8s", len(encoded), b"LZTOKEN1"))
+
+
+def test_version_1_token_file_reads_as_plain_text(tmp_path):
+    texts = builtin_corpus(20, seed=4)
+    documents = [ByteTokenizer().encode(text, eos=True) for text in texts]
+    write_version_1_token_file(tmp_path / "old.tokens", documents)
+    corpus = write_corpus(tmp_path / "corpus.txt", texts)
+    from_old, from_text = (build_datasets(DataSection(path=str(path), seq_len=32), ByteTokenizer(), seed=2)[0]
+                           for path in (tmp_path / "old.tokens", corpus))
+    assert from_old.loss_mask is None and len(from_old) == len(from_text)
+    old_batch = from_old.next_batch(len(from_old), 0, 1)
+    text_batch = from_text.next_batch(len(from_text), 0, 1)
+    for key, value in text_batch.items():
+        assert torch.equal(old_batch[key], value), key

@@ -17,6 +17,7 @@ from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMe
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.protocol.instruct.validator import ValidationMode
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+from tokenizers import processors
 from transformers.convert_slow_tokenizer import TikTokenConverter
 
 from ligerzoo.tokenizer import (
@@ -81,9 +82,14 @@ def mistral_pair(request):
 @pytest.fixture(scope="module")
 def llama3_json_dir(tmp_path_factory, llama3_reference):
     """A Llama 3 repository that ships only tokenizer.json, converted from Meta's tiktoken file by
-    transformers' own converter (as the Hub's Llama 3 tokenizer.json files were made)."""
+    transformers' own converter (as the Hub's Llama 3 tokenizer.json files were made), with the
+    post-processor the Hub's files have: <|begin_of_text|> before each text."""
     specials = sorted(llama3_reference.special_tokens, key=llama3_reference.special_tokens.get)
     hf = TikTokenConverter(vocab_file=str(LLAMA3_FILE), extra_special_tokens=specials).converted()
+    bos = ("<|begin_of_text|>", llama3_reference.special_tokens["<|begin_of_text|>"])
+    template = processors.TemplateProcessing(single=f"{bos[0]} $A", pair=f"{bos[0]} $A {bos[0]} $B",
+                                             special_tokens=[bos])
+    hf.post_processor = processors.Sequence([processors.ByteLevel(trim_offsets=False), template])
     directory = tmp_path_factory.mktemp("llama3_json")
     hf.save(str(directory / "tokenizer.json"))
     return directory
@@ -136,6 +142,17 @@ def test_llama3_special_ids_match_llama_models(llama3, llama3_reference):
     assert llama3.vocab_size == llama3_reference.n_words == 128_256
 
 
+def test_llama3_allow_special_matches_llama_models(llama3, llama3_reference):
+    """Special-token text read as the tokens (llama-models' allowed_special="all"), long runs
+    included; without allow_special it stays text."""
+    for name, text in ALL_TEXTS.items():
+        expected = llama3_reference.encode(text, bos=True, eos=False, allowed_special="all")
+        assert llama3.encode(text, allow_special=True) == expected, name
+    text = TEXTS["special_looking"]
+    assert llama3.encode(text, bos=False, allow_special=True)[:2] == [128_000, 128_009]
+    assert 128_009 not in llama3.encode(text, bos=False)
+
+
 def test_llama3_chat_matches_llama_models(llama3, llama3_reference):
     messages = [
         {"role": "system", "content": "You are terse."},
@@ -162,20 +179,20 @@ def test_tokenizer_json_encodes_like_the_tiktoken_file(llama3, llama3_json_dir):
     assert (from_json.bos_id, from_json.eos_id) == (llama3.bos_id, llama3.eos_id)
     assert from_json.stop_ids == llama3.stop_ids
     assert from_json.vocab_size == llama3.vocab_size
-    for name, text in ALL_TEXTS.items():
+    for name, text in TEXTS.items():  # long runs: llama-models cuts them, Hugging Face does not
         assert from_json.encode(text) == llama3.encode(text), name
     ids = list(range(0, 128_256, 97))
     assert from_json.decode(ids) == llama3.decode(ids)
 
 
 def test_tokenizer_json_agrees_with_hf_tokenizers(llama3_json_dir):
-    """The same file read by Hugging Face's own `tokenizers` library (which, unlike llama-models,
-    turns special-looking text into specials, so that text is left out)."""
+    """The same file read by Hugging Face's own `tokenizers` library, long runs included (which
+    it does not cut as llama-models does); special-looking text is test_tokenizer_json.py's."""
     hf = tokenizers.Tokenizer.from_file(str(llama3_json_dir / "tokenizer.json"))
     ours = load_tokenizer(llama3_json_dir / "tokenizer.json")
-    for name, text in TEXTS.items():
+    for name, text in ALL_TEXTS.items():
         if name != "special_looking":
-            assert ours.encode(text, bos=False) == hf.encode(text, add_special_tokens=False).ids, name
+            assert ours.encode(text) == hf.encode(text).ids, name
 
 
 # ---------------------------------------------------------------------------------------------
@@ -228,6 +245,43 @@ def test_mistral_chat_matches_mistral_common(mistral_pair):
     assert ours.format_chat(messages, add_generation_prompt=False) == expected
     with pytest.raises(ValueError, match="last message is the assistant's"):
         ours.format_chat(messages)
+
+
+def test_mistral_allow_special_encodes_a_rendered_chat_like_mistral_common(mistral_pair):
+    """A chat rendered as text (as a Jinja template renders it) and encoded with allow_special
+    gives mistral-common's ids: control tokens as such, and no "▁" prefix after them, as
+    Hugging Face's conversion of the model encodes (Metaspace's prepend_scheme "first")."""
+    ours, reference = mistral_pair
+    if "[INST]" not in ours.special_tokens:  # v1: [INST] is text, test_..._tokenizer_json_beside_it
+        return
+    conversation = [UserMessage(content="Hi there"), AssistantMessage(content="Hello! Ask away."),
+                    UserMessage(content="2+2? And 日本語 🤗")]
+    expected = reference.encode_chat_completion(ChatCompletionRequest(messages=conversation)).tokens
+    rendered = "<s>[INST] Hi there[/INST] Hello! Ask away.</s>[INST] 2+2? And 日本語 🤗[/INST]"
+    assert ours.encode(rendered, bos=False, allow_special=True) == expected
+    assert ours.encode(rendered, bos=False) == ours.encode(rendered, bos=False, allow_special=False)
+    assert ours.special_tokens["[INST]"] not in ours.encode(rendered, bos=False)
+
+
+def test_sentencepiece_allow_special_follows_the_tokenizer_json_beside_it(tmp_path):
+    """Text after a special token gets no "▁" prefix, as transformers' conversion of the model
+    encodes, unless a tokenizer.json beside it prepends to every piece (Llama 2's legacy files),
+    as Meta's Llama 2 recipe does: `<s>` then the encoded "[INST] ..." text."""
+    from transformers import AutoTokenizer
+
+    shutil.copy(MISTRAL_FILES["v1"], tmp_path / "tokenizer.model")
+    (tmp_path / "tokenizer_config.json").write_text('{"tokenizer_class": "LlamaTokenizer"}')
+    rendered = "<s>[INST] Tell me a joke. [/INST] No. </s><s>[INST] Please? [/INST]"
+    hf = AutoTokenizer.from_pretrained(str(tmp_path))
+    tok = load_tokenizer(tmp_path)
+    expected = hf(rendered, add_special_tokens=False)["input_ids"]
+    assert tok.encode(rendered, bos=False, allow_special=True) == expected
+    legacy = {"type": "Sequence", "normalizers": [  # Llama 2's tokenizer.json
+        {"type": "Prepend", "prepend": "▁"}, {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]}
+    (tmp_path / "tokenizer.json").write_text(json.dumps({"normalizer": legacy}))
+    sp = tok._sp
+    meta = [1, *sp.encode("[INST] Tell me a joke. [/INST] No. "), 2, 1, *sp.encode("[INST] Please? [/INST]")]
+    assert load_tokenizer(tmp_path).encode(rendered, bos=False, allow_special=True) == meta
 
 
 def test_llama2_chat_follows_metas_recipe():
@@ -316,6 +370,24 @@ def test_stream_decoder_equals_decode_on_byte_pieces():
 
 # ---------------------------------------------------------------------------------------------
 # Finding files, and bad input
+
+
+def test_tokenizers_say_their_added_tokens_bos_eos_text_and_model_dir(tmp_path, llama3):
+    assert llama3.added_tokens == llama3.special_tokens and len(llama3.added_tokens) == 256
+    assert (llama3.bos_token, llama3.eos_token) == ("<|begin_of_text|>", "<|end_of_text|>")
+    (tmp_path / "original").mkdir()
+    shutil.copy(LLAMA3_FILE, tmp_path / "original" / "tokenizer.model")
+    assert load_tokenizer(tmp_path).model_dir == tmp_path  # the repository, not original/
+    mistral = load_tokenizer(MISTRAL_FILES["v3"])
+    assert (mistral.bos_token, mistral.eos_token, mistral.model_dir) == ("<s>", "</s>", MISTRAL_DATA)
+    assert mistral.added_tokens == {**mistral.special_tokens, "<unk>": 0}
+    assert mistral.encode("<unk>[INST]", bos=False, allow_special=True) == [0, 3]
+
+
+def test_generation_config_adds_stop_ids(tmp_path):
+    shutil.copy(MISTRAL_FILES["v3"], tmp_path / "tokenizer.model")
+    (tmp_path / "generation_config.json").write_text('{"eos_token_id": [2, 4]}')
+    assert load_tokenizer(tmp_path).stop_ids == {2, 4}
 
 
 def test_load_finds_each_kind_in_a_directory_by_content(tmp_path):
@@ -410,13 +482,16 @@ def test_tokenizer_json_of_another_kind_is_refused(tmp_path):
         load_tokenizer(path)
 
 
-def test_tokenizer_json_with_merges_out_of_id_order_is_refused(tmp_path, llama3_json_dir):
+def test_tokenizer_json_with_merges_out_of_id_order_encodes_as_hf(tmp_path, llama3_json_dir):
     spec = json.loads((llama3_json_dir / "tokenizer.json").read_text())
     merges = spec["model"]["merges"]
     merges[0], merges[-1] = merges[-1], merges[0]
     (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
-    with pytest.raises(TokenizerError, match="not in token-id order"):
-        load_tokenizer(tmp_path)
+    hf = tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    ours = load_tokenizer(tmp_path)
+    for name, text in TEXTS.items():
+        if name != "special_looking":
+            assert ours.encode(text) == hf.encode(text).ids, name
 
 
 def test_bad_arguments_get_clear_errors(llama3):

@@ -282,11 +282,12 @@ def test_keep_checkpoints_keeps_the_newest(tmp_path):
 # -- the export ----------------------------------------------------------------------------------------
 
 
-def test_export_is_self_contained_for_generate_and_fine_tuning(tmp_path):
+def test_export_is_self_contained_for_generate_and_fine_tuning(tmp_path, monkeypatch):
     from ligerzoo.cli import main
     from ligerzoo.models.config import ModelConfig
     from ligerzoo.tokenizer import ByteTokenizer, load_tokenizer
 
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the kernels' PyTorch path: a whole model generates
     run_train(tmp_path / "scratch", "--max_steps", "2", nproc=1)
     export = tmp_path / "scratch" / "hf"
     assert isinstance(load_tokenizer(export), ByteTokenizer)

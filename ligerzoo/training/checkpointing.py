@@ -36,7 +36,6 @@ from torch.distributed.checkpoint.state_dict import (
 
 from ligerzoo.hub import CONFIG_FILES, TOKENIZER_FILES
 from ligerzoo.models import build_model
-from ligerzoo.tokenizer import ByteTokenizer
 from ligerzoo.training.output_dir import CHECKPOINTS_DIR, EXPORT_DIR
 
 MANIFEST_FILE = "manifest.json"  # every other file of the checkpoint: its size and CRC-32
@@ -227,19 +226,14 @@ def export_hf(model, output_dir: str, tokenizer, model_dir: Path | None) -> Path
         plain.reset_buffers()
         plain.load_state_dict(full)
         plain.save_pretrained(target)
-        if isinstance(tokenizer, ByteTokenizer):
+        if tokenizer.model_dir is None:  # made in memory: the byte tokenizer of a model from scratch
             tokenizer.save(target)
         else:
-            _copy_files(_tokenizer_dir(tokenizer.path), target, TOKENIZER_FILES)
+            _copy_files(tokenizer.model_dir, target, TOKENIZER_FILES)
         if model_dir is not None:
             _copy_files(model_dir, target, [name for name in CONFIG_FILES if name != "config.json"])
     dist.barrier()
     return target
-
-
-def _tokenizer_dir(path: Path) -> Path:
-    """The model directory a tokenizer file was read from (Llama 3 keeps Meta's under original/)."""
-    return path.parent.parent if path.parent.name == "original" else path.parent
 
 
 def _copy_files(source: Path, target: Path, names) -> None:

@@ -183,6 +183,9 @@ def config_warnings(config: Config) -> list[str]:
     if train.checkpoint_every > train.max_steps:
         warnings.append(f"train.checkpoint_every ({train.checkpoint_every}) exceeds train.max_steps "
                         f"({train.max_steps}): only the final checkpoint is written")
+    if train.eval_every and config.data.val_path is None and config.data.val_fraction == 0:
+        warnings.append("train.eval_every is set but there is no validation data: pass --data.val_path FILE "
+                        "or --data.val_fraction F")
     if config.model.name is None and config.data.seq_len > config.model.max_position_embeddings:
         warnings.append(f"data.seq_len ({config.data.seq_len}) exceeds model.max_position_embeddings "
                         f"({config.model.max_position_embeddings}): the model is trained past its context")

@@ -1,35 +1,54 @@
-"""Training data: documents tokenised, packed into rows of `seq_len`, read in a fixed order.
+"""Training data: examples tokenised, packed into rows of `seq_len`, read in a fixed order.
 
-Documents are concatenated (each with BOS and EOS) and cut into rows; the position ids restart at
-every document start (and at every row start), so the model attends within each document, and the
-first token of a document is never a target of the previous one. Each step reads the next
-`world_size * batch_size` rows of a seeded permutation (reshuffled each epoch); rank r takes its
-slice, so the rows a step sees do not depend on how they are split across ranks. The only data
-state is the number of rows consumed, saved in checkpoints.
+Plain text (every example a text, formats.py) is packed as a stream: documents (each with BOS and
+EOS) are concatenated and cut into rows; the position ids restart at every document start (and at
+every row start), so the model attends within each document, and the first token of a document is
+never a target of the previous one.
 
-A large corpus is tokenised once into a token file (`ligerzoo prepare`, write_token_file) that
-training maps into memory: rows are cut from the map as batches need them, the same rows a text
-file of the same documents gives.
+Chat and instruction examples, whose loss sees only the answers, are packed whole, since an
+example split across rows would lose its prompt: they fill rows greedily in file order (the rows
+are shuffled anyway); when the next one does not fit, the rest of the row is padding (the
+tokenizer's pad id, else EOS), a document of its own that is never a target; an example longer
+than `seq_len` keeps its first `seq_len` tokens and is counted as cut. The loss sees a token when
+its role is ANSWER (PROMPT too with train_on_prompt), by its label alone (IGNORE_INDEX elsewhere),
+so the fused loss and the step's token count work as they do for text.
+
+Each step reads the next `world_size * batch_size` rows of a seeded permutation (reshuffled each
+epoch); rank r takes its slice, so the rows a step sees do not depend on how they are split across
+ranks. The only data state is the number of rows consumed, saved in checkpoints.
+
+Validation data is a second file, or whole examples held out of the training file by a seeded
+choice before packing; it is packed as training data is, except that plain text's last partial
+row is kept (padded), and `eval_batches` reads every row once.
+
+A large corpus is tokenised once into a token file (`ligerzoo prepare`, token_file.py) that
+training maps into memory: plain-text rows are cut from the map as batches need them, the same
+rows a text file of the same documents gives; whole-example data is laid out in memory at load.
 """
 
-import array
-import codecs
-import itertools
-import json
-import mmap
-import os
 import random
-import shutil
-import struct
-import sys
-import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
-from ligerzoo.checkpoint import _fsync_directory
 from ligerzoo.tokenizer import ByteTokenizer, tokenizer_fingerprint  # noqa: F401 (re-exported)
+from ligerzoo.training.formats import (  # noqa: F401 (read_documents re-exported)
+    ANSWER,
+    PROMPT,
+    TEXT,
+    Example,
+    TokenizedCorpus,
+    read_documents,
+    read_examples,
+    tokenize_corpus,
+)
+from ligerzoo.training.token_file import (  # noqa: F401 (write_token_file re-exported)
+    TOKEN_FILE_SUFFIX,
+    check_tokenizer,
+    read_token_file,
+    write_token_file,
+)
 
 IGNORE_INDEX = -100
 
@@ -52,136 +71,23 @@ def builtin_corpus(num_documents: int, seed: int = 0) -> list[str]:
     return documents
 
 
-def read_documents(path: str) -> list[str]:
-    """The documents of a UTF-8 corpus file, by its suffix (in any case): .jsonl, one {"text": ...}
-    record per line; .json, one array of {"text": ...} records or strings; anything else, text
-    whose blank-line-separated paragraphs are the documents. A file without documents, or one
-    that is not UTF-8 text, raises a ValueError that says where."""
-    with _open_corpus(path) as file:
-        return list(_documents(file, path))
-
-
-def _open_corpus(path: str):
-    """A corpus file opened for _documents (a UTF-8 byte-order mark, as Windows writes, skipped)."""
-    return open(path, encoding="utf-8-sig")
-
-
-def _documents(file, path: str) -> Iterator[str]:
-    """The documents of a corpus file opened by _open_corpus, one at a time, as read_documents
-    reads them; .txt and .jsonl files are streamed."""
-    suffix = Path(path).suffix.lower()
-    read = {".jsonl": _jsonl_documents, ".json": _json_array_documents}.get(suffix, _paragraphs)
-    found = False
-    try:
-        for text in read(file, path):
-            found = True
-            yield text
-    except UnicodeDecodeError as error:
-        raise _not_utf8_error(path, error) from None
-    if not found:
-        raise ValueError(f"{path} holds no documents (it is empty or blank): pass a corpus with text in it")
-
-
-def _paragraphs(file, path: str) -> Iterator[str]:
-    """A text file's paragraphs, which end at an empty line, as `text.split("\n\n")` cuts them,
-    but streamed."""
-    lines = []
-    for number, line in enumerate(itertools.chain(file, ["\n"]), 1):  # the end ends the last one
-        if line != "\n":
-            if "\0" in line:
-                raise _binary_file_error(path, number)
-            lines.append(line)
-            continue
-        text = "".join(lines).strip()
-        lines.clear()
-        if text:
-            yield text
-
-
-def _jsonl_documents(file, path: str) -> Iterator[str]:
-    """The "text" of each line's record (blank lines skipped)."""
-    for number, line in enumerate(file, 1):
-        if "\0" in line:
-            raise _binary_file_error(path, number)
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{where}: not a line of JSON ({error})") from None
-        yield _record_text(record, where, strings=False)
-
-
-def _json_array_documents(file, path: str) -> Iterator[str]:
-    """The texts of a .json file holding one array of records or strings (read whole: a corpus
-    too large for memory belongs in a .jsonl file)."""
-    expected = 'one JSON array of {"text": ...} records or of strings (one record per line is .jsonl)'
-    try:
-        records = json.load(file)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path} is not valid JSON ({error}); a .json corpus is {expected}") from None
-    if not isinstance(records, list):
-        raise ValueError(f"{path} holds a JSON {type(records).__name__}; a .json corpus is {expected}")
-    for index, record in enumerate(records):
-        yield _record_text(record, f"{path}: record {index}", strings=True)
-
-
-def _record_text(record, where: str, strings: bool) -> str:
-    """The text of one JSON record: its "text" string, or (where `strings`) the record itself."""
-    if strings and isinstance(record, str):
-        return record
-    if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-        rule = 'a JSONL record needs a "text" string'
-        if strings:
-            rule = 'a record needs a "text" string or is a string'
-        raise ValueError(f"{where}: {rule}, got {json.dumps(record, ensure_ascii=False)[:80]}")
-    return record["text"]
-
-
-def _binary_file_error(path: str, line: int) -> ValueError:
-    return ValueError(f"{path}:{line}: holds a NUL byte, so it is not a text file (binary data, or "
-                      "UTF-16 text): pass the corpus as UTF-8 .txt, .jsonl or .json")
-
-
-_SCAN_CHUNK = 1 << 20  # bytes read at a time by _not_utf8_error
-
-
-def _not_utf8_error(path: str, error: UnicodeDecodeError) -> ValueError:
-    """Where `path` first fails to decode as UTF-8: found again from the start of the file, since
-    the text reader's error counts from a buffer of unknown offset."""
-    offset = newlines = 0  # in what has been decoded so far
-    pending = b""  # the first bytes of a character split across chunks
-    with open(path, "rb") as file:
-        while True:
-            chunk = file.read(_SCAN_CHUNK)
-            data = pending + chunk
-            try:
-                _, used = codecs.utf_8_decode(data, "strict", not chunk)  # final at the end
-            except UnicodeDecodeError as found:
-                bad, line = offset + found.start, newlines + data.count(b"\n", 0, found.start) + 1
-                return ValueError(
-                    f"{path} is not UTF-8 text: byte {bad} (line {line}) is 0x{data[found.start]:02x}; "
-                    "a corpus must be UTF-8 text (convert one in another encoding, e.g. with "
-                    "`iconv -f latin1 -t utf-8`), not a binary file")
-            if not chunk:  # not found again: the file changed while it was read
-                return ValueError(f"{path} is not UTF-8 text ({error})")
-            offset, newlines, pending = offset + used, newlines + data.count(b"\n", 0, used), data[used:]
-
-
 class PackedData:
     """Rows of packed documents, handed out step by step, deterministically sharded over ranks.
 
     tokens: every document's ids end to end [N], of any integer dtype; a memory map is read only
         where a batch falls. Row i is tokens[i * seq_len : (i + 1) * seq_len]; the tail is dropped.
     document_starts: the index in `tokens` where each document begins [D], ascending, from 0.
+    loss_mask: which tokens may be targets [N], bool; None: all (plain text). A document's first
+        token is never one.
     """
 
-    def __init__(self, tokens: torch.Tensor, document_starts: torch.Tensor, seq_len: int, seed: int):
+    def __init__(self, tokens: torch.Tensor, document_starts: torch.Tensor, seq_len: int, seed: int,
+                 loss_mask: torch.Tensor | None = None):
         self.num_rows = len(tokens) // seq_len
         if self.num_rows == 0:
             raise ValueError(f"the corpus has {len(tokens)} tokens, fewer than one row of seq_len={seq_len}")
         self.tokens, self.document_starts, self.seq_len = tokens, document_starts, seq_len
+        self.loss_mask = loss_mask
         self.seed = seed
         self.rows_consumed = 0
 
@@ -202,6 +108,18 @@ class PackedData:
         self.rows_consumed += world_size * batch_size
         return self._rows(rows)
 
+    def eval_batches(self, batch_size: int, rank: int, world_size: int) -> Iterator[dict[str, torch.Tensor]]:
+        """Every row once, in order, as next_batch's dicts: batch k of rank r holds rows from
+        (k * world_size + r) * batch_size on. Rows past the last are row 0 with every label
+        IGNORE_INDEX, so that every rank runs ceil(rows / (world_size * batch_size)) batches (FSDP
+        needs every rank in every forward)."""
+        per_step = world_size * batch_size
+        for first in range(rank * batch_size, -(-len(self) // per_step) * per_step, per_step):
+            rows = range(first, first + batch_size)
+            batch = self._rows([row if row < len(self) else 0 for row in rows])
+            batch["labels"][torch.tensor([row >= len(self) for row in rows])] = IGNORE_INDEX
+            yield batch
+
     def _rows(self, rows: list[int]) -> dict[str, torch.Tensor]:
         """Input ids, labels and position ids of the rows numbered `rows`."""
         length = self.seq_len
@@ -211,7 +129,10 @@ class PackedData:
         is_start = torch.zeros(len(rows), length, dtype=torch.bool)
         for row, (begin, (first, end)) in enumerate(zip(begins.tolist(), spans.tolist())):
             is_start[row, self.document_starts[first:end] - begin] = True
-        labels = tokens.masked_fill(is_start, IGNORE_INDEX)  # never predict across documents
+        not_target = is_start  # never predict across documents
+        if self.loss_mask is not None:
+            not_target = is_start | ~torch.stack([self.loss_mask[r * length:(r + 1) * length] for r in rows])
+        labels = tokens.masked_fill(not_target, IGNORE_INDEX)
         is_start[:, 0] = True
         column = torch.arange(length).expand(len(rows), length)
         last_start = torch.where(is_start, column, 0).cummax(dim=1).values
@@ -232,159 +153,156 @@ class PackedData:
         self.rows_consumed = state["rows_consumed"]
 
 
-# ---------------------------------------------------------------------------------------------
-# Token files: a corpus tokenised once (`ligerzoo prepare`), memory-mapped by every run.
-#
-# Layout, little-endian: the ids of all documents end to end (uint16 where the vocabulary fits,
-# else uint32; each document with BOS and EOS), zero padding to a multiple of 8 bytes, the
-# document starts (int64), a JSON header, then a 16-byte trailer: the header's length (uint64)
-# and the magic b"LZTOKEN1". The ids begin at byte 0, so `numpy.fromfile(path, dtype,
-# count=num_tokens)` reads them too. The header records the dtype, the counts, where the starts
-# lie, the largest id, the sources, and the tokenizer: its name (its file, or "bytes") and its
-# `tokenizer_fingerprint` (kind, vocab_size, bos_id, eos_id, and `probe`, its ids of a probe text).
-# Files written before the fingerprint record only vocab_size and probe, and are checked on those.
-
-TOKEN_FILE_SUFFIX = ".tokens"
-_TRAILER = struct.Struct("<Q8s")
-_MAGIC = b"LZTOKEN1"
-_TYPECODES = {"uint16": "H", "uint32": "I"}
-_CHUNK_TOKENS = 1 << 20  # ids buffered between writes
 
 
-def write_token_file(inputs: list[str], tokenizer, output: str,
-                     on_progress: Callable[[int, int, int], None] | None = None) -> dict:
-    """Tokenise the documents of `inputs` (read as read_documents reads them) one at a time into the
-    token file `output`, and return its header.
+def pack(corpus: TokenizedCorpus, seq_len: int, seed: int, pad_id: int, train_on_prompt: bool = False,
+         keep_tail: bool = False) -> tuple[PackedData, dict]:
+    """Pack a corpus into rows (plain text as a stream, other examples whole), and say what it
+    holds: {"examples", "formats" (examples of each), "tokens" (of the examples), "rows",
+    "padding" (tokens), "cut" (examples longer than a row), "targets" (tokens in the loss, over
+    one pass of the rows, as training counts them)}.
 
-    The file is written under a temporary name, synced, and renamed: `output` is complete or absent
-    (or, after a failed rewrite, still the earlier file).
-    on_progress: called after each chunk written with (documents, tokens, input bytes read).
+    keep_tail: plain text's last partial row kept, padded, rather than dropped (for evaluation).
     """
-    output = Path(output)
-    if output.suffix.lower() != TOKEN_FILE_SUFFIX:
-        raise ValueError(f"the output {str(output)!r} does not end in {TOKEN_FILE_SUFFIX}, "
-                         "the suffix by which training recognises a token file")
-    dtype = "uint16" if tokenizer.vocab_size <= 1 << 16 else "uint32"
-    ids, starts = array.array(_TYPECODES[dtype]), array.array("q")
-    documents = tokens = max_id = bytes_done = 0
-    staging = output.with_name(f"{output.name}.{os.getpid()}.tmp")
-    starts_staging = output.with_name(f"{output.name}.{os.getpid()}.starts.tmp")
-    try:
-        with open(staging, "wb") as out, open(starts_staging, "w+b") as starts_out:
-            for path in inputs:
-                with _open_corpus(path) as file:
-                    for text in _documents(file, path):
-                        document = tokenizer.encode(text, bos=True, eos=True)
-                        starts.append(tokens)
-                        ids.extend(document)
-                        documents += 1
-                        tokens += len(document)
-                        max_id = max(max_id, max(document))
-                        if len(ids) >= _CHUNK_TOKENS:
-                            _append(out, ids)
-                            _append(starts_out, starts)
-                            if on_progress is not None:
-                                on_progress(documents, tokens, bytes_done + file.buffer.tell())
-                    bytes_done += file.buffer.tell()
-            if documents == 0:
-                raise ValueError(f"no documents in {', '.join(map(str, inputs))}")
-            _append(out, ids)
-            _append(starts_out, starts)
-            out.write(bytes(-out.tell() % 8))  # the int64 starts aligned
-            starts_offset = out.tell()
-            starts_out.seek(0)
-            shutil.copyfileobj(starts_out, out)
-            header = {"format": "ligerzoo-tokens", "version": 1, "dtype": dtype, "num_tokens": tokens,
-                      "num_documents": documents, "starts_offset": starts_offset, "max_id": max_id,
-                      "tokenizer": _tokenizer_record(tokenizer), "sources": [str(path) for path in inputs]}
-            encoded = json.dumps(header, ensure_ascii=False).encode("utf-8")
-            out.write(encoded + _TRAILER.pack(len(encoded), _MAGIC))
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(staging, output)
-    except BaseException:
-        staging.unlink(missing_ok=True)
-        raise
-    finally:
-        starts_staging.unlink(missing_ok=True)
-    _fsync_directory(output.parent)
-    if on_progress is not None:
-        on_progress(documents, tokens, bytes_done)
-    return header
+    if corpus.roles is None:
+        tokens, starts, mask, cut = corpus.tokens, corpus.starts, None, 0
+        padding = -len(tokens) % seq_len if keep_tail else 0
+        if padding:
+            tokens = torch.cat([tokens.long(), torch.full((padding,), pad_id)])
+            starts = torch.cat([starts, torch.tensor([len(corpus.tokens)])])
+            mask = torch.arange(len(tokens)) < len(corpus.tokens)
+    else:
+        tokens, starts, roles, cut = _pack_whole(corpus, seq_len, pad_id)
+        mask = roles >= PROMPT if train_on_prompt else roles == ANSWER
+        padding = len(tokens) - int(corpus.lengths().clamp(max=seq_len).sum())
+    data = PackedData(tokens, starts, seq_len, seed, loss_mask=mask)
+    stats = {"examples": len(corpus), "formats": corpus.format_counts(), "tokens": len(corpus.tokens),
+             "rows": len(data), "padding": padding, "cut": cut, "targets": _count_targets(data)}
+    return data, stats
 
 
-def _append(file, values: array.array) -> None:
-    """Write `values` to `file` little-endian, and empty them."""
-    if sys.byteorder == "big":
-        values.byteswap()
-    file.write(values)
-    del values[:]
+def _pack_whole(corpus: TokenizedCorpus, seq_len: int, pad_id: int) -> tuple[torch.Tensor, ...]:
+    """Examples whole in rows, next fit in file order, the rest of a row padding: (tokens [R * T]
+    int32, document starts (the examples' and the padding's), roles [R * T], examples cut).
+
+    A row holds consecutive whole examples, or the first seq_len tokens of one longer example
+    alone, so each row is one slice of the corpus."""
+    rows = []  # [first token in the corpus, tokens] of each row
+    starts, cut = [], 0
+
+    def end_row():  # what the last row leaves is padding, a document of its own
+        if rows and rows[-1][1] < seq_len:
+            starts.append((len(rows) - 1) * seq_len + rows[-1][1])
+
+    for start, length in zip(corpus.starts.tolist(), corpus.lengths().tolist()):
+        if length > seq_len:
+            cut, length = cut + 1, seq_len
+        if not rows or rows[-1][1] + length > seq_len:
+            end_row()
+            rows.append([start, 0])
+        starts.append((len(rows) - 1) * seq_len + rows[-1][1])
+        rows[-1][1] += length
+    end_row()
+    tokens = torch.full((len(rows) * seq_len,), pad_id, dtype=torch.int32)
+    roles = torch.zeros(len(rows) * seq_len, dtype=torch.uint8)  # PADDING
+    for row, (begin, length) in enumerate(rows):
+        tokens[row * seq_len:row * seq_len + length] = corpus.tokens[begin:begin + length]
+        roles[row * seq_len:row * seq_len + length] = corpus.roles[begin:begin + length]
+    return tokens, torch.tensor(starts, dtype=torch.int64), roles, cut
 
 
-def read_token_file(path: str) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """A token file's ids [N] (in its dtype) and document starts [D] (int64), memory-mapped, and
-    its header."""
-    if sys.byteorder == "big":
-        raise ValueError(f"{path}: token files are little-endian and mapped as they are; this machine is not")
-    with open(path, "rb") as file:
-        size = file.seek(0, os.SEEK_END)
-        file.seek(max(size - _TRAILER.size, 0))
-        length, magic = _TRAILER.unpack(file.read().rjust(_TRAILER.size, b"\0"))
-        if magic != _MAGIC or length > size - _TRAILER.size:
-            raise ValueError(f"{path} is not a complete token file (no trailer at its end): "
-                             "write it again with `ligerzoo prepare`")
-        # Read-only: a private, writable map of a corpus larger than memory can be refused, since
-        # it counts against the commit limit. Nothing writes to these tensors.
-        mapped = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
-    header = json.loads(mapped[size - _TRAILER.size - length:size - _TRAILER.size])
-    expected = header["starts_offset"] + 8 * header["num_documents"] + length + _TRAILER.size
-    if size != expected:
-        raise ValueError(f"{path} has {size} bytes but its header describes {expected}: "
-                         "write it again with `ligerzoo prepare`")
-    with warnings.catch_warnings():  # torch warns that the map is not writable: nothing writes
-        warnings.simplefilter("ignore", UserWarning)
-        tokens = torch.frombuffer(mapped, dtype=getattr(torch, header["dtype"]), count=header["num_tokens"])
-        starts = torch.frombuffer(mapped, dtype=torch.int64, count=header["num_documents"],
-                                  offset=header["starts_offset"])
-    return tokens, starts, header
+def _count_targets(data: PackedData) -> int:
+    """The targets of one pass over the rows, as training counts them (labels[:, 1:]): in the loss
+    mask, neither a document's first token nor a row's."""
+    rows, length = len(data), data.seq_len
+    starts = data.document_starts[data.document_starts < rows * length]
+    if data.loss_mask is None:
+        return rows * (length - 1) - int((starts % length != 0).sum())
+    counted = data.loss_mask[:rows * length].clone()
+    counted[starts] = False
+    counted[::length] = False
+    return int(counted.sum())
 
 
-def _tokenizer_record(tokenizer) -> dict:
-    """A token file's record of its tokenizer: its file (or "bytes") and its fingerprint."""
-    path = getattr(tokenizer, "path", None)
-    return {"name": "bytes" if path is None else str(path), **tokenizer_fingerprint(tokenizer)}
+def hold_out(corpus: TokenizedCorpus, fraction: float, seed: int) -> tuple[TokenizedCorpus, TokenizedCorpus]:
+    """(training, validation): `fraction` of the examples (rounded, at least one) held out whole,
+    chosen by a permutation seeded with `seed`; both keep the file's order."""
+    count = max(1, round(fraction * len(corpus)))
+    if count >= len(corpus):
+        raise ValueError(f"--data.val_fraction {fraction} of the {len(corpus)} examples holds out {count}, "
+                         "leaving none to train on: lower it, or pass --data.val_path")
+    held = torch.zeros(len(corpus), dtype=torch.bool)
+    held[torch.randperm(len(corpus), generator=torch.Generator().manual_seed(seed))[:count]] = True
+    train, val = torch.nonzero(~held)[:, 0].tolist(), torch.nonzero(held)[:, 0].tolist()
+    return corpus.select(train), corpus.select(val)
 
 
-def _check_tokenizer(header: dict, tokenizer, path: str) -> None:
-    """Raise unless `tokenizer` is the one that wrote the token file (by the fingerprint's fields
-    that the file records: older files lack kind, bos_id and eos_id)."""
-    written, used = header["tokenizer"], _tokenizer_record(tokenizer)
-    differ = {key for key, value in used.items() if key in written and written[key] != value} - {"name"}
-    if differ:
-        if "vocab_size" in differ:
-            how = "has another vocab_size"
-        elif differ & {"probe", "bos_id", "eos_id"}:
-            how = "encodes text differently"
-        else:
-            how = f"is another kind of tokenizer ({used['kind']}, the file's {written['kind']})"
-        raise ValueError(
-            f"{path} was tokenised with {written['name']} (vocab_size {written['vocab_size']}), but training "
-            f"uses {used['name']} (vocab_size {used['vocab_size']}), which {how}: prepare the file again "
-            "with the model's tokenizer (`ligerzoo prepare --tokenizer`), or set --data.tokenizer to the "
-            "file's")
-    if header["max_id"] >= tokenizer.vocab_size:
-        raise ValueError(f"{path} holds id {header['max_id']}, outside the tokenizer's "
-                         f"{tokenizer.vocab_size} ids: write it again with `ligerzoo prepare`")
+def load_corpus(path: str, tokenizer) -> TokenizedCorpus:
+    """A corpus file's examples, tokenised: a token file mapped (and checked to be `tokenizer`'s),
+    any other file read and tokenised here."""
+    if Path(path).suffix.lower() == TOKEN_FILE_SUFFIX:
+        corpus, header = read_token_file(path)
+        check_tokenizer(header, tokenizer, path)
+        return corpus
+    return tokenize_corpus(read_examples(path), tokenizer)
 
 
-def build_data(data_config, tokenizer, seed: int) -> PackedData:
-    """Pack the configured corpus: a token file, memory-mapped, or a text file (or the built-in
-    corpus) tokenised here."""
-    path = data_config.path
-    if path is not None and Path(path).suffix.lower() == TOKEN_FILE_SUFFIX:
-        tokens, starts, header = read_token_file(path)
-        _check_tokenizer(header, tokenizer, path)
-        return PackedData(tokens, starts, data_config.seq_len, seed)
-    texts = builtin_corpus(data_config.num_documents, seed) if path is None else read_documents(path)
-    documents = [tokenizer.encode(text, bos=True, eos=True) for text in texts]
-    return PackedData.from_documents(documents, data_config.seq_len, seed)
+def build_datasets(data_config, tokenizer, seed: int) -> tuple[PackedData, PackedData | None, dict]:
+    """The training data (the configured file, or the built-in corpus), the validation data (None
+    without data.val_path or data.val_fraction), and what each holds: {"train": ..., "val": ...
+    or None} (see pack)."""
+    config = data_config
+    if config.path is None:
+        texts = builtin_corpus(config.num_documents, seed)
+        examples = (Example(TEXT, text, f"built-in document {i}") for i, text in enumerate(texts))
+        corpus = tokenize_corpus(examples, tokenizer)
+    else:
+        corpus = load_corpus(config.path, tokenizer)
+    val_corpus = None
+    if config.val_path is not None:
+        val_corpus = load_corpus(config.val_path, tokenizer)
+    elif config.val_fraction > 0:
+        corpus, val_corpus = hold_out(corpus, config.val_fraction, seed)
+        if corpus.roles is None and len(corpus.tokens) < config.seq_len:
+            raise ValueError(f"--data.val_fraction {config.val_fraction} holds out {len(val_corpus)} "
+                             f"examples, leaving {len(corpus.tokens)} tokens to train on, fewer than one row "
+                             f"of seq_len={config.seq_len}: lower it, or pass --data.val_path")
+    pad_id = _pad_id(tokenizer)
+    train, train_stats = pack(corpus, config.seq_len, seed, pad_id, config.train_on_prompt)
+    val, val_stats = None, None
+    if val_corpus is not None:
+        val, val_stats = pack(val_corpus, config.seq_len, seed, pad_id, config.train_on_prompt,
+                              keep_tail=True)
+    return train, val, {"train": train_stats, "val": val_stats}
+
+
+def build_eval_data(path: str, tokenizer, seq_len: int,
+                    train_on_prompt: bool = False) -> tuple[PackedData, dict]:
+    """A file packed for evaluation as validation data is (every token in some row), and what it
+    holds (see pack)."""
+    return pack(load_corpus(path, tokenizer), seq_len, 0, _pad_id(tokenizer), train_on_prompt, keep_tail=True)
+
+
+def describe_datasets(stats: dict) -> str:
+    """A line for each data set of build_datasets' statistics."""
+    lines = []
+    for name, held in stats.items():
+        if held is None:
+            continue
+        formats = ", ".join(f"{count:,} {kind}" for kind, count in held["formats"].items())
+        line = (f"{name} data: {held['examples']:,} examples ({formats}), {held['tokens']:,} tokens, "
+                f"{held['rows']:,} rows")
+        if held["padding"]:
+            line += f" ({held['padding']:,} padding tokens)"
+        line += f", {held['targets']:,} targets"
+        cut = held["cut"]
+        if cut:
+            line += f"; {cut:,} example{'s' * (cut != 1)} longer than a row cut to it (the rest never seen)"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def _pad_id(tokenizer) -> int:
+    """The id that fills the rest of a row: the tokenizer's pad id where it has one, else EOS."""
+    pad_id = getattr(tokenizer, "pad_id", None)
+    return tokenizer.eos_id if pad_id is None else pad_id

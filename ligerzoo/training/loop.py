@@ -17,7 +17,8 @@ from ligerzoo.models import ModelConfig, build_model
 from ligerzoo.tokenizer import ByteTokenizer, load_tokenizer, tokenizer_fingerprint
 from ligerzoo.training.checkpointing import complete_checkpoints, export_hf, resume_latest, save_checkpoint
 from ligerzoo.training.config import Config, config_warnings
-from ligerzoo.training.data import IGNORE_INDEX, build_data
+from ligerzoo.training.data import IGNORE_INDEX, build_datasets, describe_datasets
+from ligerzoo.training.evaluate import evaluate
 from ligerzoo.training.medusa import export_heads, medusa_flops_per_token, with_medusa_heads
 from ligerzoo.training.metrics import MetricsLog, flops_per_token, peak_flops
 from ligerzoo.training.output_dir import OutputDirError, claim_output_dir
@@ -78,7 +79,8 @@ def _train_locked(config: Config, rank: int, world_size: int, device: torch.devi
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=train_cfg.lr, betas=train_cfg.betas,
                                   weight_decay=train_cfg.weight_decay, fused=device.type == "cuda")
-    data = build_data(data_cfg, tokenizer, train_cfg.seed)
+    data, val_data, data_stats = build_datasets(data_cfg, tokenizer, train_cfg.seed)
+    _say(rank, describe_datasets(data_stats))
 
     # Maybe resume from the latest checkpoint that is whole and was saved by a compatible run.
     def check_run(path, saved):
@@ -164,6 +166,10 @@ def _train_locked(config: Config, rank: int, world_size: int, device: torch.devi
         }
         if medusa:
             record.update(_head_metrics(head_loss_sum / total, out.head_accuracies, world_size))
+        if val_data is not None and (step == train_cfg.max_steps or
+                                     (train_cfg.eval_every and step % train_cfg.eval_every == 0)):
+            result = evaluate(model, val_data.eval_batches(data_cfg.batch_size, rank, world_size), device)
+            record.update(val_loss=result["loss"], val_perplexity=result["perplexity"])
         metrics.log(record)
         if train_cfg.checkpoint_every and step % train_cfg.checkpoint_every == 0 and step < train_cfg.max_steps:
             checkpoint(step)

@@ -69,6 +69,8 @@ class MetricsLog:
         self.file.flush()
         line = (f"step {record['step']}/{self.max_steps}  loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
                 f"grad_norm {record['grad_norm']:.3f}  {record['tokens_per_s']:,.0f} tok/s")
+        if record.get("val_loss") is not None:
+            line += f"  val_loss {record['val_loss']:.4f}"
         if record.get("mfu") is not None:
             line += f"  mfu {100 * record['mfu']:.1f}%"
         if record.get("peak_memory_gib") is not None:
