@@ -287,7 +287,7 @@ def write_files_atomically(directory: str | os.PathLike, tensor_files: dict[str,
         for temporary, _ in staged:
             temporary.unlink(missing_ok=True)
         raise
-    _fsync_directory(directory)
+    fsync_directory(directory)
 
 
 def parse_size(size: int | str) -> int:
@@ -343,7 +343,7 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _fsync_directory(directory: Path) -> None:
+def fsync_directory(directory: Path) -> None:
     if os.name == "posix":  # makes the renames durable; Windows cannot open a directory
         _fsync(directory)
 

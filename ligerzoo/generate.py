@@ -63,8 +63,8 @@ def generate(
         padded past it (rows no text maps to).
     """
     config: ModelConfig = model.config
-    prompts = _prompt_lists(input_ids)
-    stop_set = _check_request(config, prompts, max_new_tokens, temperature, top_k, top_p, stop_ids)
+    prompts = prompt_lists(input_ids)
+    stop_set = check_request(config, prompts, max_new_tokens, temperature, top_k, top_p, stop_ids)
     if vocab_size is not None and not 1 <= vocab_size <= config.vocab_size:
         raise ValueError(f"vocab_size={vocab_size} is outside [1, {config.vocab_size}], the model's vocabulary")
     device = model.output_weight.device
@@ -250,7 +250,7 @@ def _decoder(model: Transformer, batch_size: int, length: int, keep: bool) -> _D
     return decoder
 
 
-def _prompt_lists(input_ids) -> list[list[int]]:
+def prompt_lists(input_ids) -> list[list[int]]:
     if isinstance(input_ids, torch.Tensor):
         if input_ids.dim() != 2 or input_ids.is_floating_point() or input_ids.dtype == torch.bool:
             raise ValueError(f"input_ids must be an integer [B, T] tensor or a list of token-id lists, got a "
@@ -274,7 +274,7 @@ def _prompt_lists(input_ids) -> list[list[int]]:
     return prompts
 
 
-def _check_request(config, prompts, max_new_tokens, temperature, top_k, top_p, stop_ids) -> set[int]:
+def check_request(config, prompts, max_new_tokens, temperature, top_k, top_p, stop_ids) -> set[int]:
     """Raise a ValueError for any bad argument; return the stop ids as a set."""
     vocab = config.vocab_size
     for i, prompt in enumerate(prompts):

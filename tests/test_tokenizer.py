@@ -26,9 +26,9 @@ from ligerzoo.tokenizer import (
     SentencePieceTokenizer,
     TiktokenTokenizer,
     TokenizerError,
-    _split_long_runs,
     load_tokenizer,
 )
+from ligerzoo.tokenizer.tiktoken_bpe import split_long_runs
 
 LLAMA3_FILE = Path(llama_tokenizer.__file__).parent / "tokenizer.model"
 MISTRAL_DATA = Path(mistral_common.__file__).parent / "data"
@@ -129,7 +129,7 @@ def test_split_long_runs_cuts_where_llama_models_cuts(llama3_reference):
                 text[start : start + MAX_ENCODE_CHARS], MAX_RUN_CHARS
             )
         ]
-        assert list(_split_long_runs(text)) == expected, text[:20]
+        assert list(split_long_runs(text)) == expected, text[:20]
 
 
 def test_llama3_special_ids_match_llama_models(llama3, llama3_reference):

@@ -2,6 +2,7 @@
 (registered as torch.library ops so they trace inside torch.compile), its autograd.Function and
 its public function or module."""
 
+from ligerzoo.kernels._utils import IGNORE_INDEX
 from ligerzoo.kernels.cross_entropy import CrossEntropyLoss, cross_entropy
 from ligerzoo.kernels.linear_cross_entropy import LinearCrossEntropyLoss, linear_cross_entropy
 from ligerzoo.kernels.rms_norm import RMSNorm, add_rms_norm, rms_norm
@@ -9,6 +10,7 @@ from ligerzoo.kernels.rope import apply_rope
 from ligerzoo.kernels.swiglu import swiglu, swiglu_packed
 
 __all__ = [
+    "IGNORE_INDEX",
     "CrossEntropyLoss",
     "LinearCrossEntropyLoss",
     "RMSNorm",

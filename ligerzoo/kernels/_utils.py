@@ -68,6 +68,22 @@ def _multiprocessors(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+# The target that takes no part in a loss (PyTorch's and Hugging Face's convention): prompt tokens,
+# padding, the first token of a packed document.
+IGNORE_INDEX = -100
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def check_loss_options(ignore_index, label_smoothing, reduction) -> None:
+    """The options both cross-entropy losses take, each checked with the value named."""
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if not isinstance(label_smoothing, (int, float)) or not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must be a number in [0, 1], got {label_smoothing!r}")
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+        raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
+
+
 def check_float(name: str, t: torch.Tensor) -> None:
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")

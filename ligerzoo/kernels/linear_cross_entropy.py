@@ -30,8 +30,8 @@ CHUNK_BUFFER_BYTES, and a chunk the most rows, a multiple of 128 (cuBLAS tiles),
 import torch
 from torch._library.triton import set_wrap_triton_enabled
 
-from ligerzoo.kernels._utils import as_rows, check_float, check_same_device
-from ligerzoo.kernels.cross_entropy import LossOptions, _check_options, _scale_grad_, launch_cross_entropy
+from ligerzoo.kernels._utils import IGNORE_INDEX, as_rows, check_float, check_loss_options, check_same_device
+from ligerzoo.kernels.cross_entropy import LossOptions, launch_cross_entropy, scale_grad_
 
 # Memory for one chunk of logits: the 128 MiB allowed beyond inputs and gradients, less 2 MiB
 # for what else is live (per-row float32 losses, the float32 bias gradient). 512 rows of the
@@ -100,7 +100,7 @@ def _loss_and_grads(
                 continue
             grad_logits = logits_chunk
             if per_row_scale:
-                _scale_grad_(grad_logits, grad_scale[start:end])
+                scale_grad_(grad_logits, grad_scale[start:end])
             if want_grad_hidden:
                 torch.mm(grad_logits, weight, out=grad_hidden[start:end])
             if want_grad_weight:
@@ -186,7 +186,7 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
             grads = (grad_hidden, grad_weight, grad_bias.view(1, -1))
             for grad, wanted in zip(grads, ctx.wants):
                 if wanted:
-                    _scale_grad_(grad, factor)
+                    scale_grad_(grad, factor)
         return (
             grad_hidden.view(ctx.hidden_shape) if want_hidden else None,
             grad_weight if want_weight else None,
@@ -231,7 +231,7 @@ def linear_cross_entropy(
     weight: torch.Tensor,
     target: torch.Tensor,
     bias: torch.Tensor | None = None,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     label_smoothing: float = 0.0,
     reduction: str = "mean",
 ) -> torch.Tensor:
@@ -242,7 +242,7 @@ def linear_cross_entropy(
     [0, V) that is not ignore_index fails an asynchronous assert. The loss is float32.
     """
     _check(hidden, weight, target, bias)
-    _check_options(ignore_index, label_smoothing, reduction)
+    check_loss_options(ignore_index, label_smoothing, reduction)
     return _LinearCrossEntropyFunction.apply(
         hidden, weight, target, bias, ignore_index, float(label_smoothing), reduction, torch.is_grad_enabled()
     )

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ligerzoo.generate import _check_request, _prompt_lists, capture_step, graph_key, sample
+from ligerzoo.generate import check_request, prompt_lists, capture_step, graph_key, sample
 from ligerzoo.medusa.heads import MedusaHeads
 from ligerzoo.medusa.tree import Choices, MedusaTree, medusa_tree
 from ligerzoo.models import Transformer
@@ -91,11 +91,11 @@ def medusa_generate(
     stats: filled with the number of candidates accepted at each step.
     """
     config = model.config
-    prompts = _prompt_lists(input_ids)
+    prompts = prompt_lists(input_ids)
     if len(prompts) != 1:
         raise ValueError(f"Medusa decoding takes one prompt (batch 1), got {len(prompts)}: "
                          f"call it once per prompt, or use ligerzoo.generate for batches")
-    stop_set = _check_request(config, prompts, max_new_tokens, temperature, None, None, stop_ids)
+    stop_set = check_request(config, prompts, max_new_tokens, temperature, None, None, stop_ids)
     _check_medusa(model, heads, acceptance, temperature, posterior_threshold, posterior_alpha)
     device = model.output_weight.device
     tree = medusa_tree(tree, heads.num_heads, device)

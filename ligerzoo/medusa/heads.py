@@ -16,9 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ligerzoo.kernels import linear_cross_entropy
-
-IGNORE_INDEX = -100
+from ligerzoo.kernels import IGNORE_INDEX, linear_cross_entropy
 
 
 @dataclass

@@ -19,13 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ligerzoo.kernels import RMSNorm, apply_rope, linear_cross_entropy, swiglu_packed
+from ligerzoo.kernels import IGNORE_INDEX, RMSNorm, apply_rope, linear_cross_entropy, swiglu_packed
 from ligerzoo.models.attention import AttentionMask, attend, build_mask
 from ligerzoo.models.config import ModelConfig
 from ligerzoo.models.kv_cache import KVCache, LayerCache, TokenTree
 from ligerzoo.models.rotary import RotaryEmbedding
-
-IGNORE_INDEX = -100
 
 
 # A NamedTuple, not a dataclass: FSDP2 finds the tensors of a wrapped module's output with pytree,

@@ -36,7 +36,6 @@ from ligerzoo.tokenizer.tiktoken_bpe import (
     MAX_RUN_CHARS,
     TiktokenTokenizer,
 )
-from ligerzoo.tokenizer.tiktoken_bpe import split_long_runs as _split_long_runs  # noqa: F401 (tests)
 from ligerzoo.tokenizer.tokenizer_json import SentencePieceBPETokenizer
 
 __all__ = [

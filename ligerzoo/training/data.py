@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from ligerzoo.kernels import IGNORE_INDEX
 from ligerzoo.tokenizer import ByteTokenizer, tokenizer_fingerprint  # noqa: F401 (re-exported)
 from ligerzoo.training.formats import (  # noqa: F401 (read_documents re-exported)
     ANSWER,
@@ -49,8 +50,6 @@ from ligerzoo.training.token_file import (  # noqa: F401 (write_token_file re-ex
     read_token_file,
     write_token_file,
 )
-
-IGNORE_INDEX = -100
 
 
 def builtin_corpus(num_documents: int, seed: int = 0) -> list[str]:
@@ -151,8 +150,6 @@ class PackedData:
 
     def load_state_dict(self, state: dict) -> None:
         self.rows_consumed = state["rows_consumed"]
-
-
 
 
 def pack(corpus: TokenizedCorpus, seq_len: int, seed: int, pad_id: int, train_on_prompt: bool = False,

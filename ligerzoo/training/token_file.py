@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from ligerzoo.checkpoint import _fsync_directory
+from ligerzoo.checkpoint import fsync_directory
 from ligerzoo.tokenizer import tokenizer_fingerprint
 from ligerzoo.training.formats import (
     ANSWER,
@@ -125,7 +125,7 @@ def write_token_file(inputs: list[str], tokenizer, output: str,
     finally:
         for path in staging.values():
             path.unlink(missing_ok=True)
-    _fsync_directory(output.parent)
+    fsync_directory(output.parent)
     if on_progress is not None:
         on_progress(documents, tokens, bytes_done)
     return header
