@@ -51,7 +51,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # run from a checkout without installing
 
 from ligerzoo.checkpoint import from_pretrained  # noqa: E402
-from ligerzoo.models import ModelConfig, build_model  # noqa: E402
+from ligerzoo.models import ModelConfig, build_model
+from ligerzoo.models.presets import LLAMA_3_2_1B, TINY_LLAMA  # noqa: E402
 
 # The module (the package's attribute `generate` is the function); --profile reads its kept decoder.
 ligerzoo_generate = importlib.import_module("ligerzoo.generate")
@@ -63,17 +64,7 @@ WARMUPS = {"ligerzoo": 1, "hf": 1, "hf-static": 2}  # the static cache compiles 
 PEER_NAMES = {"ligerzoo": "ligerzoo (static cache, CUDA graph)", "hf": "transformers (default cache)",
               "hf-static": 'transformers (cache_implementation="static")'}
 
-# meta-llama/Llama-3.2-1B's config.json, less the fields that do not shape the computation.
-LLAMA_32_1B = dict(
-    model_type="llama", vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-    num_attention_heads=32, num_key_value_heads=8, head_dim=64, max_position_embeddings=131072,
-    rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=True, bos_token_id=128000,
-    eos_token_id=128001,
-    rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                  "original_max_position_embeddings": 8192},
-)
-TINY = dict(LLAMA_32_1B, vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, head_dim=16, bos_token_id=1, eos_token_id=2)
+TINY = TINY_LLAMA
 
 _T0 = time.perf_counter()
 
@@ -369,7 +360,7 @@ def main(argv=None) -> int:
     else:
         if not torch.cuda.is_available():
             parser.error("no CUDA device (use --dry-run to check the script on CPU)")
-        device, config = torch.device("cuda"), ModelConfig(**LLAMA_32_1B)
+        device, config = torch.device("cuda"), ModelConfig(**LLAMA_3_2_1B)
 
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (dry run: tiny model)"
     report = [f"# Generation benchmark: {datetime.datetime.now().isoformat(timespec='minutes')} | {gpu} | "

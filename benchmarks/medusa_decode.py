@@ -44,18 +44,10 @@ sys.path.insert(0, ROOT)  # run from a checkout without installing
 from ligerzoo.checkpoint import from_pretrained  # noqa: E402
 from ligerzoo.generate import generate  # noqa: E402
 from ligerzoo.medusa import TREES, MedusaConfig, MedusaHeads, MedusaStats, load_heads, medusa_generate  # noqa: E402
-from ligerzoo.models import ModelConfig, build_model  # noqa: E402
+from ligerzoo.models import ModelConfig, build_model
+from ligerzoo.models.presets import LLAMA_3_2_1B, TINY_LLAMA  # noqa: E402
 
-# meta-llama/Llama-3.2-1B's config.json, less the fields that do not shape the computation.
-LLAMA_32_1B = dict(
-    model_type="llama", vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-    num_attention_heads=32, num_key_value_heads=8, head_dim=64, max_position_embeddings=131072,
-    rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=True,
-    rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                  "original_max_position_embeddings": 8192},
-)
-TINY = dict(LLAMA_32_1B, vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+TINY = TINY_LLAMA
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 _T0 = time.perf_counter()
@@ -137,7 +129,7 @@ def main(argv=None) -> int:
         log(f"loading {args.model}")
         model = from_pretrained(args.model, dtype=dtype, device=device)
     else:
-        config = ModelConfig(**(TINY if args.tiny else LLAMA_32_1B))
+        config = ModelConfig(**(TINY if args.tiny else LLAMA_3_2_1B))
         log(f"building a random {'tiny' if args.tiny else 'Llama-3.2-1B-shaped'} model")
         model = build_model(config, device=device, dtype=dtype).eval()
     config = model.config

@@ -46,9 +46,7 @@ from ligerzoo.medusa import MedusaConfig, MedusaHeads, head_targets  # noqa: E40
 from ligerzoo.medusa.heads import IGNORE_INDEX  # noqa: E402
 from ligerzoo.models import ModelConfig, build_model  # noqa: E402
 
-LLAMA_1B = SHAPES["llama-1b"]
-TINY = dict(LLAMA_1B, vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2)
+LLAMA_1B, TINY = SHAPES["llama-1b"], SHAPES["tiny"]
 PEERS = ("ligerzoo", "hf-logits", "hf-liger")
 UNTIMED_STEPS = 3
 

@@ -29,32 +29,14 @@ import torch
 import torch.distributed as dist
 
 from ligerzoo.models import ModelConfig, build_model
+from ligerzoo.models.presets import LLAMA_3_1_8B, LLAMA_3_2_1B, MIXTRAL_8X7B_2_LAYERS, TINY_LLAMA
 from ligerzoo.training.metrics import flops_per_token, peak_flops
 from ligerzoo.training.parallel import MULTICAST_OFF, apply_fsdp, init_distributed, prepare_blocks
 
 from device_timeline import describe, device_timeline  # beside this script
 
-SHAPES = {
-    # Llama-3.2-1B: 1.24B parameters, tied embeddings.
-    "llama-1b": dict(model_type="llama", vocab_size=128256, hidden_size=2048, intermediate_size=8192,
-                     num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
-                     tie_word_embeddings=True, rope_theta=500000.0, max_position_embeddings=131072,
-                     rms_norm_eps=1e-5),
-    # Llama-3.1-8B: 8.03B parameters.
-    "llama-8b": dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
-                     num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-                     tie_word_embeddings=False, rope_theta=500000.0, max_position_embeddings=131072,
-                     rms_norm_eps=1e-5),
-    # Mixtral-8x7B's layers, 2 of them: 3.16B parameters.
-    "mixtral-2l": dict(model_type="mixtral", vocab_size=32000, hidden_size=4096, intermediate_size=14336,
-                       num_hidden_layers=2, num_attention_heads=32, num_key_value_heads=8,
-                       num_local_experts=8, num_experts_per_tok=2, rope_theta=1e6,
-                       max_position_embeddings=32768, rms_norm_eps=1e-5),
-    # For --device cpu: every code path of the others (GQA, an untied head), at toy size.
-    "tiny": dict(model_type="llama", vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
-                 max_position_embeddings=1024),
-}
+# The shapes' names on the command line (multi_gpu.sh and RESULTS.md use them), from the presets.
+SHAPES = {"llama-1b": LLAMA_3_2_1B, "llama-8b": LLAMA_3_1_8B, "mixtral-2l": MIXTRAL_8X7B_2_LAYERS, "tiny": TINY_LLAMA}
 PEERS = ("ligerzoo", "ligerzoo-bf16-master", "hf", "hf-compiled", "hf-liger")
 UNTIMED_STEPS = 4
 
