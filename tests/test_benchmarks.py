@@ -170,8 +170,12 @@ def test_kernel_benchmark_dry_run():
     assert result.returncode == 0, result.stdout + result.stderr[-6000:]
     assert "## Errors" not in result.stdout
     rows = table_rows(result.stdout, "| kernel |")
-    assert {row["kernel"] for row in rows} >= {"RMSNorm", "add+RMSNorm", "SwiGLU", "RoPE", "CrossEntropy", "LinearCE"}
+    kernels = ["RMSNorm", "add+RMSNorm", "SwiGLU", "RoPE", "CrossEntropy", "LinearCE", "LinearCE (1B head)"]
+    # Every case module of benchmarks/kernel_bench/ in table order, both directions.
+    directions = ("fwd", "fwd+bwd")
+    assert [(row["kernel"], row["direction"]) for row in rows] == [(k, d) for k in kernels for d in directions]
     assert all(row["ligerzoo wall (eager)"].endswith(" ms") for row in rows)
+    assert not any("BAD" in row["rel err ligerzoo (worst tensor)"] for row in rows)
 
 
 def test_fine_tuning_benchmark_runs_on_cpu():
