@@ -37,8 +37,8 @@ import jinja2.nodes
 import jinja2.utils
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-TEMPLATE_FILE = "chat_template.jinja"
-TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+from ligerzoo.hub import CHAT_TEMPLATE_FILE, TOKENIZER_CONFIG_FILE
+
 LEGACY_TEMPLATE_FILE = "chat_template.json"
 MIN_JINJA_VERSION = (3, 1, 6)
 
@@ -61,7 +61,7 @@ class ChatTemplate:
         """The chat template in a model directory, looked for where transformers looks; None if
         there is none."""
         directory = Path(directory)
-        path = directory / TEMPLATE_FILE
+        path = directory / CHAT_TEMPLATE_FILE
         if path.is_file():
             return cls(path.read_text(encoding="utf-8"), path)
         path = directory / TOKENIZER_CONFIG_FILE
@@ -73,7 +73,7 @@ class ChatTemplate:
             template = _read_json(path).get("chat_template")
             if not isinstance(template, str):
                 raise ValueError(f"{path} holds no \"chat_template\" string (got {template!r:.80}); "
-                                 f"write the template into {directory / TEMPLATE_FILE} instead")
+                                 f"write the template into {directory / CHAT_TEMPLATE_FILE} instead")
             return cls(template, path)
         return None
 
@@ -122,7 +122,7 @@ class ChatTemplate:
     def _where(self) -> str:
         if self.source is None:
             return "given as a string"
-        if self.source.name == TEMPLATE_FILE:
+        if self.source.name == CHAT_TEMPLATE_FILE:
             return str(self.source)
         return f"\"chat_template\" in {self.source}"
 
@@ -164,7 +164,7 @@ def _default_template(template, path: Path) -> str:
         if isinstance(named.get("default"), str):
             return named["default"]
         raise ValueError(f"\"chat_template\" in {path} names templates {sorted(named)} but none \"default\"; "
-                         f"write the one to use into {path.parent / TEMPLATE_FILE}")
+                         f"write the one to use into {path.parent / CHAT_TEMPLATE_FILE}")
     raise ValueError(f"\"chat_template\" in {path} is neither a string nor a list of "
                      f"{{\"name\", \"template\"}} objects: {template!r:.100}")
 

@@ -25,12 +25,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from ligerzoo.hub import resolve_model_dir
+from ligerzoo.hub import CONFIG_FILE, SINGLE_WEIGHTS_FILE, WEIGHTS_INDEX_FILE, resolve_model_dir
 from ligerzoo.models import ModelConfig, Transformer, build_model
 
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
-CONFIG_FILE = "config.json"
 SHARD_PATTERN = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 
 _SIZE_UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
@@ -94,9 +91,9 @@ def from_pretrained(
 def _checkpoint_files(directory: Path) -> list[Path]:
     """The safetensors files of a checkpoint: `model.safetensors` if present (transformers
     prefers it too), else the shards the index lists."""
-    if (directory / SINGLE_FILE).is_file():
-        return [directory / SINGLE_FILE]
-    index_path = directory / INDEX_FILE
+    if (directory / SINGLE_WEIGHTS_FILE).is_file():
+        return [directory / SINGLE_WEIGHTS_FILE]
+    index_path = directory / WEIGHTS_INDEX_FILE
     if index_path.is_file():
         index = _read_json(index_path)
         if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
@@ -114,7 +111,7 @@ def _checkpoint_files(directory: Path) -> list[Path]:
             f"{directory} holds only PyTorch pickle weights (*.bin/*.pt); ligerzoo reads safetensors only: "
             "convert them (e.g. load in transformers and save_pretrained)"
         )
-    raise CheckpointError(f"{directory} holds neither {SINGLE_FILE} nor {INDEX_FILE}")
+    raise CheckpointError(f"{directory} holds neither {SINGLE_WEIGHTS_FILE} nor {WEIGHTS_INDEX_FILE}")
 
 
 def _read_json(path: Path) -> dict:
@@ -238,7 +235,7 @@ def save_pretrained(
 
     shards = _split_into_shards({name: t.numel() * t.element_size() for name, t in regions.items()}, limit)
     if len(shards) == 1:
-        filenames = [SINGLE_FILE]
+        filenames = [SINGLE_WEIGHTS_FILE]
     else:
         filenames = [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
 
@@ -255,7 +252,7 @@ def save_pretrained(
     if len(shards) > 1:
         total_size = sum(t.numel() * t.element_size() for t in regions.values())
         weight_map = {name: filename for filename, names in zip(filenames, shards) for name in names}
-        json_files[INDEX_FILE] = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
+        json_files[WEIGHTS_INDEX_FILE] = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
     json_files[CONFIG_FILE] = config
     write_files_atomically(directory, tensor_files, json_files)
     _remove_stale_weights(directory, keep=set(filenames))
@@ -352,7 +349,7 @@ def _remove_stale_weights(directory: Path, keep: set[str]) -> None:
     """Remove weight files of an earlier save that the new one replaced: shards with another
     count, or the single file / index of the other layout (a stale `model.safetensors` would
     take precedence over a new index)."""
-    other_layout = INDEX_FILE if SINGLE_FILE in keep else SINGLE_FILE
+    other_layout = WEIGHTS_INDEX_FILE if SINGLE_WEIGHTS_FILE in keep else SINGLE_WEIGHTS_FILE
     for entry in directory.iterdir():
         stale = entry.name == other_layout or SHARD_PATTERN.fullmatch(entry.name)
         if stale and entry.name not in keep and entry.is_file():

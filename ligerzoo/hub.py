@@ -25,14 +25,19 @@ import json
 import os
 from pathlib import Path
 
-CONFIG_FILES = ["config.json", "generation_config.json"]
+# The file names of a Hugging Face model directory that ligerzoo reads or writes, defined here once.
+CONFIG_FILE = "config.json"
+GENERATION_CONFIG_FILE = "generation_config.json"
+CONFIG_FILES = [CONFIG_FILE, GENERATION_CONFIG_FILE]
 SINGLE_WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
 TOKENIZER_FILES = [
-    "tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+    "tokenizer.model", "tokenizer.json", TOKENIZER_CONFIG_FILE, "special_tokens_map.json",
     "original/tokenizer.model",  # Llama 3's tiktoken file
     "tekken.json",  # Mistral's tiktoken-style file (Mistral-Nemo, Ministral, Mistral Small 3)
-    "chat_template.jinja",  # where transformers >= 4.50 saves the chat template
+    CHAT_TEMPLATE_FILE,  # where transformers >= 4.50 saves the chat template
 ]
 
 
@@ -82,7 +87,7 @@ def resolve_model_dir(
         directory = _download(repo_id, revision, patterns, commit=directory.name)
         _check_present(repo_id, revision, directory, shards, f"shards listed in {WEIGHTS_INDEX_FILE}")
     if weights:
-        _check_present(repo_id, revision, directory, ["config.json"], "model config")
+        _check_present(repo_id, revision, directory, [CONFIG_FILE], "model config")
     if tokenizer and not any((directory / name).is_file() for name in TOKENIZER_FILES):
         _check_present(repo_id, revision, directory, TOKENIZER_FILES, "tokenizer (any one of these files)")
     return directory

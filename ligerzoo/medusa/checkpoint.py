@@ -14,10 +14,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from ligerzoo.checkpoint import CheckpointError, write_files_atomically
+from ligerzoo.hub import CONFIG_FILE
 from ligerzoo.medusa.heads import MedusaConfig, MedusaHeads
 
-WEIGHTS_FILE = "medusa_lm_head.safetensors"
-CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "medusa_lm_head.safetensors"  # the Medusa project's name; its config is a config.json
 
 
 def save_heads(heads: MedusaHeads, path: str | os.PathLike, base_model: str | None = None) -> None:

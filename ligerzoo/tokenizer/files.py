@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ligerzoo.hub import CHAT_TEMPLATE_FILE, GENERATION_CONFIG_FILE, TOKENIZER_CONFIG_FILE
 from ligerzoo.tokenizer.base import TokenizerError
 
 
@@ -38,9 +39,9 @@ class ModelFiles:
 
     def __init__(self, model_dir: Path):
         self.model_dir = model_dir
-        self.tokenizer_config = read_json(model_dir / "tokenizer_config.json")
+        self.tokenizer_config = read_json(model_dir / TOKENIZER_CONFIG_FILE)
         self.special_tokens_map = read_json(model_dir / "special_tokens_map.json")
-        self.generation_config = read_json(model_dir / "generation_config.json")
+        self.generation_config = read_json(model_dir / GENERATION_CONFIG_FILE)
 
     def token(self, name: str) -> tuple[bool, str | None]:
         """(declared, text) of `name` ("bos_token", "eos_token") in tokenizer_config.json, else in
@@ -73,5 +74,5 @@ class ModelFiles:
             for entry in template:
                 if isinstance(entry, dict) and entry.get("name") == "default":
                     return entry.get("template")
-        path = self.model_dir / "chat_template.jinja"
+        path = self.model_dir / CHAT_TEMPLATE_FILE
         return path.read_text(encoding="utf-8") if path.is_file() else None

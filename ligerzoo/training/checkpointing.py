@@ -34,7 +34,7 @@ from torch.distributed.checkpoint.state_dict import (
     StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict,
 )
 
-from ligerzoo.hub import CONFIG_FILES, TOKENIZER_FILES
+from ligerzoo.hub import GENERATION_CONFIG_FILE, TOKENIZER_FILES
 from ligerzoo.models import build_model
 from ligerzoo.training.output_dir import CHECKPOINTS_DIR, EXPORT_DIR
 
@@ -231,7 +231,7 @@ def export_hf(model, output_dir: str, tokenizer, model_dir: Path | None) -> Path
         else:
             _copy_files(tokenizer.model_dir, target, TOKENIZER_FILES)
         if model_dir is not None:
-            _copy_files(model_dir, target, [name for name in CONFIG_FILES if name != "config.json"])
+            _copy_files(model_dir, target, [GENERATION_CONFIG_FILE])
     dist.barrier()
     return target
 

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from ligerzoo.training.output_dir import METRICS_FILE
+
 # Dense bf16 peak FLOP/s by GPU name (the spec sheets' figures without sparsity).
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12}
 
@@ -42,7 +44,7 @@ class MetricsLog:
     wrote after that checkpoint, so the file holds each step once."""
 
     def __init__(self, output_dir: str, max_steps: int, resume_step: int, enabled: bool):
-        self.path, self.max_steps, self.enabled = Path(output_dir) / "metrics.jsonl", max_steps, enabled
+        self.path, self.max_steps, self.enabled = Path(output_dir) / METRICS_FILE, max_steps, enabled
         self.live = sys.stderr.isatty()
         if not enabled:
             return
@@ -100,7 +102,7 @@ def read_metrics(directory: str | Path) -> list[dict]:
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"{directory} is not a directory")
-    path = directory / "metrics.jsonl"
+    path = directory / METRICS_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: is {directory} a training run's output_dir?")
     by_step = {}
