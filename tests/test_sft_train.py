@@ -89,3 +89,17 @@ def test_ligerzoo_eval_equals_a_direct_computation(masked_run, examples, capsys,
             count += (targets != -100).sum().item()
     assert reported_loss == pytest.approx(total / count, abs=1e-4)  # printed to 4 decimals
     assert reported_perplexity == pytest.approx(math.exp(total / count), rel=1e-3)
+
+
+def test_micro_batches_without_targets_neither_stop_nor_skew_the_run(tmp_path):
+    """Prompts longer than a row are cut before their answer: rows with no target at all, whose
+    mean loss is NaN, must add nothing (one row a micro-batch, so whole micro-batches have none)."""
+    path = tmp_path / "long-prompts.jsonl"
+    rng = random.Random(1)
+    with open(path, "w") as file:
+        for index in range(200):
+            prompt = "x" * (100 if index % 2 else 10) + str(rng.random())
+            file.write(json.dumps({"prompt": prompt, "completion": ANSWER}) + "\n")
+    run_train(tmp_path / "run", "--data.path", str(path), "--data.seq_len", "64", "--data.batch_size", "1",
+              "--data.grad_accum", "2", "--max_steps", "8", "--checkpoint_every", "0")
+    assert all(math.isfinite(loss) for loss in losses(tmp_path / "run").values())

@@ -120,9 +120,12 @@ def _train_locked(config: Config, rank: int, world_size: int, device: torch.devi
         # The gradient is that of the mean over every target token of the step, on all ranks:
         # each micro-batch's mean loss is weighted by its share of the step's targets. FSDP
         # averages gradients over ranks, hence the factor world_size.
+        # A micro-batch with no targets (every row a prompt cut at seq_len) has a NaN mean loss
+        # and adds nothing; a step with none anywhere changes nothing but AdamW's state.
         counts = [(mb["labels"][:, 1:] != IGNORE_INDEX).sum() for mb in micro_batches]
         total = torch.stack(counts).sum().float()
         dist.all_reduce(total)
+        total = total.clamp(min=1)
         loss_sum = torch.zeros((), device=device)
         head_loss_sum = torch.zeros(config.medusa.num_heads, device=device)
         for i, (mb, count) in enumerate(zip(micro_batches, counts)):
@@ -132,9 +135,9 @@ def _train_locked(config: Config, rank: int, world_size: int, device: torch.devi
             extra = {"accuracy_rows": HEAD_ACCURACY_ROWS if last else 0} if medusa else {}
             out = model(mb["input_ids"], labels=mb["labels"], position_ids=mb["position_ids"], **extra)
             (out.loss * (count * world_size / total)).backward()
-            loss_sum += out.loss.detach() * count
+            loss_sum += torch.where(count > 0, out.loss.detach() * count, 0.0)
             if medusa:
-                head_loss_sum += out.head_losses * count
+                head_loss_sum += torch.where(count > 0, out.head_losses * count, 0.0)
         dist.all_reduce(loss_sum)
         step_loss = (loss_sum / total).item()
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, train_cfg.max_grad_norm)
