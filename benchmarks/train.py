@@ -31,7 +31,7 @@ import torch.distributed as dist
 from ligerzoo.models import ModelConfig, build_model
 from ligerzoo.models.presets import LLAMA_3_1_8B, LLAMA_3_2_1B, MIXTRAL_8X7B_2_LAYERS, TINY_LLAMA
 from ligerzoo.training.metrics import flops_per_token, peak_flops
-from ligerzoo.training.parallel import MULTICAST_OFF, apply_fsdp, init_distributed, prepare_blocks
+from ligerzoo.training.parallel import MULTICAST_OFF, apply_fsdp, init_distributed, prepare_blocks, shard_blocks
 
 from device_timeline import describe, device_timeline  # beside this script
 
@@ -192,8 +192,7 @@ def run_one(peer: str, shape: str, seq: int, batch: int, checkpointing: str, ste
     else:
         model = _hf_model(shape, checkpointing, device, liger=peer == "hf-liger", compiled=peer == "hf-compiled")
         if shard:  # wrapped exactly as ligerzoo's model: each decoder layer, then the root
-            apply_fsdp(model, device, torch.bfloat16, torch.bfloat16, always_shard=True, blocks=model.model.layers,
-                       **fsdp)
+            shard_blocks(model, model.model.layers, device, torch.bfloat16, **fsdp)
     on_gpu = device.type == "cuda"
     if on_gpu:
         torch.cuda.reset_peak_memory_stats()  # from here: the weights and what training adds
@@ -341,7 +340,12 @@ def ligerzoo_model(shape: str, checkpointing: str, device: torch.device, bf16_ma
                     fsdp: dict):
     model = build_model(ModelConfig(**SHAPES[shape]), device=device, dtype=torch.bfloat16 if bf16_master else torch.float32)
     prepare_blocks(model, checkpointing, compile=True)
-    apply_fsdp(model, device, torch.bfloat16, torch.bfloat16 if bf16_master else torch.float32, always_shard, **fsdp)
+    master_dtype = torch.bfloat16 if bf16_master else torch.float32
+    if always_shard:  # the same wrapping on one GPU as on several, for a scaling measurement
+        model.to(master_dtype if device.type == "cuda" else torch.float32)
+        shard_blocks(model, model.layers, device, torch.bfloat16, **fsdp)
+    else:
+        apply_fsdp(model, device, torch.bfloat16, master_dtype, **fsdp)
     model.train()
     return model
 

@@ -116,8 +116,7 @@ def _checkpointed(forward, options: dict):
 
 
 def apply_fsdp(model, device: torch.device, param_dtype: torch.dtype,
-               master_dtype: torch.dtype = torch.float32, always_shard: bool = False, blocks=None,
-               prefetch: int = 0, reshard_after_forward: bool = True) -> bool:
+               master_dtype: torch.dtype = torch.float32, prefetch: int = 0, reshard_after_forward: bool = True) -> bool:
     """Shard every block, then the root (embedding, final norm, head), and say whether it did.
 
     On the GPU parameters are gathered and computed in `param_dtype`, gradients reduce in float32,
@@ -125,9 +124,21 @@ def apply_fsdp(model, device: torch.device, param_dtype: torch.dtype,
     everything is float32. One process whose weights are already in the compute dtype is left
     unsharded: FSDP would have nothing to shard or cast, only copies to make (all-gathers into
     and out of its buffers, float32 copies of each block's gradients): 9% of a Llama-3.2-1B step
-    and 10 GiB at Mixtral's layer shapes, measured on an H100. always_shard: wrap it all the
-    same (a scaling measurement compares one GPU with several under the same wrapping). blocks:
-    the decoder layers, if not `model.layers` (another implementation wrapped the same way).
+    and 10 GiB at Mixtral's layer shapes, measured on an H100. prefetch and
+    reshard_after_forward: see `shard_blocks`.
+    """
+    on_gpu = device.type == "cuda"
+    model.to(master_dtype if on_gpu else torch.float32)
+    if dist.get_world_size() == 1 and master_dtype == (param_dtype if on_gpu else torch.float32):
+        model.to(device)
+        return False
+    shard_blocks(model, model.layers, device, param_dtype, prefetch, reshard_after_forward)
+    return True
+
+
+def shard_blocks(model, blocks, device: torch.device, param_dtype: torch.dtype, prefetch: int = 0,
+          reshard_after_forward: bool = True) -> None:
+    """FSDP2 over each of `blocks` (a model's decoder layers), then over `model`, the root.
 
     prefetch: 0 leaves the order of all-gathers to FSDP2 (a block's backward starts the next
     one's; the forward gathers each block as the host reaches it, which is early enough while the
@@ -140,14 +151,9 @@ def apply_fsdp(model, device: torch.device, param_dtype: torch.dtype,
     """
     if prefetch < 0:
         raise ValueError(f"prefetch is {prefetch}: the number of blocks to gather ahead, 0 or more")
-    on_gpu = device.type == "cuda"
-    model.to(master_dtype if on_gpu else torch.float32)
-    if not always_shard and dist.get_world_size() == 1 and master_dtype == (param_dtype if on_gpu else torch.float32):
-        model.to(device)
-        return False
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     policy = MixedPrecisionPolicy()
-    if on_gpu:
+    if device.type == "cuda":
         policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     # Blocks return views (the halves of fused projections); the model never writes to a block's
     # output in place, which is what this warning is about.
@@ -155,15 +161,13 @@ def apply_fsdp(model, device: torch.device, param_dtype: torch.dtype,
     # The backward starts where the forward ends: the root's parameters (embedding, final norm,
     # output head) and the last block's are kept gathered after the forward rather than gathered
     # again at once, with nothing yet to overlap the all-gather with.
-    blocks = model.layers if blocks is None else blocks
+    blocks = list(blocks)
     last = len(blocks) - 1
     for index, block in enumerate(blocks):
         reshard = reshard_after_forward and index < last
         fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
     if prefetch:
-        blocks = list(blocks)
         for index, block in enumerate(blocks):
             block.set_modules_to_forward_prefetch(blocks[index + 1:index + 1 + prefetch])
             block.set_modules_to_backward_prefetch(blocks[max(0, index - prefetch):index][::-1])
-    return True
