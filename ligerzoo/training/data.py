@@ -294,7 +294,8 @@ def describe_datasets(stats: dict) -> str:
         line += f", {held['targets']:,} targets"
         cut = held["cut"]
         if cut:
-            line += f"; {cut:,} example{'s' * (cut != 1)} longer than a row cut to it (the rest never seen)"
+            line += (f"; {cut:,} example{'s' * (cut != 1)} longer than a row cut to its length "
+                     "(their ends are not trained on)")
         lines.append(line)
     return "\n".join(lines)
 
