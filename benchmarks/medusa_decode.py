@@ -143,7 +143,7 @@ def main(argv=None) -> int:
 
     if args.prompt_text:
         from ligerzoo.tokenizer import load_tokenizer
-        from ligerzoo.training.data import ByteTokenizer
+        from ligerzoo.tokenizer import ByteTokenizer
 
         tokenizer = ByteTokenizer() if args.tokenizer == "bytes" else load_tokenizer(args.tokenizer or args.model)
         prompt = tokenizer.encode(args.prompt_text, bos=True)

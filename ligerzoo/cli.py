@@ -278,14 +278,10 @@ def plot(args: argparse.Namespace) -> int:
 def prepare(args: argparse.Namespace) -> int:
     """Tokenise text corpora, a document at a time, into one token file for training to map,
     showing progress on stderr, and print its path."""
-    from ligerzoo.training.data import ByteTokenizer, write_token_file
+    from ligerzoo.tokenizer import ByteTokenizer, load_tokenizer
+    from ligerzoo.training.token_file import write_token_file
 
-    if args.tokenizer == "bytes":
-        tokenizer = ByteTokenizer()
-    else:
-        from ligerzoo.tokenizer import load_tokenizer
-
-        tokenizer = load_tokenizer(args.tokenizer)
+    tokenizer = ByteTokenizer() if args.tokenizer == "bytes" else load_tokenizer(args.tokenizer)
     start = last = time.perf_counter()
 
     def on_progress(documents: int, tokens: int, bytes_read: int) -> None:

@@ -9,8 +9,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from ligerzoo.medusa import MedusaConfig, MedusaHeads, save_heads
 from ligerzoo.medusa.model import MedusaModel
 from ligerzoo.training.metrics import flops_per_token
-
-HEADS_DIR = "medusa"
+from ligerzoo.training.output_dir import MEDUSA_DIR
 
 
 def with_medusa_heads(model, section) -> MedusaModel:
@@ -38,7 +37,7 @@ def export_heads(model: MedusaModel, output_dir: str, base_model: str | None) ->
     """Gather the heads onto rank 0 and write them to <output_dir>/medusa (the base checkpoint is
     not touched)."""
     full = get_model_state_dict(model.heads, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    target = Path(output_dir) / HEADS_DIR
+    target = Path(output_dir) / MEDUSA_DIR
     if dist.get_rank() == 0:
         with torch.device("meta"):
             plain = MedusaHeads(model.heads.config, model.heads.hidden_size, model.heads.vocab_size)

@@ -33,7 +33,7 @@ def resume_differences(saved: dict, current: dict) -> tuple[list[str], list[str]
     saved_settings, current_settings = _flatten(saved.get("config", {})), _flatten(current["config"])
     for key in sorted(set(saved_settings) | set(current_settings)):
         before, after = saved_settings.get(key), current_settings.get(key)
-        if before == after or key in ("model", "data.tokenizer"):
+        if before == after or key == "data.tokenizer":  # the tokenizer is compared by fingerprint
             continue
         section, _, name = key.partition(".")
         if section == "model" and name != "name":
