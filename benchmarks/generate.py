@@ -50,7 +50,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # run from a checkout without installing
 
-from ligerzoo.checkpoint import from_pretrained  # noqa: E402
+from ligerzoo.hf.pretrained import from_pretrained  # noqa: E402
 from ligerzoo.models import ModelConfig, build_model
 from ligerzoo.models.presets import LLAMA_3_2_1B, TINY_LLAMA  # noqa: E402
 
@@ -107,7 +107,7 @@ sys.path.insert(0, sys.argv[1])
 directory, loader, device = sys.argv[2], sys.argv[3], torch.device(sys.argv[4])
 how = "from_pretrained(dtype=bf16, device=...)"
 if loader == "ligerzoo":
-    from ligerzoo.checkpoint import from_pretrained
+    from ligerzoo.hf.pretrained import from_pretrained
     load = lambda: from_pretrained(directory, dtype=torch.bfloat16, device=device)
 elif importlib.util.find_spec("accelerate") is not None:  # transformers needs it for device_map
     from transformers import AutoModelForCausalLM

@@ -41,7 +41,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # run from a checkout without installing
 
-from ligerzoo.checkpoint import from_pretrained  # noqa: E402
+from ligerzoo.hf.pretrained import from_pretrained  # noqa: E402
 from ligerzoo.generate import generate  # noqa: E402
 from ligerzoo.medusa import TREES, MedusaConfig, MedusaHeads, MedusaStats, load_heads, medusa_generate  # noqa: E402
 from ligerzoo.models import ModelConfig, build_model

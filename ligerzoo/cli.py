@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
 def download(args: argparse.Namespace) -> int:
     """Fetch a Hub repo's files into the cache (huggingface_hub's progress bars on stderr) and
     print the local directory."""
-    from ligerzoo.hub import resolve_model_dir
+    from ligerzoo.hf.hub import resolve_model_dir
 
     directory = resolve_model_dir(args.model, args.revision, weights=args.weights, tokenizer=args.tokenizer)
     print(directory)
@@ -68,9 +68,9 @@ def generate(args: argparse.Namespace) -> int:
     --medusa, by Medusa tree decoding with the heads in that directory."""
     import torch
 
-    from ligerzoo.checkpoint import from_pretrained
-    from ligerzoo.generate import generate as generate_ids
-    from ligerzoo.hub import resolve_model_dir
+    from ligerzoo.hf.pretrained import from_pretrained
+    from ligerzoo.inference import generate as generate_ids
+    from ligerzoo.hf.hub import resolve_model_dir
     from ligerzoo.tokenizer import load_tokenizer
 
     if args.medusa is not None and (args.top_k is not None or args.top_p is not None):
@@ -129,8 +129,8 @@ def chat(args: argparse.Namespace) -> int:
     """Talk with a model: each line of stdin is a user message and each reply streams to stdout.
     The conversation is kept, its oldest turns dropped when it outgrows the model's context;
     /reset forgets it, /exit or the end of the input ends the session."""
-    from ligerzoo.checkpoint import from_pretrained
-    from ligerzoo.hub import resolve_model_dir
+    from ligerzoo.hf.pretrained import from_pretrained
+    from ligerzoo.hf.hub import resolve_model_dir
     from ligerzoo.tokenizer import load_tokenizer
 
     if args.temperature == 0 and (args.top_k is not None or args.top_p is not None):
@@ -184,8 +184,8 @@ def chat(args: argparse.Namespace) -> int:
 def evaluate(args: argparse.Namespace) -> int:
     """The loss and perplexity of a model on a text or chat file, with the masking rules of
     training, progress and tokens/s on stderr; the figures on stdout."""
-    from ligerzoo.checkpoint import from_pretrained
-    from ligerzoo.hub import resolve_model_dir
+    from ligerzoo.hf.pretrained import from_pretrained
+    from ligerzoo.hf.hub import resolve_model_dir
     from ligerzoo.tokenizer import load_tokenizer
     from ligerzoo.training.data import build_eval_data
     from ligerzoo.training.evaluate import evaluate as evaluate_loss
@@ -320,7 +320,7 @@ def _stream_reply(model, tokenizer, prompt: list[int], args: argparse.Namespace,
                   seed: int | None) -> list[int]:
     """Generate the reply to `prompt` with args' sampling settings, writing its text to stdout as
     it comes; return its ids (the stop token last, if one ended it)."""
-    from ligerzoo.generate import generate
+    from ligerzoo.inference import generate
 
     decoder = tokenizer.decoder()
 

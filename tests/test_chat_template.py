@@ -1,4 +1,4 @@
-"""Chat templates (ligerzoo/chat_template.py): real templates' shapes, written into a byte
+"""Chat templates (ligerzoo/tokenizer/chat_template.py): real templates' shapes, written into a byte
 tokenizer's tokenizer_config.json, render as transformers' apply_chat_template renders them."""
 
 import json
@@ -7,8 +7,8 @@ from datetime import datetime
 
 import pytest
 
-from ligerzoo.chat_template import ChatTemplate, special_token_text
 from ligerzoo.tokenizer import ByteTokenizer
+from ligerzoo.tokenizer.chat_template import ChatTemplate, special_token_text
 
 transformers = pytest.importorskip("transformers")
 chat_template_utils = pytest.importorskip("transformers.utils.chat_template_utils")
@@ -275,7 +275,7 @@ def frozen_now(monkeypatch):
         def now(cls, tz=None):
             return cls(2025, 2, 3, 4, 5, 6)
 
-    monkeypatch.setattr("ligerzoo.chat_template.datetime", Frozen)
+    monkeypatch.setattr("ligerzoo.tokenizer.chat_template.datetime", Frozen)
     monkeypatch.setattr(chat_template_utils, "datetime", Frozen)
 
 
@@ -469,7 +469,7 @@ def test_no_template_in_an_empty_directory(tmp_path):
 
 
 def test_a_template_is_compiled_once():
-    from ligerzoo.chat_template import _compile
+    from ligerzoo.tokenizer.chat_template import _compile
 
     text = CHATML + "{# compiled once #}"
     before = _compile.cache_info().misses

@@ -1,4 +1,4 @@
-"""Checkpoint IO (ligerzoo/checkpoint.py): round trips, parity with transformers in both
+"""Hugging Face checkpoints (ligerzoo/hf/pretrained.py): round trips, parity with transformers in both
 directions, strict loading errors and atomic saves, on tiny Llama and Mixtral models."""
 
 import json
@@ -10,9 +10,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import ligerzoo
-from ligerzoo import checkpoint
-from ligerzoo.checkpoint import CheckpointError, parse_size, save_pretrained
-from ligerzoo.models import Llama, ModelConfig, build_model
+from ligerzoo.hf import atomic_files, tensor_names
+from ligerzoo.hf.pretrained import CheckpointError, parse_size, save_pretrained
+from ligerzoo.hf.tensor_names import tensor_map
+from ligerzoo.models import ModelConfig, build_model
 
 # Tiny but complete: GQA (4 query heads, 2 kv heads), two layers, top-2 of 4 experts.
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -72,7 +73,7 @@ def test_save_then_load_is_bitwise_identical(tmp_path, max_shard_size, family):
         assert n >= 2 and files[-1] == "model.safetensors.index.json"
         assert files[:-1] == [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
         index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
-        assert set(index["weight_map"]) == set(model.hf_tensor_map())
+        assert set(index["weight_map"]) == set(tensor_map(model.config))
         assert index["metadata"]["total_size"] == 4 * sum(p.numel() for p in model.parameters())
     loaded = ligerzoo.from_pretrained(tmp_path)
     assert_same_parameters(model, loaded)
@@ -176,9 +177,9 @@ def test_mismatched_checkpoint_lists_every_problem_in_one_error(tmp_path):
 
 def test_map_that_leaves_a_parameter_region_unfilled_is_a_model_bug(tmp_path, monkeypatch):
     save_pretrained(tiny("llama"), tmp_path)
-    full_map = Llama.hf_layer_map
-    monkeypatch.setattr(Llama, "hf_layer_map", lambda self: {
-        k: v for k, v in full_map(self).items() if k != "mlp.up_proj.weight"})
+    full_map = tensor_names.mlp_map
+    monkeypatch.setattr(tensor_names, "mlp_map", lambda config: {
+        k: v for k, v in full_map(config).items() if k != "mlp.up_proj.weight"})
     uncovered = r"does not cover: layers.0.feed_forward.w13.weight \(6144 of 12288 elements\)"
     with pytest.raises(RuntimeError, match=uncovered):
         ligerzoo.from_pretrained(tmp_path)
@@ -238,7 +239,7 @@ def test_failed_save_leaves_previous_checkpoint_loadable(tmp_path, monkeypatch, 
         save_file(tensors, filename, metadata=metadata)
         written.append(filename)
 
-    monkeypatch.setattr(checkpoint, "save_file", save_file_then_fail)
+    monkeypatch.setattr(atomic_files, "save_file", save_file_then_fail)
     with pytest.raises(OSError, match="No space left"):
         save_pretrained(tiny("llama", seed=1), tmp_path, max_shard_size=second)
     after = {name: (tmp_path / name).read_bytes() for name in weight_files(tmp_path) + ["config.json"]}

@@ -140,7 +140,7 @@ def checkpoint_with_tokenizer(tmp_path_factory) -> Path:
 
 def expected_text(directory: Path, prompt: str, chat: bool, max_new_tokens: int) -> str:
     """What the command should print: the decoded new tokens, the stop token left out."""
-    from ligerzoo.checkpoint import from_pretrained
+    from ligerzoo.hf.pretrained import from_pretrained
     from ligerzoo.generate import generate
     from ligerzoo.tokenizer import load_tokenizer
 
@@ -319,7 +319,7 @@ def test_chat_command_answers_each_line_of_stdin(chat_model, calls):
                             env=dict(os.environ, PYTHONPATH=str(ROOT)), cwd=ROOT, timeout=300)
     assert result.returncode == 0, result.stderr
     tokenizer = load_tokenizer(chat_model)
-    model = importlib.import_module("ligerzoo.checkpoint").from_pretrained(chat_model, dtype=torch.float32)
+    model = importlib.import_module("ligerzoo.hf.pretrained").from_pretrained(chat_model, dtype=torch.float32)
     history, expected = [], ""
     for line in ("Hello there", "And again?"):
         history.append(user(line))

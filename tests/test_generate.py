@@ -16,7 +16,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from conftest import DEVICE
-from ligerzoo.checkpoint import from_pretrained
+from ligerzoo.hf.pretrained import from_pretrained
 from ligerzoo.generate import generate, sample
 from ligerzoo.models import ModelConfig, build_model
 from ligerzoo.models.kv_cache import KVCache

@@ -1,4 +1,4 @@
-"""Hub resolution (ligerzoo/hub.py) against a fake Hub on 127.0.0.1 that answers the way
+"""Hub resolution (ligerzoo/hf/hub.py) against a fake Hub on 127.0.0.1 that answers the way
 huggingface.co does, with HF_ENDPOINT pointing at it: only the files needed are fetched, the repo
 loads as its local copy does, it is found again offline from the cache, and each failure (gated,
 unknown repo or revision, offline or unreachable and not cached, no safetensors weights, a shard
@@ -24,7 +24,7 @@ from urllib.parse import unquote, urlsplit
 
 import pytest
 
-from ligerzoo.hub import HubError, resolve_model_dir
+from ligerzoo.hf.hub import HubError, resolve_model_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 # Files the Hub stores through LFS: the tree listing gives their sha256, and it is their ETag.
@@ -247,8 +247,8 @@ def closed_port_url() -> str:
 CHILD = """
 import json, sys
 import torch
-from ligerzoo.checkpoint import from_pretrained
-from ligerzoo.hub import resolve_model_dir
+from ligerzoo.hf.pretrained import from_pretrained
+from ligerzoo.hf.hub import resolve_model_dir
 
 results = []
 for op, args, kwargs in json.loads(sys.argv[1]):

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._pytree import tree_leaves
 
-from ligerzoo.checkpoint import CheckpointError
+from ligerzoo.hf.pretrained import CheckpointError
 from ligerzoo.medusa import MedusaConfig, MedusaHeads, head_targets, load_heads, save_heads
 from ligerzoo.medusa.model import MedusaModel
 from ligerzoo.models import ModelConfig, build_model

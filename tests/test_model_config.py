@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from ligerzoo.checkpoint import from_pretrained
+from ligerzoo.hf.pretrained import from_pretrained
 from ligerzoo.models import ModelConfig
 
 LLAMA2_7B = {
@@ -117,7 +117,7 @@ def test_inconsistent_fields_in_config_json_are_named(tmp_path, changes, expecte
 @pytest.mark.parametrize("content, kind", [("[1, 2]", "list"), ('"llama"', "str"), ("null", "NoneType")])
 def test_config_json_that_is_not_an_object_is_named(tmp_path, content, kind):
     path = write_config(tmp_path, content)
-    with pytest.raises(ValueError, match=f"^{path}: a model config is a JSON object of settings, got {kind}"):
+    with pytest.raises(ValueError, match=f"^{path} holds a JSON {kind}, expected an object"):
         from_pretrained(tmp_path)
     with pytest.raises(ValueError, match=f"^{path}: a model config is a JSON object of settings, got {kind}"):
         ModelConfig.from_json(path)

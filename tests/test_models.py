@@ -3,16 +3,23 @@ gradient, for each family and config variant; packed documents; meta constructio
 
 transformers is imported here only (a test extra). Each case builds the transformers model from
 its own config class; ours is built from that config's dict and filled from the transformers
-state dict through `hf_tensor_map()` (loading from files is tested with the checkpoint module).
+state dict through hf/tensor_names.py (loading from files: test_checkpoint.py).
 """
 
 import pytest
 import torch
-from safetensors import safe_open
-from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, MixtralConfig,
-                          MixtralForCausalLM)
-
 from conftest import DEVICE, assert_device_assert
+from safetensors import safe_open
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
+)
+
+from ligerzoo.hf.tensor_names import optional_names, tensor_map
 from ligerzoo.models import ModelConfig, build_model
 from ligerzoo.models import attention as attention_module
 
@@ -87,10 +94,10 @@ def hub_tensors(hf_model, tensors: dict) -> dict:
 
 
 def load_hf_state(model, hf_state: dict) -> None:
-    """param[index] = hf_state[name] for every entry of hf_tensor_map(), checking that the map
+    """param[index] = hf_state[name] for every entry of tensor_map(), checking that the map
     names exactly the checkpoint's tensors and covers every parameter element once."""
-    mapping = model.hf_tensor_map()
-    expected = set(hf_state) - model.hf_optional_names()
+    mapping = tensor_map(model.config)
+    expected = set(hf_state) - optional_names(model.config)
     assert set(mapping) == expected, f"missing: {expected - set(mapping)}, unknown: {set(mapping) - expected}"
     params = dict(model.named_parameters())
     written = {name: torch.zeros(p.shape, dtype=torch.int32) for name, p in params.items()}
@@ -139,7 +146,7 @@ def test_logits_loss_and_gradients_match_transformers(name):
         assert abs(out.aux_loss.item() - expected.aux_loss.item()) < FLOAT32_TOL * expected.aux_loss.item()
     params = dict(model.named_parameters())
     hf_grads = hub_tensors(hf_model, {n: p.grad for n, p in hf_model.named_parameters()})
-    for hf_name, (param_name, index) in model.hf_tensor_map().items():
+    for hf_name, (param_name, index) in tensor_map(model.config).items():
         error = rel_error(params[param_name].grad[index], hf_grads[hf_name])
         assert error < FLOAT32_TOL, f"gradient of {hf_name}: relative error {error:.2e}"
 
@@ -165,7 +172,7 @@ def test_hf_tensor_map_names_what_transformers_saves(name, tmp_path):
     with safe_open(tmp_path / "model.safetensors", "pt") as f:
         saved = set(f.keys())
     model = build_model(ModelConfig.from_dict(hf_model.config.to_dict()), device="meta")
-    assert set(model.hf_tensor_map()) == saved - model.hf_optional_names()
+    assert set(tensor_map(model.config)) == saved - optional_names(model.config)
     if name.startswith("mixtral"):  # the Hub's per-expert names
         assert "model.layers.1.block_sparse_moe.experts.3.w3.weight" in saved
 

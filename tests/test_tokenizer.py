@@ -410,7 +410,7 @@ def test_load_finds_each_kind_in_a_directory_by_content(tmp_path):
 
 
 def test_hub_repo_id_fetches_the_tokenizer_files_only(tmp_path, monkeypatch):
-    from ligerzoo import hub
+    from ligerzoo.hf import hub
 
     snapshot = tmp_path / "snapshot"
     (snapshot / "original").mkdir(parents=True)

@@ -13,8 +13,9 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from ligerzoo.checkpoint import CheckpointError, write_files_atomically
-from ligerzoo.hub import CONFIG_FILE
+from ligerzoo.hf.atomic_files import write_files_atomically
+from ligerzoo.hf.hub import CONFIG_FILE
+from ligerzoo.hf.pretrained import CheckpointError
 from ligerzoo.medusa.heads import MedusaConfig, MedusaHeads
 
 WEIGHTS_FILE = "medusa_lm_head.safetensors"  # the Medusa project's name; its config is a config.json

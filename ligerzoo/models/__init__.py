@@ -3,12 +3,8 @@
 import torch
 
 from ligerzoo.models.config import ModelConfig
-from ligerzoo.models.llama import Llama
-from ligerzoo.models.mistral import Mistral
-from ligerzoo.models.mixtral import Mixtral
+from ligerzoo.models.families import MODEL_CLASSES, Llama, Mistral, Mixtral
 from ligerzoo.models.transformer import CausalLMOutput, Transformer
-
-MODEL_CLASSES = {"llama": Llama, "mistral": Mistral, "mixtral": Mixtral}
 
 
 def build_model(config: ModelConfig, device=None, dtype=None) -> Transformer:

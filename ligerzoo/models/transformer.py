@@ -3,14 +3,19 @@
 Every norm, rotary embedding, gated MLP and the loss are the project's kernels. Parameters fuse
 what Hugging Face checkpoints store apart, so each step is one matmul: q, k and v are one `wqkv`
 projection, gate and up one `w13` (the SwiGLU kernel reads its two halves in place), and Mixtral's
-experts are stacked [E, ...] tensors for grouped matmuls. `hf_tensor_map()` (in each family's
-file) says where every checkpoint tensor lives in them.
+experts are stacked [E, ...] tensors for grouped matmuls. hf/tensor_names.py says where every
+checkpoint tensor lives in them.
 
 The residual add is fused into the following norm (`add_rms_norm`): a block takes the previous
 block's output and the residual stream, and returns its own output and the updated stream.
 
-For generation, `forward` takes a KVCache (kv_cache.py): it sets the positions and the mask, and
-each layer's attention writes its keys and values there and attends over them.
+`trunk` is the model without its head: embedding, blocks, final norm -> hidden states. `forward`
+adds the head: the logits, or with labels the fused loss (`loss`), which never makes the logits.
+Generation and Medusa call the trunk and apply their own heads to the positions they need.
+
+With a cache (the protocol in cache.py; the KV cache is inference/kv_cache.py) the trunk extends
+what is cached: the cache sets the tokens' positions and mask, and each layer's attention writes
+its keys and values there and attends over them. The model knows nothing else of the cache.
 """
 
 from typing import NamedTuple
@@ -21,8 +26,8 @@ from torch import nn
 
 from ligerzoo.kernels import IGNORE_INDEX, RMSNorm, apply_rope, linear_cross_entropy, swiglu_packed
 from ligerzoo.models.attention import AttentionMask, attend, build_mask
+from ligerzoo.models.cache import Cache, LayerCache
 from ligerzoo.models.config import ModelConfig
-from ligerzoo.models.kv_cache import KVCache, LayerCache, TokenTree
 from ligerzoo.models.rotary import RotaryEmbedding
 
 
@@ -34,7 +39,6 @@ class CausalLMOutput(NamedTuple):
     loss: torch.Tensor | None = None  # float32 scalar when labels were given (Mixtral: + coef * aux_loss)
     logits: torch.Tensor | None = None  # [B, T, V] only when labels were not given
     aux_loss: torch.Tensor | None = None  # Mixtral's load-balancing loss, unscaled
-    hidden_states: torch.Tensor | None = None  # [B, T, H] after the final norm, when asked for
 
 
 class Attention(nn.Module):
@@ -138,8 +142,7 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    """A decoder-only language model; the family classes set `feed_forward_class` and give the
-    Hugging Face tensor names."""
+    """A decoder-only language model; the family classes (families.py) set `feed_forward_class`."""
 
     feed_forward_class: type[nn.Module]  # MLP or MoE
 
@@ -163,79 +166,76 @@ class Transformer(nn.Module):
         """[V, H]: the head's weight, or the embedding when they are tied."""
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
-    def forward(self, input_ids, labels=None, position_ids=None, cache: KVCache | None = None,
-                logits_to_keep: int = 0, output_hidden_states: bool = False,
-                tree: TokenTree | None = None) -> CausalLMOutput:
+    def forward(self, input_ids, labels=None, position_ids=None, cache: Cache | None = None) -> CausalLMOutput:
         """input_ids [B, T]; labels [B, T] aligned with input_ids (shifted here, -100 ignored);
-        position_ids [B, T] or [1, T], which may restart inside a row (packed documents: attention
-        then stays within each document), or None for 0..T-1.
+        position_ids and cache as `trunk` takes them. With labels: the loss (no logits), else the
+        logits [B, T, V]; Mixtral's aux_loss either way."""
+        if labels is not None:
+            if cache is not None:
+                raise ValueError("with a cache, labels must be None: a cache is for generation, not for a loss")
+            if labels.shape != input_ids.shape:
+                raise ValueError(
+                    f"labels must have input_ids' shape {list(input_ids.shape)}, got {list(labels.shape)}"
+                )
+        hidden, aux_loss = self.trunk(input_ids, position_ids, cache)
+        if labels is None:
+            return CausalLMOutput(logits=F.linear(hidden, self.output_weight), aux_loss=aux_loss)
+        return CausalLMOutput(loss=self.loss(hidden, labels, aux_loss), aux_loss=aux_loss)
 
-        cache: a KVCache to extend (generation): the tokens go to its next T slots, their positions
-        and mask come from the cache, and attention covers everything cached before them (no
-        labels or position_ids then). logits_to_keep: return the logits of the last N positions
-        only (0: all), e.g. 1 for the next token of a prompt. output_hidden_states: also return
-        the final hidden states (what Medusa heads read), and without labels no logits. tree: with
-        a cache, the T tokens are a tree rather than a sequence (Medusa's candidates, in the order
-        of the tree's depths and ancestors): each continues the cached prefix at its depth and
-        attends to its ancestors only (KVCache.claim_tree; KVCache.keep then keeps one path).
+    def trunk(self, input_ids, position_ids=None,
+              cache: Cache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Embedding, blocks and final norm: (hidden states [B, T, H], Mixtral's load-balancing loss
+        or None).
+
+        input_ids [B, T]; position_ids [B, T] or [1, T], which may restart inside a row (packed
+        documents: attention then stays within each document), or None for 0..T-1. cache: a cache
+        to extend (cache.py): the tokens go to its next T slots, their positions and mask come
+        from the cache, and attention covers everything cached before them (position_ids None).
         """
-        batch, seq_len = self._check_inputs(input_ids, labels, position_ids, cache, tree)
+        batch, seq_len = self._check_inputs(input_ids, position_ids, cache)
         x = self.embed_tokens(input_ids)
         if cache is None:
             cos, sin = self.rotary(position_ids, seq_len)
             mask = build_mask(position_ids, batch, seq_len, self.config.sliding_window, input_ids.device)
             layer_caches = [None] * len(self.layers)
         else:
-            window = self.config.sliding_window
-            claimed = cache.claim(seq_len, window) if tree is None else cache.claim_tree(tree, window)
-            position_ids, mask, layer_caches = claimed
+            position_ids, mask, layer_caches = cache.claim(seq_len, self.config.sliding_window)
             cos, sin = self.rotary(position_ids, seq_len)
         residual, router_stats = None, []
         for layer, layer_cache in zip(self.layers, layer_caches, strict=True):
             x, residual, stats = layer(x, residual, cos, sin, mask, layer_cache)
             if stats is not None:
                 router_stats.append(stats)
-        h, _ = self.norm(x, residual)
+        hidden, _ = self.norm(x, residual)
         # The last block's output was read only by the norm: free it before the loss's buffers
         # (64 MiB at the Llama-3.2-1B shape, seq 4096 x 4, at the step's peak).
         del x
-
         aux_loss = load_balancing_loss(torch.stack(router_stats), batch * seq_len) if router_stats else None
-        hidden_states = h if output_hidden_states else None
-        if labels is None:
-            if output_hidden_states:
-                return CausalLMOutput(aux_loss=aux_loss, hidden_states=h)
-            h = h[:, -logits_to_keep:] if logits_to_keep else h
-            return CausalLMOutput(logits=F.linear(h, self.output_weight), aux_loss=aux_loss)
-        # Shift by padding the labels, not by slicing h: h stays contiguous and unsliced.
+        return hidden, aux_loss
+
+    def loss(self, hidden: torch.Tensor, labels: torch.Tensor,
+             aux_loss: torch.Tensor | None = None) -> torch.Tensor:
+        """float32 scalar: the mean next-token cross-entropy of the trunk's hidden states [B, T, H]
+        against labels [B, T] aligned with input_ids (-100 ignored), through the fused loss (no
+        logits made); plus router_aux_loss_coef * aux_loss when given (Mixtral)."""
+        # Shift by padding the labels, not by slicing hidden: it stays contiguous and unsliced.
         targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
-        loss = linear_cross_entropy(h, self.output_weight, targets, ignore_index=IGNORE_INDEX)
+        loss = linear_cross_entropy(hidden, self.output_weight, targets, ignore_index=IGNORE_INDEX)
         if aux_loss is not None:
             loss = loss + self.config.router_aux_loss_coef * aux_loss
-        return CausalLMOutput(loss=loss, aux_loss=aux_loss, hidden_states=hidden_states)
+        return loss
 
-    def _check_inputs(self, input_ids, labels, position_ids, cache, tree=None) -> tuple[int, int]:
+    def _check_inputs(self, input_ids, position_ids, cache) -> tuple[int, int]:
         if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
             raise ValueError(
                 f"input_ids must be an integer [B, T] tensor, got {input_ids.dtype} {list(input_ids.shape)}"
             )
         batch, seq_len = input_ids.shape
         if cache is not None:
-            if labels is not None or position_ids is not None:
-                raise ValueError("with a cache, labels and position_ids must be None (it sets the positions)")
+            if position_ids is not None:
+                raise ValueError("with a cache, position_ids must be None: the cache sets the positions")
             if cache.batch_size != batch:
                 raise ValueError(f"input_ids has {batch} rows but the cache was made for {cache.batch_size}")
-        if tree is not None:
-            if cache is None:
-                raise ValueError("a tree of tokens needs a cache holding the prefix it continues (cache=...)")
-            if tree.depths.shape != (seq_len,) or tree.ancestors.shape != (seq_len, seq_len):
-                raise ValueError(f"the tree has depths {list(tree.depths.shape)} and ancestors "
-                                 f"{list(tree.ancestors.shape)}, expected [{seq_len}] and "
-                                 f"[{seq_len}, {seq_len}] for {seq_len} tokens")
-        if labels is not None and labels.shape != input_ids.shape:
-            raise ValueError(
-                f"labels must have input_ids' shape {list(input_ids.shape)}, got {list(labels.shape)}"
-            )
         if position_ids is not None and (position_ids.dim() != 2 or position_ids.shape[1] != seq_len
                                          or position_ids.shape[0] not in (1, batch)):
             raise ValueError(
@@ -273,35 +273,13 @@ class Transformer(nn.Module):
         """Recompute the non-persistent buffers (rotary frequencies), e.g. after `to_empty`."""
         self.rotary.reset_buffers()
 
-    def hf_tensor_map(self) -> dict[str, tuple[str, tuple]]:
-        """{Hugging Face checkpoint name: (our parameter name, index)}: `param[index]` is exactly
-        that tensor. Covers every checkpoint tensor and every element of every parameter once."""
-        names = {"model.embed_tokens.weight": ("embed_tokens.weight", ()),
-                 "model.norm.weight": ("norm.weight", ())}
-        if self.lm_head is not None:
-            names["lm_head.weight"] = ("lm_head.weight", ())
-        for i in range(self.config.num_hidden_layers):
-            for hf_name, (name, index) in self.hf_layer_map().items():
-                names[f"model.layers.{i}.{hf_name}"] = (f"layers.{i}.{name}", index)
-        return names
-
-    def hf_layer_map(self) -> dict[str, tuple[str, tuple]]:
-        """The per-layer part of `hf_tensor_map`, relative to `model.layers.{i}.` / `layers.{i}.`."""
-        raise NotImplementedError
-
-    def hf_optional_names(self) -> set[str]:
-        """Checkpoint tensors that are ignored if present: the head when tied to the embedding,
-        and the rotary frequencies older checkpoints stored."""
-        names = {"model.rotary_emb.inv_freq"}
-        for i in range(self.config.num_hidden_layers):
-            names.add(f"model.layers.{i}.self_attn.rotary_emb.inv_freq")
-        if self.lm_head is None:
-            names.add("lm_head.weight")
-        return names
-
     def save_pretrained(self, path, max_shard_size="5GB") -> None:
-        """Write config.json and safetensors shards in the Hugging Face layout."""
-        from ligerzoo.checkpoint import save_pretrained  # the checkpoint module imports the models
+        """Write config.json and safetensors shards in the Hugging Face layout (hf/pretrained.py).
+
+        The one call from a model up into the layer that reads and writes Hugging Face files: the
+        public API saves through the model, as transformers does. Imported here, not at the top, so
+        that models import nothing above them and the package has no import cycle."""
+        from ligerzoo.hf.pretrained import save_pretrained
 
         save_pretrained(self, path, max_shard_size)
 

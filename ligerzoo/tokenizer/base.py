@@ -8,8 +8,8 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ligerzoo.chat_template import ChatTemplate
 from ligerzoo.tokenizer.chat import CHAT_FORMATS, CHAT_FORMATTERS, check_messages
+from ligerzoo.tokenizer.chat_template import ChatTemplate
 
 
 class TokenizerError(ValueError):

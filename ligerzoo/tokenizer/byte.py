@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ligerzoo.hub import TOKENIZER_CONFIG_FILE
+from ligerzoo.hf.hub import TOKENIZER_CONFIG_FILE
 from ligerzoo.tokenizer.base import ByteStreamDecoder, StreamDecoder, Tokenizer, split_on_tokens
 from ligerzoo.tokenizer.files import write_json
 from ligerzoo.tokenizer.pretokenize import bytes_to_unicode

@@ -1,7 +1,7 @@
 """The hand-written instruct formats of the families whose files carry no chat template (Meta's
 Llama 2 and Llama 3 recipes, mistral-common's v1-v3), encoded id by id as their reference
 implementations encode them. A model's own Jinja template is rendered elsewhere
-(`ligerzoo.chat_template`) and encoded with `encode(text, bos=False, allow_special=True)`."""
+(`ligerzoo.tokenizer.chat_template`) and encoded with `encode(text, bos=False, allow_special=True)`."""
 
 from __future__ import annotations
 

@@ -7,22 +7,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ligerzoo.hub import CHAT_TEMPLATE_FILE, GENERATION_CONFIG_FILE, TOKENIZER_CONFIG_FILE
+from ligerzoo.hf import json_file
+from ligerzoo.hf.hub import CHAT_TEMPLATE_FILE, GENERATION_CONFIG_FILE, TOKENIZER_CONFIG_FILE
 from ligerzoo.tokenizer.base import TokenizerError
 
 
 def read_json(path: Path) -> dict:
     """A JSON object from `path`; {} when the file does not exist."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        return {}
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise TokenizerError(f"{path} is not valid JSON ({error})") from error
-    if not isinstance(data, dict):
-        raise TokenizerError(f"{path} holds a JSON {type(data).__name__}, expected an object")
-    return data
+    return json_file.read_json(path, required=False, error=TokenizerError)
 
 
 def write_json(path: Path, data: dict) -> None:

@@ -6,10 +6,10 @@ import os
 import re
 from pathlib import Path
 
-from ligerzoo.chat_template import ChatTemplate
 from ligerzoo.tokenizer.base import Tokenizer, TokenizerError
 from ligerzoo.tokenizer.byte import ByteTokenizer, is_byte_tokenizer_json
 from ligerzoo.tokenizer.chat import CHAT_FORMATS
+from ligerzoo.tokenizer.chat_template import ChatTemplate
 from ligerzoo.tokenizer.files import read_json
 from ligerzoo.tokenizer.sentencepiece_model import SentencePieceTokenizer
 from ligerzoo.tokenizer.tekken import TekkenTokenizer, is_tekken
@@ -45,7 +45,7 @@ def load_tokenizer(
                 f"{str(file)!r} is a local file; revision={revision!r} applies only to Hub repo ids"
             )
     else:
-        from ligerzoo.hub import resolve_model_dir  # a local directory as is, else a Hub repo id
+        from ligerzoo.hf.hub import resolve_model_dir  # a local directory as is, else a Hub repo id
 
         file = find_tokenizer_file(resolve_model_dir(name_or_path, revision, weights=False, tokenizer=True))
     tokenizer = _read_tokenizer(file, chat_format)

@@ -31,10 +31,13 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict,
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
 )
 
-from ligerzoo.hub import GENERATION_CONFIG_FILE, TOKENIZER_FILES
+from ligerzoo.hf.hub import GENERATION_CONFIG_FILE, TOKENIZER_FILES
 from ligerzoo.models import build_model
 from ligerzoo.training.output_dir import CHECKPOINTS_DIR, EXPORT_DIR
 

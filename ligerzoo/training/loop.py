@@ -11,8 +11,8 @@ import time
 import torch
 import torch.distributed as dist
 
-from ligerzoo.checkpoint import from_pretrained
-from ligerzoo.hub import resolve_model_dir
+from ligerzoo.hf.hub import resolve_model_dir
+from ligerzoo.hf.pretrained import from_pretrained
 from ligerzoo.models import ModelConfig, build_model
 from ligerzoo.tokenizer import ByteTokenizer, load_tokenizer, tokenizer_fingerprint
 from ligerzoo.training.checkpointing import complete_checkpoints, export_hf, resume_latest, save_checkpoint

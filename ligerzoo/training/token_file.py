@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from ligerzoo.checkpoint import fsync_directory
+from ligerzoo.hf.atomic_files import fsync_directory
 from ligerzoo.tokenizer import tokenizer_fingerprint
 from ligerzoo.training.formats import (
     ANSWER,

@@ -2,7 +2,7 @@
 `model.safetensors`, or `model-0000i-of-0000n.safetensors` listed in `model.safetensors.index.json`).
 
 Loading builds the model on the meta device, validates every tensor name and shape against the
-model's `hf_tensor_map()` from the shard headers alone (so a wrong checkpoint fails before any
+checkpoint names of tensor_names.py from the shard headers alone (so a wrong checkpoint fails before any
 memory is allocated), then materialises the model on its device and streams the shards one
 tensor at a time into `param[index]`: peak host memory is about one tensor, since the shards are
 memory-mapped, never read whole.
@@ -15,17 +15,17 @@ checkpoint in that directory loadable.
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
-from ligerzoo.hub import CONFIG_FILE, SINGLE_WEIGHTS_FILE, WEIGHTS_INDEX_FILE, resolve_model_dir
+from ligerzoo.hf.atomic_files import write_files_atomically
+from ligerzoo.hf.hub import CONFIG_FILE, SINGLE_WEIGHTS_FILE, WEIGHTS_INDEX_FILE, resolve_model_dir
+from ligerzoo.hf.json_file import read_json
+from ligerzoo.hf.tensor_names import optional_names, tensor_map
 from ligerzoo.models import ModelConfig, Transformer, build_model
 
 SHARD_PATTERN = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
@@ -62,7 +62,7 @@ def from_pretrained(
     """Build the model a checkpoint describes and fill it with the checkpoint's weights.
 
     name_or_path: a checkpoint directory, or a Hub repo id (fetched through huggingface_hub's
-        cache: only the configs and the safetensors weights; see ligerzoo.hub).
+        cache: only the configs and the safetensors weights; see hub.py).
     dtype: the parameters' dtype. None does what transformers' default `dtype="auto"` does: the
         config's `dtype` (or older `torch_dtype`), else the checkpoint's first floating tensor's.
     device: where the parameters live (default "cpu"); tensors are cast and copied straight there.
@@ -71,7 +71,7 @@ def from_pretrained(
     differently in train mode; a training loop calls `.train()`), with requires_grad=True.
     """
     directory = resolve_checkpoint_dir(name_or_path, revision)
-    config_dict = _read_json(directory / CONFIG_FILE)
+    config_dict = read_json(directory / CONFIG_FILE, required=True, error=CheckpointError)
     try:
         config = ModelConfig.from_dict(config_dict)
     except ValueError as error:
@@ -95,8 +95,8 @@ def _checkpoint_files(directory: Path) -> list[Path]:
         return [directory / SINGLE_WEIGHTS_FILE]
     index_path = directory / WEIGHTS_INDEX_FILE
     if index_path.is_file():
-        index = _read_json(index_path)
-        if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
+        index = read_json(index_path, required=True, error=CheckpointError)
+        if not isinstance(index.get("weight_map"), dict):
             raise CheckpointError(f"{index_path} has no 'weight_map' object")
         names = list(dict.fromkeys(index["weight_map"].values()))  # file names in first-use order
         absent = [name for name in names if not (directory / name).is_file()]
@@ -112,17 +112,6 @@ def _checkpoint_files(directory: Path) -> list[Path]:
             "convert them (e.g. load in transformers and save_pretrained)"
         )
     raise CheckpointError(f"{directory} holds neither {SINGLE_WEIGHTS_FILE} nor {WEIGHTS_INDEX_FILE}")
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            value = json.load(f)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path} does not exist") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise CheckpointError(f"{path} is not valid JSON ({error})") from error
-    return value
 
 
 def _read_headers(files: list[Path]) -> dict[str, tuple[Path, tuple[int, ...], str]]:
@@ -167,17 +156,17 @@ def _resolve_dtype(dtype, config_dict: dict, headers: dict) -> torch.dtype:
 
 def _check_tensors(model: Transformer, headers: dict, directory: Path) -> None:
     """Raise one CheckpointError listing every missing, unexpected and mis-shaped tensor."""
-    tensor_map = model.hf_tensor_map()
-    optional = model.hf_optional_names()
+    names = tensor_map(model.config)
+    optional = optional_names(model.config)
     params = dict(model.named_parameters())
-    _check_map_covers_parameters(model, tensor_map, params)
+    _check_map_covers_parameters(model, names, params)
 
-    missing = [name for name in tensor_map if name not in headers]
-    unexpected = [name for name in headers if name not in tensor_map and name not in optional]
+    missing = [name for name in names if name not in headers]
+    unexpected = [name for name in headers if name not in names and name not in optional]
     misshaped = []
     for name, (path, shape, _) in headers.items():
-        if name in tensor_map:
-            param_name, index = tensor_map[name]
+        if name in names:
+            param_name, index = names[name]
             expected = tuple(params[param_name][index].shape)
             if shape != expected:
                 misshaped.append(f"{name}: {list(shape)} in {path.name}, the model expects {list(expected)}")
@@ -190,28 +179,29 @@ def _check_tensors(model: Transformer, headers: dict, directory: Path) -> None:
         raise CheckpointError("\n".join(lines))
 
 
-def _check_map_covers_parameters(model, tensor_map: dict, params: dict) -> None:
+def _check_map_covers_parameters(model, names: dict, params: dict) -> None:
     """The map's regions must add up to every parameter: a region no checkpoint tensor maps to
     would keep uninitialised memory. Counts elements (cheap, and works on meta)."""
     filled = dict.fromkeys(params, 0)
-    for param_name, index in tensor_map.values():
+    for param_name, index in names.values():
         filled[param_name] += params[param_name][index].numel()
     wrong = [f"{name} ({filled[name]} of {p.numel()} elements)"
              for name, p in params.items() if filled[name] != p.numel()]
     if wrong:
-        raise RuntimeError(f"{type(model).__name__}.hf_tensor_map() does not cover: {', '.join(wrong)}")
+        raise RuntimeError(f"the tensor map of {type(model).__name__} (tensor_names.py) does not cover: "
+                           f"{', '.join(wrong)}")
 
 
 def _copy_tensors(model: Transformer, files: list[Path]) -> None:
     """Stream every mapped tensor into its parameter region, cast and moved on the copy."""
-    tensor_map = model.hf_tensor_map()
+    names = tensor_map(model.config)
     params = dict(model.named_parameters())
     with torch.no_grad():
         for path in files:
             with safe_open(path, framework="pt", device="cpu") as f:
                 for name in f.keys():
-                    if name in tensor_map:
-                        param_name, index = tensor_map[name]
+                    if name in names:
+                        param_name, index = names[name]
                         params[param_name][index].copy_(f.get_tensor(name))
 
 
@@ -229,9 +219,9 @@ def save_pretrained(
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
     limit = parse_size(max_shard_size)
-    tensor_map = model.hf_tensor_map()
     params = dict(model.named_parameters())
-    regions = {name: params[param_name][index] for name, (param_name, index) in tensor_map.items()}
+    regions = {name: params[param_name][index]
+               for name, (param_name, index) in tensor_map(model.config).items()}
 
     shards = _split_into_shards({name: t.numel() * t.element_size() for name, t in regions.items()}, limit)
     if len(shards) == 1:
@@ -256,35 +246,6 @@ def save_pretrained(
     json_files[CONFIG_FILE] = config
     write_files_atomically(directory, tensor_files, json_files)
     _remove_stale_weights(directory, keep=set(filenames))
-
-
-def write_files_atomically(directory: str | os.PathLike, tensor_files: dict[str, dict[str, torch.Tensor]],
-                           json_files: dict[str, dict]) -> None:
-    """Write safetensors files ({filename: {name: tensor}}) and JSON files ({filename: content})
-    into `directory`: each under a hidden temporary name, fsynced, then all renamed into place, so
-    a crash leaves either the old files or the new ones."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    staged: list[tuple[Path, Path]] = []
-    try:
-        for filename, tensors in tensor_files.items():
-            staged.append((_temporary_path(directory, filename), directory / filename))
-            # Copies, so that a file never holds views into a larger (fused) parameter; one file's
-            # worth at a time, so a save of a large model needs no second copy of it in memory.
-            copies = {name: t.detach().to("cpu", memory_format=torch.contiguous_format, copy=True)
-                      for name, t in tensors.items()}
-            save_file(copies, staged[-1][0], metadata={"format": "pt"})
-            _fsync(staged[-1][0])
-            del copies
-        for filename, content in json_files.items():
-            staged.append(_stage_json(directory, filename, content))
-        for temporary, final in staged:
-            os.replace(temporary, final)
-    except BaseException:
-        for temporary, _ in staged:
-            temporary.unlink(missing_ok=True)
-        raise
-    fsync_directory(directory)
 
 
 def parse_size(size: int | str) -> int:
@@ -315,34 +276,6 @@ def _split_into_shards(sizes: dict[str, int], limit: int) -> list[list[str]]:
         shards[-1].append(name)
         used += size
     return shards
-
-
-def _temporary_path(directory: Path, filename: str) -> Path:
-    # Hidden and suffixed, so no loader mistakes it for a checkpoint file.
-    fd, name = tempfile.mkstemp(dir=directory, prefix=f".{filename}.", suffix=".tmp")
-    os.close(fd)
-    return Path(name)
-
-
-def _stage_json(directory: Path, filename: str, content: dict) -> tuple[Path, Path]:
-    temporary = _temporary_path(directory, filename)
-    with open(temporary, "w", encoding="utf-8") as f:
-        f.write(json.dumps(content, indent=2, sort_keys=True) + "\n")
-    _fsync(temporary)
-    return temporary, directory / filename
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_directory(directory: Path) -> None:
-    if os.name == "posix":  # makes the renames durable; Windows cannot open a directory
-        _fsync(directory)
 
 
 def _remove_stale_weights(directory: Path, keep: set[str]) -> None:

@@ -37,7 +37,8 @@ import jinja2.nodes
 import jinja2.utils
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from ligerzoo.hub import CHAT_TEMPLATE_FILE, TOKENIZER_CONFIG_FILE
+from ligerzoo.hf.hub import CHAT_TEMPLATE_FILE, TOKENIZER_CONFIG_FILE
+from ligerzoo.hf.json_file import read_json
 
 LEGACY_TEMPLATE_FILE = "chat_template.json"
 MIN_JINJA_VERSION = (3, 1, 6)
@@ -65,12 +66,12 @@ class ChatTemplate:
         if path.is_file():
             return cls(path.read_text(encoding="utf-8"), path)
         path = directory / TOKENIZER_CONFIG_FILE
-        template = _read_json(path).get("chat_template")
+        template = read_json(path, required=False).get("chat_template")
         if template is not None:
             return cls(_default_template(template, path), path)
         path = directory / LEGACY_TEMPLATE_FILE
         if path.is_file():
-            template = _read_json(path).get("chat_template")
+            template = read_json(path, required=False).get("chat_template")
             if not isinstance(template, str):
                 raise ValueError(f"{path} holds no \"chat_template\" string (got {template!r:.80}); "
                                  f"write the template into {directory / CHAT_TEMPLATE_FILE} instead")
@@ -139,19 +140,6 @@ def special_token_text(value) -> str | None:
 
 # ---------------------------------------------------------------------------------------------
 # Reading
-
-
-def _read_json(path: Path) -> dict:
-    """The JSON object in `path`; {} when there is no such file."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return {}
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path} is not valid JSON ({error})") from error
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} holds a JSON {type(data).__name__}, expected an object")
-    return data
 
 
 def _default_template(template, path: Path) -> str:
