@@ -28,12 +28,12 @@ from pathlib import Path
 
 import torch
 
+from ligerzoo.kernels import IGNORE_INDEX
 from ligerzoo.tokenizer import ByteTokenizer, load_tokenizer
 from ligerzoo.training.config import DataSection
-from ligerzoo.training.data import IGNORE_INDEX, build_datasets
+from ligerzoo.training.data import build_datasets
 from ligerzoo.training.evaluate import evaluate
 from ligerzoo.training.parallel import init_distributed
-
 from train import SHAPES, ligerzoo_model  # beside this script
 
 CHATML = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"

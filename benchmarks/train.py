@@ -8,8 +8,8 @@
 Every (peer, checkpointing) pair runs in a fresh process on one GPU (with `--gpus N ...`, a torchrun
 of N ranks, one GPU each, every peer sharded with FSDP2, figures per GPU), from random init in bf16, on
 random tokens (one document per row: plain causal attention for everyone), with fused AdamW and
-gradient clipping. ligerzoo is prepared as train.py prepares it (ligerzoo/training/parallel.py:
-checkpointing, each block compiled) with float32 master weights (FSDP2 over the one GPU casts them
+gradient clipping. ligerzoo is prepared as train.py prepares it (ligerzoo/training/blocks.py:
+activation checkpointing, each block compiled) with float32 master weights (FSDP2 over the one GPU casts them
 to bf16 for compute), and again with bfloat16 ones (`--train.master_dtype bfloat16`, no FSDP on
 one GPU unless `--gpus` asks for the same wrapping everywhere), which is what the Hugging Face runs keep: bf16 parameters and AdamW state. Prints a
 markdown table: median tokens/s over the timed steps, MFU against the spec peak, and peak memory
@@ -27,13 +27,13 @@ import time
 
 import torch
 import torch.distributed as dist
+from device_timeline import describe, device_timeline  # beside this script
 
 from ligerzoo.models import ModelConfig, build_model
 from ligerzoo.models.presets import LLAMA_3_1_8B, LLAMA_3_2_1B, MIXTRAL_8X7B_2_LAYERS, TINY_LLAMA
+from ligerzoo.training.blocks import prepare_blocks
 from ligerzoo.training.metrics import flops_per_token, peak_flops
-from ligerzoo.training.parallel import MULTICAST_OFF, apply_fsdp, init_distributed, prepare_blocks, shard_blocks
-
-from device_timeline import describe, device_timeline  # beside this script
+from ligerzoo.training.parallel import MULTICAST_OFF, apply_fsdp, init_distributed, shard_blocks
 
 # The shapes' names on the command line (multi_gpu.sh and RESULTS.md use them), from the presets.
 SHAPES = {"llama-1b": LLAMA_3_2_1B, "llama-8b": LLAMA_3_1_8B, "mixtral-2l": MIXTRAL_8X7B_2_LAYERS, "tiny": TINY_LLAMA}

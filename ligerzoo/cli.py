@@ -197,7 +197,7 @@ def evaluate(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     model = from_pretrained(directory, dtype=dtype, device=device)
     if device.type == "cuda":  # as training runs them: a packed row's document mask needs flex_attention compiled
-        from ligerzoo.training.parallel import prepare_blocks
+        from ligerzoo.training.blocks import prepare_blocks
 
         prepare_blocks(model, compile=True)
     seq_len = args.seq_len or min(DEFAULT_EVAL_SEQ_LEN, model.config.max_position_embeddings)

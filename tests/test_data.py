@@ -8,16 +8,12 @@ import json
 import pytest
 import torch
 
-from ligerzoo.tokenizer import tokenizer_fingerprint
+from ligerzoo.tokenizer import ByteTokenizer, tokenizer_fingerprint
 from ligerzoo.training import formats, token_file
 from ligerzoo.training.config import DataSection
-from ligerzoo.training.data import (
-    ByteTokenizer,
-    build_datasets,
-    read_documents,
-    read_token_file,
-    write_token_file,
-)
+from ligerzoo.training.data import build_datasets
+from ligerzoo.training.formats import read_documents
+from ligerzoo.training.token_file import read_token_file, write_token_file
 
 TEXTS = ["first document", "second, with ünïcödé 東京 🙂", "third\nwith two lines"]
 

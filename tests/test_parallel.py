@@ -1,4 +1,4 @@
-"""How blocks are prepared for training (ligerzoo/training/parallel.py): checkpointing and
+"""How blocks are prepared for training (ligerzoo/training/blocks.py): activation checkpointing and
 compile change what is kept and what runs twice, never the numbers. CPU, the kernels' PyTorch
 path (TRITON_INTERPRET=0 in these tests: a traced triton_op needs a GPU)."""
 
@@ -7,7 +7,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from ligerzoo.models import ModelConfig, build_model
-from ligerzoo.training.parallel import prepare_blocks
+from ligerzoo.training.blocks import prepare_blocks
 
 LAYERS = 2
 # Each block's products: fused q/k/v, the attention output, fused gate/up, the down projection.

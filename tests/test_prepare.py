@@ -13,19 +13,13 @@ from test_train import losses, run_train
 
 from ligerzoo import load_tokenizer
 from ligerzoo.cli import main
-from ligerzoo.tokenizer import tokenizer_fingerprint
+from ligerzoo.kernels import IGNORE_INDEX
+from ligerzoo.tokenizer import ByteTokenizer, tokenizer_fingerprint
 from ligerzoo.training import token_file
 from ligerzoo.training.config import DataSection
-from ligerzoo.training.data import (
-    IGNORE_INDEX,
-    ByteTokenizer,
-    PackedData,
-    build_datasets,
-    builtin_corpus,
-    read_documents,
-    read_token_file,
-    write_token_file,
-)
+from ligerzoo.training.data import PackedData, build_datasets, builtin_corpus
+from ligerzoo.training.formats import read_documents
+from ligerzoo.training.token_file import read_token_file, write_token_file
 
 
 class ReversedBytes(ByteTokenizer):

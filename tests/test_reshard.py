@@ -1,4 +1,4 @@
-"""A checkpoint saved on N ranks resumes on M (ligerzoo/training/checkpointing.py), on CPU.
+"""A checkpoint saved on N ranks resumes on M (ligerzoo/training/checkpoints.py), on CPU.
 
 Two ranks with --data.batch_size 4 read the same 8 rows a step as one rank with 8; one process
 trains unsharded (plain tensors), two with FSDP2 (DTensors), so 2 -> 1 and 1 -> 2 also load one

@@ -11,8 +11,10 @@ import pytest
 import torch
 
 from ligerzoo import load_tokenizer
+from ligerzoo.kernels import IGNORE_INDEX
+from ligerzoo.tokenizer import ByteTokenizer
 from ligerzoo.training.config import DataSection
-from ligerzoo.training.data import IGNORE_INDEX, ByteTokenizer, build_datasets, describe_datasets
+from ligerzoo.training.data import build_datasets, describe_datasets
 
 LLAMA3_FILE = Path(llama_models.llama3.tokenizer.__file__).parent / "tokenizer.model"
 BYTES = ByteTokenizer()

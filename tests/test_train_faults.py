@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ligerzoo.training.checkpointing import MANIFEST_FILE, complete_checkpoints
+from ligerzoo.training.checkpoints import MANIFEST_FILE, complete_checkpoints
 from ligerzoo.training.config import config_warnings, load_config
 from ligerzoo.training.metrics import read_metrics
 from test_train import ROOT, losses, run_train
@@ -242,7 +242,7 @@ def test_diverging_step_is_never_applied_and_a_lower_lr_goes_on_from_the_last_ch
 SAVE_NON_FINITE = """
 import torch
 from ligerzoo.models import ModelConfig, build_model
-from ligerzoo.training.checkpointing import save_checkpoint
+from ligerzoo.training.checkpoints import save_checkpoint
 from ligerzoo.training.data import PackedData
 from ligerzoo.training.parallel import init_distributed
 

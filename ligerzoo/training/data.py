@@ -33,22 +33,19 @@ from pathlib import Path
 import torch
 
 from ligerzoo.kernels import IGNORE_INDEX
-from ligerzoo.tokenizer import ByteTokenizer, tokenizer_fingerprint  # noqa: F401 (re-exported)
-from ligerzoo.training.formats import (  # noqa: F401 (read_documents re-exported)
+from ligerzoo.training.formats import (
     ANSWER,
     PROMPT,
     TEXT,
     Example,
     TokenizedCorpus,
-    read_documents,
     read_examples,
     tokenize_corpus,
 )
-from ligerzoo.training.token_file import (  # noqa: F401 (write_token_file re-exported)
+from ligerzoo.training.token_file import (
     TOKEN_FILE_SUFFIX,
     check_tokenizer,
     read_token_file,
-    write_token_file,
 )
 
 

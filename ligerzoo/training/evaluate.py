@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable
 import torch
 import torch.distributed as dist
 
-from ligerzoo.training.data import IGNORE_INDEX
+from ligerzoo.kernels import IGNORE_INDEX
 
 
 @torch.no_grad()

@@ -13,16 +13,18 @@ import torch.distributed as dist
 
 from ligerzoo.hf.hub import resolve_model_dir
 from ligerzoo.hf.pretrained import from_pretrained
+from ligerzoo.kernels import IGNORE_INDEX
 from ligerzoo.models import ModelConfig, build_model
 from ligerzoo.tokenizer import ByteTokenizer, load_tokenizer, tokenizer_fingerprint
-from ligerzoo.training.checkpointing import complete_checkpoints, export_hf, resume_latest, save_checkpoint
+from ligerzoo.training.blocks import prepare_blocks
+from ligerzoo.training.checkpoints import complete_checkpoints, export_hf, resume_latest, save_checkpoint
 from ligerzoo.training.config import Config, config_warnings
-from ligerzoo.training.data import IGNORE_INDEX, build_datasets, describe_datasets
+from ligerzoo.training.data import build_datasets, describe_datasets
 from ligerzoo.training.evaluate import evaluate
 from ligerzoo.training.medusa import export_heads, medusa_flops_per_token, with_medusa_heads
 from ligerzoo.training.metrics import MetricsLog, flops_per_token, peak_flops
 from ligerzoo.training.output_dir import OutputDirError, claim_output_dir
-from ligerzoo.training.parallel import apply_fsdp, init_distributed, prepare_blocks
+from ligerzoo.training.parallel import apply_fsdp, init_distributed
 from ligerzoo.training.run_record import resume_differences, run_record
 
 # Test hook: the process SIGKILLs itself after this step (simulates a crash at the worst moment).

@@ -1,11 +1,9 @@
-"""How a model is prepared for training: activation checkpointing and compile, then FSDP2.
+"""Training on several processes: the process group, and FSDP2 over the model's blocks.
 
-Checkpointing and compile replace each block's forward; FSDP comes last, so that its hooks see
-the final modules. Each step keeps the parameter names, so the export maps them to Hugging Face
-names.
+FSDP is applied after blocks.py has replaced each block's forward, so that its hooks see the
+final modules. Parameter names are kept, so the export maps them to Hugging Face names.
 """
 
-import functools
 import os
 import warnings
 
@@ -13,8 +11,6 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
-
 
 # No NVLink multicast (NVLS) in NCCL, symmetric memory or NVSHMEM: multicast objects can take a
 # host's shared GPUs out of service, and nothing here needs them. Every process that may start
@@ -45,74 +41,6 @@ def init_distributed() -> tuple[int, int, torch.device]:
         device = torch.device("cpu")
         dist.init_process_group("gloo")
     return dist.get_rank(), dist.get_world_size(), device
-
-
-def _saved_by_selective_checkpointing() -> set:
-    """The ops whose outputs selective checkpointing keeps: the matmuls and attention, which are
-    expensive to recompute. Everything else a block does (norms, RoPE, SwiGLU, residual adds:
-    the kernels' elementwise work) is cheap to redo and costly to keep."""
-    aten = torch.ops.aten
-    names = ["mm", "addmm", "bmm", "_grouped_mm", "_scaled_dot_product_flash_attention",
-             "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
-             "_scaled_dot_product_flash_attention_for_cpu", "_flash_attention_forward",
-             "_efficient_attention_forward"]
-    ops = {getattr(aten, name).default for name in names if hasattr(aten, name)}
-    ops.add(torch.ops.higher_order.flex_attention)
-    return ops
-
-
-def _selective_policy(saved_ops):
-    def policy(ctx, op, *args, **kwargs):
-        return CheckpointPolicy.MUST_SAVE if op in saved_ops else CheckpointPolicy.PREFER_RECOMPUTE
-    return policy
-
-
-def _recompute_everything(ctx, op, *args, **kwargs):
-    return CheckpointPolicy.MUST_RECOMPUTE
-
-
-def prepare_blocks(model, checkpointing: str = "off", compile: bool = False) -> None:
-    """Activation checkpointing and torch.compile, block by block.
-
-    checkpointing: "off"; "full", recompute each block's activations in the backward instead of
-    keeping them; "selective", recompute only the cheap elementwise ones, keeping matmul and
-    attention outputs. compile: compile each block on its own (the blocks are identical, so one
-    graph serves them all).
-
-    Compiled, the checkpoint is traced with a policy for every op, so Inductor's partitioner
-    builds the backward with the recomputation in it: full checkpointing recomputes only what the
-    backward reads, and skips the block's last matmul (the down projection, whose output only
-    feeds the residual stream): a quarter of a Llama block's forward GEMM work, 5% of the
-    Llama-3.2-1B step on an H100. Eager, the whole block runs again.
-    """
-    options = {"use_reentrant": False}
-    if checkpointing == "selective":
-        policy = _selective_policy(_saved_by_selective_checkpointing())
-        options["context_fn"] = functools.partial(create_selective_checkpoint_contexts, policy)
-    elif checkpointing == "full" and compile:
-        options["context_fn"] = functools.partial(create_selective_checkpoint_contexts, _recompute_everything)
-    for block in model.layers:
-        forward = block.forward
-        if checkpointing != "off":
-            forward = _checkpointed(forward, options)
-        if compile:
-            forward = torch.compile(forward, fullgraph=True)
-        block.forward = forward
-
-
-def _checkpointed(forward, options: dict):
-    # A function of our own around the call, not functools.partial(checkpoint, ...): torch.compile
-    # must trace into a frame that calls `checkpoint` to turn it into its activation-checkpoint
-    # operator; a partial of `checkpoint` itself is skipped, and the block silently runs eagerly.
-    def forward_with_checkpointing(x, residual, *args, **kwargs):
-        # A block takes the previous block's output and the residual stream apart (its first
-        # norm adds them); checkpointed, it would keep both. Adding them here keeps one tensor a
-        # block (1 GiB less at the Llama-3.2-1B shape, seq 4096 x 4) for one more elementwise
-        # read; the sum is the same bf16 rounding the fused kernel makes.
-        if residual is not None:
-            x = x + residual
-        return checkpoint(forward, x, None, *args, **options, **kwargs)
-    return forward_with_checkpointing
 
 
 def apply_fsdp(model, device: torch.device, param_dtype: torch.dtype,
