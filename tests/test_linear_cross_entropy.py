@@ -51,7 +51,7 @@ def loss_and_grads(fn, hidden, weight, target, bias=None, grad_loss=None, frozen
 def force_chunk_rows(monkeypatch, rows, weight):
     """Shrink the chunk budget so that chunks have `rows` rows."""
     monkeypatch.setattr(lce_module, "CHUNK_BUFFER_BYTES", rows * weight.shape[0] * weight.element_size())
-    assert lce_module._chunk_rows(weight.shape[0], weight.element_size()) == rows
+    assert lce_module.rows_per_chunk(weight.shape[0], weight.element_size()) == rows
 
 
 def assert_grads_close(grads, grads64, dtype):
@@ -166,13 +166,13 @@ def test_chunks_cover_every_row_once(kernel_path, monkeypatch):
 
 def test_chunk_buffer_is_bounded_at_the_llama3_8b_head():
     vocab = 128256
-    bf16_rows = lce_module._chunk_rows(vocab, 2)
+    bf16_rows = lce_module.rows_per_chunk(vocab, 2)
     assert bf16_rows == 512  # 512 rows: the weight-gradient matmul is compute-bound on an H100
     assert bf16_rows * vocab * 2 <= lce_module.CHUNK_BUFFER_BYTES <= 126 * 2**20
-    assert lce_module._chunk_rows(vocab, 4) == 256
-    assert lce_module._chunk_rows(32000, 2) % 128 == 0
-    assert lce_module._chunk_rows(32000, 2) * 32000 * 2 <= lce_module.CHUNK_BUFFER_BYTES
-    assert lce_module._chunk_rows(2**30, 4) == 1  # a vocabulary wider than the budget still runs
+    assert lce_module.rows_per_chunk(vocab, 4) == 256
+    assert lce_module.rows_per_chunk(32000, 2) % 128 == 0
+    assert lce_module.rows_per_chunk(32000, 2) * 32000 * 2 <= lce_module.CHUNK_BUFFER_BYTES
+    assert lce_module.rows_per_chunk(2**30, 4) == 1  # a vocabulary wider than the budget still runs
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)

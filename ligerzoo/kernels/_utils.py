@@ -10,7 +10,7 @@ import os
 import torch
 import triton
 from torch._library.triton import is_wrap_triton_enabled, set_wrap_triton_enabled
-from torch.library import triton_op, wrap_triton
+from torch.library import custom_op, infer_schema, triton_op, wrap_triton
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -110,24 +110,40 @@ def as_rows(x: torch.Tensor) -> torch.Tensor:
     return x2
 
 
-def kernel_op(name: str, mutates_args=()):
-    """Register a launcher as the torch.library op `ligerzoo::<name>` (a `triton_op`, so Inductor
-    sees the Triton kernels inside and schedules them with the code around it) and return a
-    callable that takes the op while torch.compile traces, and in eager mode calls the launcher
-    directly with `wrap_triton` switched off (as the op itself does when it runs): through the
-    custom-op dispatcher a call costs about 75 us of host time, through `wrap_triton`'s
-    higher-order op about 300 us (H100, torch 2.11), more than these kernels take on the GPU."""
+def kernel_op(name: str, mutates_args=(), opaque: bool = False):
+    """Register a launcher as the torch.library op `ligerzoo::<name>` and return a callable that
+    takes the op while torch.compile traces, and in eager mode calls the launcher directly: through
+    the custom-op dispatcher a call costs about 75 us of host time, through `wrap_triton`'s
+    higher-order op about 300 us (H100, torch 2.11), more than these kernels take on the GPU.
+    Whenever the launcher runs rather than being traced (eager, or as the op's implementation),
+    it runs with wrap_triton switched off, so `launch` hands it the raw kernels.
+
+    The op is a `triton_op`: Inductor traces the launcher, sees the Triton kernels inside and
+    schedules them with the code around it. `opaque=True` registers a plain `custom_op`, which
+    Inductor calls as one unit, for a launcher that loops over chunks calling other launchers
+    and cuBLAS matmuls: traced, the loop would be unrolled into the graph, one copy per chunk,
+    with nothing inside for Inductor to fuse. An opaque op's output shapes come from a fake
+    registered with `@<the returned callable>.register_fake`.
+    """
 
     def register(launcher):
-        op = triton_op(f"ligerzoo::{name}", mutates_args=mutates_args)(launcher)
+        def run(*args, **kwargs):
+            with set_wrap_triton_enabled(False):
+                return launcher(*args, **kwargs)
+
+        qualified = f"ligerzoo::{name}"
+        if opaque:
+            schema = infer_schema(launcher, mutates_args=mutates_args)
+            op = custom_op(qualified, run, mutates_args=mutates_args, schema=schema)
+        else:
+            op = triton_op(qualified, mutates_args=mutates_args)(launcher)
         parameters = list(inspect.signature(launcher).parameters)
         mutated = [parameters.index(arg) for arg in mutates_args]
 
         def call(*args):
             if torch.compiler.is_compiling():
                 return op(*args)
-            with set_wrap_triton_enabled(False):
-                result = launcher(*args)
+            result = run(*args)
             # Raw kernel writes are invisible to autograd: bump the version the op would have
             # bumped, so a saved tensor modified in place is caught on reuse.
             for index in mutated:
@@ -136,6 +152,7 @@ def kernel_op(name: str, mutates_args=()):
 
         call.op = op
         call.launcher = launcher
+        call.register_fake = op.register_fake
         call.__name__ = call.__qualname__ = launcher.__name__
         call.__doc__ = launcher.__doc__
         return call

@@ -28,9 +28,15 @@ CHUNK_BUFFER_BYTES, and a chunk the most rows, a multiple of 128 (cuBLAS tiles),
 """
 
 import torch
-from torch._library.triton import set_wrap_triton_enabled
 
-from ligerzoo.kernels._utils import IGNORE_INDEX, as_rows, check_float, check_loss_options, check_same_device
+from ligerzoo.kernels._utils import (
+    IGNORE_INDEX,
+    as_rows,
+    check_float,
+    check_loss_options,
+    check_same_device,
+    kernel_op,
+)
 from ligerzoo.kernels.cross_entropy import LossOptions, launch_cross_entropy, scale_grad_
 
 # Memory for one chunk of logits: the 128 MiB allowed beyond inputs and gradients, less 2 MiB
@@ -42,12 +48,15 @@ CHUNK_BUFFER_BYTES = 126 * 2**20
 _BAD_TARGET_MESSAGE = "linear_cross_entropy: target index outside [0, V) (and not ignore_index)"
 
 
-def _chunk_rows(vocab: int, itemsize: int) -> int:
-    """Rows per chunk: as many as CHUNK_BUFFER_BYTES holds, rounded down to a multiple of 128."""
+def rows_per_chunk(vocab: int, itemsize: int) -> int:
+    """As many rows as CHUNK_BUFFER_BYTES holds, rounded down to a multiple of 128."""
     rows = max(1, CHUNK_BUFFER_BYTES // (vocab * itemsize))
     return rows // 128 * 128 if rows >= 128 else rows
 
 
+# Opaque (see kernel_op): traced, the chunk loop is unrolled into the graph, one copy per chunk,
+# with nothing to fuse; 8 chunks took 35 s to compile instead of 3 (Inductor on CPU, dynamic shapes).
+@kernel_op("linear_cross_entropy", opaque=True)
 def _loss_and_grads(
     hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, bias: torch.Tensor | None,
     grad_scale: torch.Tensor, ignore_index: int, label_smoothing: float, chunk_rows: int,
@@ -60,10 +69,6 @@ def _loss_and_grads(
     Returns (per-row unscaled losses, float32 [N]; grad of hidden [N, H]; grad of weight [V, H];
     grad of bias [V]; int32 [1] flag, nonzero when a target was out of range). A gradient not
     asked for is an empty placeholder with no rows.
-
-    Registered below as an opaque custom op rather than a triton_op: Inductor would otherwise
-    trace and unroll the chunk loop, and has nothing to fuse inside it (matmuls and one kernel
-    per chunk).
     """
     n_rows, width = hidden.shape
     vocab = weight.shape[0]
@@ -82,44 +87,37 @@ def _loss_and_grads(
 
     rows = min(chunk_rows, n_rows)
     logits = torch.empty((rows, vocab), dtype=hidden.dtype, device=device)
-    # Raw Triton launches: wrap_triton's higher-order op costs ~300 us of host time per launch.
-    with set_wrap_triton_enabled(False):
-        for start in range(0, n_rows, max(rows, 1)):
-            end = min(start + rows, n_rows)
-            hidden_chunk = hidden[start:end]
-            logits_chunk = logits[: end - start]
-            if bias is None:
-                torch.mm(hidden_chunk, weight.t(), out=logits_chunk)
+    for start in range(0, n_rows, max(rows, 1)):
+        end = min(start + rows, n_rows)
+        hidden_chunk = hidden[start:end]
+        logits_chunk = logits[: end - start]
+        if bias is None:
+            torch.mm(hidden_chunk, weight.t(), out=logits_chunk)
+        else:
+            torch.addmm(bias, hidden_chunk, weight.t(), out=logits_chunk)
+        launch_cross_entropy(
+            logits_chunk, target[start:end], logits_chunk if computes_grad else None, kernel_scale,
+            ignore_index, label_smoothing, loss_out=loss_rows[start:end], error_flag=error_flag,
+        )
+        if not computes_grad:
+            continue
+        grad_logits = logits_chunk
+        if per_row_scale:
+            scale_grad_(grad_logits, grad_scale[start:end])
+        if want_grad_hidden:
+            torch.mm(grad_logits, weight, out=grad_hidden[start:end])
+        if want_grad_weight:
+            if start == 0:
+                torch.mm(grad_logits.t(), hidden_chunk, out=grad_weight)
             else:
-                torch.addmm(bias, hidden_chunk, weight.t(), out=logits_chunk)
-            launch_cross_entropy(
-                logits_chunk, target[start:end], logits_chunk if computes_grad else None, kernel_scale,
-                ignore_index, label_smoothing, loss_out=loss_rows[start:end], error_flag=error_flag,
-            )
-            if not computes_grad:
-                continue
-            grad_logits = logits_chunk
-            if per_row_scale:
-                scale_grad_(grad_logits, grad_scale[start:end])
-            if want_grad_hidden:
-                torch.mm(grad_logits, weight, out=grad_hidden[start:end])
-            if want_grad_weight:
-                if start == 0:
-                    torch.mm(grad_logits.t(), hidden_chunk, out=grad_weight)
-                else:
-                    grad_weight.addmm_(grad_logits.t(), hidden_chunk)
-            if want_grad_bias:
-                grad_bias += grad_logits.sum(0, dtype=torch.float32)
+                grad_weight.addmm_(grad_logits.t(), hidden_chunk)
+        if want_grad_bias:
+            grad_bias += grad_logits.sum(0, dtype=torch.float32)
     bias_dtype = bias.dtype if bias is not None else hidden.dtype
     return loss_rows, grad_hidden, grad_weight, grad_bias.to(bias_dtype), error_flag
 
 
-_loss_and_grads_op = torch.library.custom_op(
-    "ligerzoo::linear_cross_entropy", _loss_and_grads, mutates_args=()
-)
-
-
-@_loss_and_grads_op.register_fake
+@_loss_and_grads.register_fake
 def _(hidden, weight, target, bias, grad_scale, ignore_index, label_smoothing, chunk_rows,
       want_grad_hidden, want_grad_weight, want_grad_bias):
     n_rows, width = hidden.shape
@@ -134,12 +132,6 @@ def _(hidden, weight, target, bias, grad_scale, ignore_index, label_smoothing, c
     )
 
 
-def _run_loss_and_grads(*args):
-    """The custom op while torch.compile traces; in eager mode the launcher itself, as the op
-    would run it (the dispatcher costs about 75 us of host time a call)."""
-    return _loss_and_grads_op(*args) if torch.compiler.is_compiling() else _loss_and_grads(*args)
-
-
 class _LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, target, bias, ignore_index, label_smoothing, reduction, grad_enabled):
@@ -147,7 +139,7 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
         target1 = target.reshape(-1)
         # needs_input_grad ignores torch.no_grad(), hence grad_enabled from the caller.
         ctx.wants = tuple(grad_enabled and ctx.needs_input_grad[i] for i in (0, 1, 3))
-        ctx.options = (ignore_index, label_smoothing, _chunk_rows(weight.shape[0], hidden.element_size()))
+        ctx.options = (ignore_index, label_smoothing, rows_per_chunk(weight.shape[0], hidden.element_size()))
         ctx.reduction = reduction
         ctx.hidden_shape = hidden.shape
         counted = (target1 != ignore_index).sum()
@@ -156,7 +148,7 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
         else:
             scale = torch.ones((), dtype=torch.float32, device=hidden.device)
         grads_now = ctx.wants if reduction != "none" else (False, False, False)
-        loss_rows, grad_hidden, grad_weight, grad_bias, error_flag = _run_loss_and_grads(
+        loss_rows, grad_hidden, grad_weight, grad_bias, error_flag = _loss_and_grads(
             hidden2, weight, target1, bias, scale, *ctx.options, *grads_now
         )
         torch.ops.aten._assert_async.msg(error_flag == 0, _BAD_TARGET_MESSAGE)
@@ -176,7 +168,7 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
         want_hidden, want_weight, want_bias = ctx.wants
         if ctx.reduction == "none":
             hidden2, weight, target1, bias = ctx.saved_tensors
-            _, grad_hidden, grad_weight, grad_bias, _ = _run_loss_and_grads(
+            _, grad_hidden, grad_weight, grad_bias, _ = _loss_and_grads(
                 hidden2, weight, target1, bias, grad_loss.reshape(-1), *ctx.options, *ctx.wants
             )
         else:
