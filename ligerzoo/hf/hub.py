@@ -32,11 +32,15 @@ CONFIG_FILES = [CONFIG_FILE, GENERATION_CONFIG_FILE]
 SINGLE_WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
+SENTENCEPIECE_FILE = "tokenizer.model"
+TOKENIZER_JSON_FILE = "tokenizer.json"
+LLAMA3_TIKTOKEN_FILE = "original/tokenizer.model"  # Meta's file, beside the converted tokenizer.json
+TEKKEN_FILE = "tekken.json"  # Mistral's tiktoken-style file (Mistral-Nemo, Ministral, Mistral Small 3)
 TOKENIZER_FILES = [
-    "tokenizer.model", "tokenizer.json", TOKENIZER_CONFIG_FILE, "special_tokens_map.json",
-    "original/tokenizer.model",  # Llama 3's tiktoken file
-    "tekken.json",  # Mistral's tiktoken-style file (Mistral-Nemo, Ministral, Mistral Small 3)
+    SENTENCEPIECE_FILE, TOKENIZER_JSON_FILE, TOKENIZER_CONFIG_FILE, SPECIAL_TOKENS_MAP_FILE,
+    LLAMA3_TIKTOKEN_FILE, TEKKEN_FILE,
     CHAT_TEMPLATE_FILE,  # where transformers >= 4.50 saves the chat template
 ]
 

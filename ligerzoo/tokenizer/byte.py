@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ligerzoo.hf.hub import TOKENIZER_CONFIG_FILE
+from ligerzoo.hf.hub import TOKENIZER_CONFIG_FILE, TOKENIZER_JSON_FILE
 from ligerzoo.tokenizer.base import ByteStreamDecoder, StreamDecoder, Tokenizer, split_on_tokens
 from ligerzoo.tokenizer.files import write_json
 from ligerzoo.tokenizer.pretokenize import bytes_to_unicode
@@ -69,7 +69,7 @@ class ByteTokenizer(Tokenizer):
         if model_max_length is not None:
             config["model_max_length"] = model_max_length
         write_json(directory / TOKENIZER_CONFIG_FILE, config)
-        path = directory / "tokenizer.json"
+        path = directory / TOKENIZER_JSON_FILE
         write_json(path, _byte_tokenizer_json())
         return path
 

@@ -8,7 +8,12 @@ import json
 from pathlib import Path
 
 from ligerzoo.hf import json_file
-from ligerzoo.hf.hub import CHAT_TEMPLATE_FILE, GENERATION_CONFIG_FILE, TOKENIZER_CONFIG_FILE
+from ligerzoo.hf.hub import (
+    CHAT_TEMPLATE_FILE,
+    GENERATION_CONFIG_FILE,
+    SPECIAL_TOKENS_MAP_FILE,
+    TOKENIZER_CONFIG_FILE,
+)
 from ligerzoo.tokenizer.base import TokenizerError
 
 
@@ -32,7 +37,7 @@ class ModelFiles:
     def __init__(self, model_dir: Path):
         self.model_dir = model_dir
         self.tokenizer_config = read_json(model_dir / TOKENIZER_CONFIG_FILE)
-        self.special_tokens_map = read_json(model_dir / "special_tokens_map.json")
+        self.special_tokens_map = read_json(model_dir / SPECIAL_TOKENS_MAP_FILE)
         self.generation_config = read_json(model_dir / GENERATION_CONFIG_FILE)
 
     def token(self, name: str) -> tuple[bool, str | None]:

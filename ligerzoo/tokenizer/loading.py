@@ -6,6 +6,7 @@ import os
 import re
 from pathlib import Path
 
+from ligerzoo.hf.hub import LLAMA3_TIKTOKEN_FILE, SENTENCEPIECE_FILE, TEKKEN_FILE, TOKENIZER_JSON_FILE
 from ligerzoo.tokenizer.base import Tokenizer, TokenizerError
 from ligerzoo.tokenizer.byte import ByteTokenizer, is_byte_tokenizer_json
 from ligerzoo.tokenizer.chat import CHAT_FORMATS
@@ -21,8 +22,8 @@ from ligerzoo.tokenizer.tokenizer_json import read_tokenizer_json
 # mistral-inference directories name the file after its mistral-common version; Mistral's
 # tekken.json is read as mistral-common reads it, before the tokenizer.json converted from it.
 _SENTENCEPIECE_FORMATS = ("llama2", "mistral-v1", "mistral-v2", "mistral-v3")
-CANDIDATE_FILES = ("tokenizer.model", "original/tokenizer.model", "tokenizer.model.v*", "tekken.json",
-                   "tokenizer.json")
+CANDIDATE_FILES = (SENTENCEPIECE_FILE, LLAMA3_TIKTOKEN_FILE, f"{SENTENCEPIECE_FILE}.v*", TEKKEN_FILE,
+                   TOKENIZER_JSON_FILE)
 
 
 def load_tokenizer(

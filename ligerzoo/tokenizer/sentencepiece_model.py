@@ -9,6 +9,7 @@ from pathlib import Path
 
 import sentencepiece
 
+from ligerzoo.hf.hub import TOKENIZER_JSON_FILE
 from ligerzoo.tokenizer.base import StreamDecoder, Tokenizer, TokenizerError, split_on_tokens
 from ligerzoo.tokenizer.chat import CHAT_FORMATS
 from ligerzoo.tokenizer.files import ModelFiles, model_dir_of, read_json
@@ -57,7 +58,7 @@ class SentencePieceTokenizer(Tokenizer):
         if not allow_special:
             return self._sp.encode(text)
         if self._prefix_every_piece is None:
-            self._prefix_every_piece = _prepends_every_piece(self.model_dir / "tokenizer.json")
+            self._prefix_every_piece = _prepends_every_piece(self.model_dir / TOKENIZER_JSON_FILE)
         ids, at_start = [], True
         for piece in split_on_tokens(text, self.added_tokens):
             if isinstance(piece, int):
