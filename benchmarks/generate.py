@@ -51,11 +51,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # run from a checkout without installing
 
 from ligerzoo.hf.pretrained import from_pretrained  # noqa: E402
+from ligerzoo.inference import generate  # noqa: E402
+from ligerzoo.inference.generation import KEPT_DECODERS  # noqa: E402  (--profile reads the kept decoder)
 from ligerzoo.models import ModelConfig, build_model
 from ligerzoo.models.presets import LLAMA_3_2_1B, TINY_LLAMA  # noqa: E402
-
-# The module (the package's attribute `generate` is the function); --profile reads its kept decoder.
-ligerzoo_generate = importlib.import_module("ligerzoo.generate")
 
 COPY_CEILING_GBS = 3000.0  # H100 device-to-device copy (BENCHMARKS.md)
 PEERS = ("ligerzoo", "hf", "hf-static")
@@ -145,7 +144,7 @@ def measure_load(directory: str, loader: str, device) -> dict:
 
 def ligerzoo_runner(model):
     def run(input_ids, new_tokens):
-        out = ligerzoo_generate.generate(model, input_ids, max_new_tokens=new_tokens)
+        out = generate(model, input_ids, max_new_tokens=new_tokens)
         return [len(row) for row in out]
 
     run.model = model  # for --profile
@@ -199,11 +198,11 @@ def profile_decode_step(model, batch: int, prompt_len: int, device) -> str:
     call's batch size): graph replays, and the same forward run eagerly."""
     from torch.profiler import ProfilerActivity, profile
 
-    decoder = ligerzoo_generate._KEPT.get(model)  # internal: the kept cache and captured step
+    decoder = KEPT_DECODERS.get(model)  # the kept cache and captured step
     if decoder is None or decoder.graph is None:
         return "no captured decode step to profile (run on a GPU, with max_new_tokens > 1)\n"
     graph_step = decoder.graph.replay
-    eager_step = lambda: decoder._forward(model)  # noqa: E731
+    eager_step = lambda: decoder.forward(model)  # noqa: E731
     lines = [f"### One decode step at batch {batch} (ligerzoo, cache slot {prompt_len} onwards)\n"]
     n_steps = 50
     steps = (("CUDA graph replay", graph_step), ("eager, kernel by kernel from Python", eager_step))

@@ -42,7 +42,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # run from a checkout without installing
 
 from ligerzoo.hf.pretrained import from_pretrained  # noqa: E402
-from ligerzoo.generate import generate  # noqa: E402
+from ligerzoo.inference import generate  # noqa: E402
 from ligerzoo.medusa import TREES, MedusaConfig, MedusaHeads, MedusaStats, load_heads, medusa_generate  # noqa: E402
 from ligerzoo.models import ModelConfig, build_model
 from ligerzoo.models.presets import LLAMA_3_2_1B, TINY_LLAMA  # noqa: E402
@@ -89,7 +89,8 @@ def first_divergence(a: list[int], b: list[int]) -> int | None:
 @torch.no_grad()
 def top_two_gap(model, prompt: list[int], tokens: list[int], device: torch.device) -> float:
     """The gap between the two largest logits of a plain forward after prompt + tokens."""
-    logits = model(torch.tensor([prompt + tokens], device=device), logits_to_keep=1).logits[0, -1].float()
+    hidden, _ = model.trunk(torch.tensor([prompt + tokens], device=device))
+    logits = torch.nn.functional.linear(hidden[:, -1:], model.output_weight)[0, -1].float()
     top = logits.topk(2).values
     return (top[0] - top[1]).item()
 

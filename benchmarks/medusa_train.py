@@ -13,7 +13,7 @@ no_grad, then K Medusa heads, each --layers residual blocks and its own output p
 updates the heads' parameters only (bf16; float32 on CPU). Nothing is compiled. The peers differ
 in the trunk and in each head's loss:
 
-- ligerzoo: ligerzoo's trunk (`output_hidden_states=True`), `MedusaHeads.forward`, which is
+- ligerzoo: ligerzoo's trunk (`Transformer.trunk`), `MedusaHeads.forward`, which is
   ligerzoo's fused linear cross-entropy per head;
 - hf-logits: transformers' LlamaForCausalLM (sdpa), `model.model(...).last_hidden_state`, each
   head's logits F.linear(state, W_k) materialised in bf16 and fed to F.cross_entropy as they are,
@@ -133,7 +133,7 @@ def run_one(peer: str, num_heads: int, num_layers: int, seq: int, batch: int, st
         output_weight = trunk.output_weight
 
         def hidden_states(ids: torch.Tensor) -> torch.Tensor:
-            return trunk(ids, output_hidden_states=True).hidden_states  # [B, T, H] after the final norm
+            return trunk.trunk(ids)[0]  # [B, T, H] after the final norm
     else:
         trunk = _hf_trunk(shape, device, dtype)
         output_weight = trunk.get_output_embeddings().weight

@@ -122,7 +122,7 @@ def sentencepiece_file() -> Path | None:
 
 @pytest.fixture(scope="module")
 def checkpoint_with_tokenizer(tmp_path_factory) -> Path:
-    for module in ("ligerzoo.tokenizer", "ligerzoo.generate"):
+    for module in ("ligerzoo.tokenizer", "ligerzoo.inference"):
         if importlib.util.find_spec(module) is None:
             pytest.skip(f"{module} is not written yet")
     tokenizer = sentencepiece_file()
@@ -141,7 +141,7 @@ def checkpoint_with_tokenizer(tmp_path_factory) -> Path:
 def expected_text(directory: Path, prompt: str, chat: bool, max_new_tokens: int) -> str:
     """What the command should print: the decoded new tokens, the stop token left out."""
     from ligerzoo.hf.pretrained import from_pretrained
-    from ligerzoo.generate import generate
+    from ligerzoo.inference import generate
     from ligerzoo.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(directory, chat_format="mistral-v1")
@@ -216,7 +216,7 @@ def chat_model(tmp_path, monkeypatch) -> Path:
 @pytest.fixture
 def calls(monkeypatch) -> list[tuple[list[int], list[int]]]:
     """(prompt ids, new ids) of each ligerzoo.generate call, recorded."""
-    module = importlib.import_module("ligerzoo.generate")  # the package's `generate` is the function
+    module = importlib.import_module("ligerzoo.inference")  # where the command imports it from
     recorded, generate = [], module.generate
 
     def recording_generate(model, input_ids, **kwargs):
@@ -323,7 +323,7 @@ def test_chat_command_answers_each_line_of_stdin(chat_model, calls):
     history, expected = [], ""
     for line in ("Hello there", "And again?"):
         history.append(user(line))
-        new = importlib.import_module("ligerzoo.generate").generate(
+        new = importlib.import_module("ligerzoo.inference").generate(
             model, [tokenizer.format_chat(history)], max_new_tokens=4, stop_ids=tokenizer.stop_ids)[0]
         reply = tokenizer.decode([t for t in new if t not in tokenizer.stop_ids])
         history.append({"role": "assistant", "content": reply})

@@ -1,5 +1,5 @@
-"""Generation (ligerzoo/generate.py) and the KV cache (ligerzoo/models/kv_cache.py) on tiny float32
-models: cached greedy decoding against recomputing the whole sequence each step and against
+"""Generation (ligerzoo/inference/generation.py) and the KV cache (ligerzoo/inference/kv_cache.py) on
+tiny float32 models: cached greedy decoding against recomputing the whole sequence each step and against
 transformers' `generate`; batches of different prompt lengths against one prompt at a time;
 sliding windows, Mixtral, stop tokens, streaming, seeded sampling, and bad requests.
 
@@ -7,7 +7,6 @@ The models have weights of unit gain (as in test_models.py), so the logits are s
 an argmax is not decided by float32 rounding: token sequences are compared exactly.
 """
 
-import importlib
 import os
 from unittest import mock
 
@@ -17,12 +16,10 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from conftest import DEVICE
 from ligerzoo.hf.pretrained import from_pretrained
-from ligerzoo.generate import generate, sample
+from ligerzoo.inference import KVCache, generate, sample
+from ligerzoo.inference.generation import Decoder
 from ligerzoo.models import ModelConfig, build_model
-from ligerzoo.models.kv_cache import KVCache
 
-# The module: once the package exports the function, the attribute `ligerzoo.generate` is that.
-generate_module = importlib.import_module("ligerzoo.generate")
 VOCAB = 128
 TINY = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5)
@@ -138,10 +135,20 @@ def test_cache_forward_gives_the_logits_of_the_full_forward():
         expected = model(input_ids).logits
         chunks = [model(input_ids[:, :8], cache=cache).logits]
         chunks += [model(input_ids[:, i:i + 1], cache=cache).logits for i in range(8, 10)]
-        chunks.append(model(input_ids[:, 10:], cache=cache, logits_to_keep=1).logits)  # a chunk of 2
+        chunks.append(model(input_ids[:, 10:], cache=cache).logits)  # a chunk of 2 after the steps
     # float32, logits of a few units: the cache changes only the order of the sums (about 1e-6)
-    assert torch.allclose(torch.cat(chunks[:3], dim=1), expected[:, :10], atol=1e-5, rtol=1e-5)
-    assert torch.allclose(chunks[3], expected[:, -1:], atol=1e-5, rtol=1e-5)
+    assert torch.allclose(torch.cat(chunks, dim=1), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_trunk_gives_the_hidden_states_the_forward_puts_through_the_head():
+    model = tiny("mixtral")
+    input_ids = torch.tensor(prompts([9, 9], seed=5), device=DEVICE)
+    with torch.no_grad():
+        out = model(input_ids)
+        hidden, aux_loss = model.trunk(input_ids)
+    assert hidden.shape == (2, 9, TINY["hidden_size"])
+    torch.testing.assert_close(torch.nn.functional.linear(hidden, model.output_weight), out.logits)
+    torch.testing.assert_close(aux_loss, out.aux_loss)
 
 
 # --- stop tokens and streaming ---------------------------------------------------------------
@@ -164,8 +171,8 @@ def test_generation_ends_one_step_after_every_row_has_stopped(monkeypatch):
     full = generate(model, prompts([6]), max_new_tokens=10)[0]
     stop = full[1]
     steps, streamed = [], []
-    step = generate_module._Decoder.step
-    monkeypatch.setattr(generate_module._Decoder, "step", lambda self, m: steps.append(1) or step(self, m))
+    forward = Decoder.forward  # on the CPU each decode step runs it eagerly
+    monkeypatch.setattr(Decoder, "forward", lambda self, m: steps.append(1) or forward(self, m))
     out = generate(model, prompts([6]), max_new_tokens=10, stop_ids={stop},
                    on_token=lambda row, token: streamed.append(token))
     assert out == [full[:full.index(stop) + 1]] and streamed == out[0]
@@ -239,8 +246,10 @@ def test_forward_with_a_cache_rejects_labels_position_ids_and_other_batch_sizes(
     model = tiny("llama")
     cache = KVCache(model.config, batch_size=2, max_len=8, device=DEVICE)
     input_ids = torch.zeros(2, 3, dtype=torch.long, device=DEVICE)
-    with pytest.raises(ValueError, match="labels and position_ids must be None"):
+    with pytest.raises(ValueError, match="with a cache, labels must be None"):
         model(input_ids, labels=input_ids, cache=cache)
+    with pytest.raises(ValueError, match="with a cache, position_ids must be None"):
+        model(input_ids, position_ids=torch.arange(3, device=DEVICE)[None], cache=cache)
     with pytest.raises(ValueError, match="made for 2"):
         model(input_ids[:1], cache=cache)
 

@@ -1,5 +1,5 @@
-"""Medusa tree decoding (ligerzoo/medusa/decoding.py and tree.py) and the KV cache's tree forward
-(KVCache.claim_tree and keep) on tiny float32 models: greedy Medusa decoding against plain greedy
+"""Medusa tree decoding (ligerzoo/medusa/decoding.py and tree.py) and the tree forward over the KV
+cache (tree_attention.py: TreeCache's claim and keep) on tiny float32 models: greedy Medusa decoding against plain greedy
 `generate`, token for token; each tree node's logits against a plain forward of its path; the cache
 after keeping a path against a cache filled with that path; typical acceptance at its extremes;
 malformed trees; the `generate --medusa` command.
@@ -19,19 +19,19 @@ from test_cli import sentencepiece_file
 from test_generate import FAMILIES, TINY, VOCAB, prompts, unit_gain_
 
 from ligerzoo import cli
-from ligerzoo.generate import generate
+from ligerzoo.inference import KVCache, generate
 from ligerzoo.medusa import (
     TREES,
     MedusaConfig,
     MedusaHeads,
     MedusaStats,
     MedusaTree,
+    TreeCache,
     medusa_generate,
     medusa_tree,
     save_heads,
 )
 from ligerzoo.models import ModelConfig, build_model
-from ligerzoo.models.kv_cache import KVCache
 
 ISSUE_TREE = [(0,), (1,), (0, 0), (0, 1), (1, 0), (0, 0, 0)]  # the Medusa paper's example layout
 
@@ -83,7 +83,7 @@ def test_greedy_steps_replay_one_captured_graph_across_calls(llama):
     """On the GPU the greedy step is captured (a failed capture would warn, and is an error here)
     and kept: later calls with other prompts and lengths replay it over the emptied cache and
     still decode as plain greedy does."""
-    from ligerzoo.medusa import decoding
+    from ligerzoo.medusa.decoding import KEPT_STEPS
 
     model, heads = llama
     graphs = set()
@@ -93,8 +93,8 @@ def test_greedy_steps_replay_one_captured_graph_across_calls(llama):
             prompt = prompts([length], seed=new_tokens + length)
             out = medusa_generate(model, heads, prompt, max_new_tokens=new_tokens, tree="small")
             assert out == generate(model, prompt, max_new_tokens=new_tokens)
-            graphs.add(id(decoding._KEPT[model].graph))
-    assert len(graphs) == 1 and decoding._KEPT[model].graph is not None
+            graphs.add(id(KEPT_STEPS.get(model).graph))
+    assert len(graphs) == 1 and KEPT_STEPS.get(model).graph is not None
 
 
 def test_medusa_greedy_with_the_large_tree_and_three_heads(llama):
@@ -141,7 +141,7 @@ def test_tree_forward_gives_each_node_the_logits_of_its_path_alone():
     cache.reset([3, 0])
     model(torch.tensor([[0] * 3 + rows[0], rows[1]], device=DEVICE), cache=cache)
     tokens = torch.tensor(prompts([tree.size, tree.size], seed=15), device=DEVICE)
-    logits = model(tokens, cache=cache, tree=tree.attention).logits  # [2, N, V]
+    logits = model(tokens, cache=TreeCache(cache, tree)).logits  # [2, N, V]
     for row, prompt in enumerate(rows):
         for node in range(tree.size):
             sequence = prompt + path_tokens(tree, tokens[row].tolist(), node)
@@ -158,9 +158,10 @@ def test_keep_leaves_the_cache_as_if_the_path_had_been_fed_in_order():
     tokens = prompts([tree.size], seed=17)[0]
     cache = KVCache(model.config, batch_size=1, max_len=16, device=DEVICE)
     model(torch.tensor([prompt], device=DEVICE), cache=cache)
-    model(torch.tensor([tokens], device=DEVICE), cache=cache, tree=tree.attention)
+    tree_cache = TreeCache(cache, tree)
+    model(torch.tensor([tokens], device=DEVICE), cache=tree_cache)
     path = tree.paths[(tree.paths == 6).any(-1).nonzero()[0, 0]]  # root -> (0,) -> (0, 0) -> (0, 0, 0)
-    cache.keep(path, torch.tensor(3, device=DEVICE))  # the root, (0,) and (0, 0)
+    tree_cache.keep(path, torch.tensor(3, device=DEVICE))  # the root, (0,) and (0, 0)
     kept = [tokens[i] for i in path[:3].tolist()]
     next_logits = model(torch.tensor([[5]], device=DEVICE), cache=cache).logits[0, -1]
 
@@ -176,16 +177,14 @@ def test_keep_leaves_the_cache_as_if_the_path_had_been_fed_in_order():
 def test_tree_forward_needs_a_cached_prefix_and_a_matching_tree(llama):
     model, _ = llama
     tree = MedusaTree(ISSUE_TREE, device=DEVICE)
-    cache = KVCache(model.config, batch_size=1, max_len=16, device=DEVICE)
+    tree_cache = TreeCache(KVCache(model.config, batch_size=1, max_len=16, device=DEVICE), tree)
     tokens = torch.zeros(1, tree.size, dtype=torch.long, device=DEVICE)
-    with pytest.raises(ValueError, match="needs a cache"):
-        model(tokens, tree=tree.attention)
-    with pytest.raises(ValueError, match="expected \\[3\\] and \\[3, 3\\] for 3 tokens"):
-        model(tokens[:, :3], cache=cache, tree=tree.attention)
+    with pytest.raises(ValueError, match="a forward of 3 tokens through a tree of 7 nodes"):
+        model(tokens[:, :3], cache=tree_cache)
     with pytest.raises(ValueError, match="run the prompt through the cache first"):
-        model(tokens, cache=cache, tree=tree.attention)
+        model(tokens, cache=tree_cache)
     with pytest.raises(ValueError, match="follows a tree forward"):
-        cache.keep(tree.paths[0], 1)
+        tree_cache.keep(tree.paths[0], 1)
 
 
 # --- typical acceptance ----------------------------------------------------------------------------

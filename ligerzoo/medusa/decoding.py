@@ -4,12 +4,13 @@ The prompt goes through the model once (the prefill); the base head's choice at 
 is the first new token, the root, and the Medusa heads' top-k lists at that position are the
 candidates for the tokens after it. Each step then:
 
-1. lays the root and the candidates out as the tree (tree.py) and runs it through the model in
-   one forward over the KV cache, every node attending to the prompt, its ancestors and itself;
+1. lays the root and the candidates out as the tree (tree.py) and runs it through the model's
+   trunk in one forward over the KV cache (tree_attention.py), every node attending to the
+   prompt, its ancestors and itself;
 2. scores every node with the base head: a node is accepted when its token is what the base model
    chooses after its parent (greedy: the argmax; typical: likely enough, below), and the longest
    root-to-leaf prefix of accepted nodes wins;
-3. keeps that path's keys and values in the cache (KVCache.keep), takes the base model's choice
+3. keeps that path's keys and values in the cache (TreeCache.keep), takes the base model's choice
    after its last node as the next root, and the heads' top-k lists at that node as the next
    candidates. The step emits the accepted tokens and the new root: accepted + 1 tokens.
 
@@ -24,23 +25,31 @@ pass the same test (the likeliest always does).
 
 Everything is chosen on the device; the host reads one small tensor per step (the path's tokens,
 the new root and the accepted count) to stream the tokens and to stop. On the GPU a greedy step
-is captured in a CUDA graph and replayed, as plain decoding's step is: eagerly its few hundred
-small kernels take longer to launch than to run, on models small enough to decode fast.
+is captured in a CUDA graph and replayed, as plain decoding's step is (inference/cuda_graphs.py):
+eagerly its few hundred small kernels take longer to launch than to run, on models small enough
+to decode fast.
 """
 
 import functools
-import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-from ligerzoo.generate import check_request, prompt_lists, capture_step, graph_key, sample
+from ligerzoo.inference import (
+    CUDAGraphStep,
+    KeptGraphs,
+    KVCache,
+    check_request,
+    graph_key,
+    prompt_lists,
+    sample,
+)
 from ligerzoo.medusa.heads import MedusaHeads
 from ligerzoo.medusa.tree import Choices, MedusaTree, medusa_tree
+from ligerzoo.medusa.tree_attention import TreeCache
 from ligerzoo.models import Transformer
-from ligerzoo.models.kv_cache import KVCache
 
 ACCEPTANCE = ("greedy", "typical")
 
@@ -113,12 +122,12 @@ def medusa_generate(
             return sample(logits.masked_fill(~kept, float("-inf"))[None], temperature, generator=generator)[0]
         acceptance_test = functools.partial(_typical_acceptance, temperature=temperature,
                                             threshold=posterior_threshold, alpha=posterior_alpha)
-        steps = _MedusaSteps(model, heads, tree, len(prompts[0]) + max_new_tokens, choose, acceptance_test)
+        step = MedusaStep(model, heads, tree, len(prompts[0]) + max_new_tokens, choose, acceptance_test)
     else:
-        steps = _greedy_steps(model, heads, tree, len(prompts[0]) + max_new_tokens)
+        step = _greedy_step(model, heads, tree, len(prompts[0]) + max_new_tokens)
 
-    prefill = model(torch.tensor(prompts, device=device), cache=steps.cache, output_hidden_states=True)
-    steps.start(prefill.hidden_states[0, -1])
+    hidden, _ = model.trunk(torch.tensor(prompts, device=device), cache=step.cache)  # the prefill
+    step.start(model, hidden[0, -1])
     out = []
 
     def emit(tokens: list[int]) -> bool:
@@ -131,65 +140,52 @@ def medusa_generate(
                 return True
         return False
 
-    done = emit([steps.root.item()])
+    done = emit([step.root.item()])
     while not done:
-        report = steps.step().tolist()  # the step's one host sync
+        report = step(model).tolist()  # the step's one host sync
         n_accepted = report[-1] - 1
         stats.accepted.append(n_accepted)
         done = emit(report[1:1 + n_accepted] + [report[-2]])
     return [out]
 
 
-class _MedusaSteps:
-    """A KV cache for one prompt of up to max_len tokens, and the Medusa step over it. The step
-    reads its inputs (the root and the heads' candidates) from fixed buffers and writes the next
-    ones there, so on the GPU a greedy step (no acceptance_test) is captured once in a CUDA
-    graph at its first use and replayed after: eagerly its few hundred small kernels take longer
-    to launch than to run. Typical acceptance samples with the caller's generator, which a graph
-    would replay with the same numbers, so it runs eagerly."""
+class MedusaStep(CUDAGraphStep):
+    """A KV cache for one prompt of up to max_len tokens, and the Medusa step over it: step(model)
+    runs one tree forward and acceptance. It reads its inputs (the root and the heads' candidates)
+    from fixed buffers and writes the next ones there, so on the GPU a greedy step (no
+    acceptance_test) is captured once in a CUDA graph at its first call and replayed after.
+    Typical acceptance samples with the caller's generator, which a graph would replay with the
+    same numbers, so it runs eagerly."""
+
+    what = "the Medusa step"
 
     def __init__(self, model: Transformer, heads: MedusaHeads, tree: MedusaTree, max_len: int,
-                 choose=None, acceptance_test=None, key=None):
-        weight = model.output_weight
-        self.model, self.heads, self.tree, self.key = model, heads, tree, key
+                 choose=None, acceptance_test=None):
+        weight = model.output_weight  # the model itself is not held: see inference/cuda_graphs.py
+        self.heads, self.tree = heads, tree
         self.choose = choose if choose is not None else lambda logits: logits.argmax(-1)
         self.acceptance_test = acceptance_test
         self.cache = KVCache(model.config, 1, max_len + tree.size, device=weight.device, dtype=weight.dtype)
+        self.tree_cache = TreeCache(self.cache, tree)
         self.root = torch.zeros(1, dtype=torch.long, device=weight.device)
         self.guesses = torch.zeros(tree.depth * tree.top_k, dtype=torch.long, device=weight.device)
-        self.eager = weight.device.type != "cuda" or acceptance_test is not None
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.report: torch.Tensor | None = None  # the graph's output
+        # The warm-up steps claim and keep tree slots after the prefix, which the first real step
+        # writes again; what is put back after each: where the cache ends and the step's inputs.
+        super().__init__(state=[self.cache.position, self.root, self.guesses],
+                         capture=weight.device.type == "cuda" and acceptance_test is None)
 
-    def start(self, hidden: torch.Tensor) -> None:
+    def start(self, model: Transformer, hidden: torch.Tensor) -> None:
         """The first root and candidates, from the prompt's last hidden state [H] (the prefill)."""
-        self.root.copy_(self.choose(F.linear(hidden, self.model.output_weight)).view(1))
-        self.guesses.copy_(self._candidates(hidden))
+        self.root.copy_(self.choose(F.linear(hidden, model.output_weight)).view(1))
+        self.guesses.copy_(self._candidates(model, hidden))
 
-    def step(self) -> torch.Tensor:
+    def forward(self, model: Transformer) -> torch.Tensor:
         """One tree forward and acceptance: [the kept path's tokens (D + 1), the next root, the
         path's length]."""
-        if self.graph is None and not self.eager:
-            self._capture()
-        if self.eager:
-            return self._step()
-        self.graph.replay()
-        return self.report
-
-    def _candidates(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[D * top_k]: heads 1..D's top-k tokens after hidden [H]."""
         tree = self.tree
-        if tree.depth == 0:
-            return hidden.new_empty(0, dtype=torch.long)
-        head_logits = self.heads.logits(hidden, self.model.output_weight)[:tree.depth]  # [K, V] -> [D, V]
-        return head_logits.topk(tree.top_k, dim=-1).indices.reshape(-1)
-
-    def _step(self) -> torch.Tensor:
-        tree, cache = self.tree, self.cache
         tokens = torch.cat([self.root, self.guesses])[tree.sources]  # [N]
-        forward = self.model(tokens[None], cache=cache, tree=tree.attention, output_hidden_states=True)
-        hidden = forward.hidden_states[0]  # [N, H]
-        logits = F.linear(hidden, self.model.output_weight)  # [N, V]
+        hidden = model.trunk(tokens[None], cache=self.tree_cache)[0][0]  # [N, H]
+        logits = F.linear(hidden, model.output_weight)  # [N, V]
         if self.acceptance_test is not None:
             accepted, log_probs = self.acceptance_test(logits[tree.parents], tokens)
         else:
@@ -205,50 +201,37 @@ class _MedusaSteps:
         best = _best_path(lengths, on_path, log_probs, tree).view(1)
         length = lengths.index_select(0, best)  # [1]
         path = tree.paths.index_select(0, best)[0]  # [D + 1]
-        cache.keep(path, length[0])
+        self.tree_cache.keep(path, length[0])
         last_node = path.index_select(0, length - 1)  # [1]
         root = self.choose(logits.index_select(0, last_node)[0])
         self.root.copy_(root.view(1))
-        self.guesses.copy_(self._candidates(hidden.index_select(0, last_node)[0]))
+        self.guesses.copy_(self._candidates(model, hidden.index_select(0, last_node)[0]))
         return torch.cat([tokens[path], root.view(1), length])
 
-    def _capture(self) -> None:
-        # The warm-up steps claim and keep tree slots after the prefix, which the first real step
-        # writes again; undo puts back where the cache ends and the step's inputs.
-        buffers = (self.cache.position, self.root, self.guesses)
-        saved = [buffer.clone() for buffer in buffers]
-
-        def undo() -> None:
-            for buffer, value in zip(buffers, saved, strict=True):
-                buffer.copy_(value)
-
-        captured = capture_step(self._step, undo, "the Medusa step")
-        if captured is None:
-            self.eager = True
-            return
-        self.graph, self.report = captured
+    def _candidates(self, model: Transformer, hidden: torch.Tensor) -> torch.Tensor:
+        """[D * top_k]: heads 1..D's top-k tokens after hidden [H]."""
+        tree = self.tree
+        if tree.depth == 0:
+            return hidden.new_empty(0, dtype=torch.long)
+        head_logits = self.heads.logits(hidden, model.output_weight)[:tree.depth]  # [K, V] -> [D, V]
+        return head_logits.topk(tree.top_k, dim=-1).indices.reshape(-1)
 
 
-# model -> its last greedy Medusa steps on the GPU, kept for the next call (weak: they go with it).
-_KEPT: "weakref.WeakKeyDictionary[Transformer, _MedusaSteps]" = weakref.WeakKeyDictionary()
+# model -> its last greedy Medusa step on the GPU, kept for the next call.
+KEPT_STEPS = KeptGraphs()
 
 
-def _greedy_steps(model: Transformer, heads: MedusaHeads, tree: MedusaTree, max_len: int) -> _MedusaSteps:
-    """Greedy Medusa steps over a cache of max_len tokens and the tree's: on the GPU the kept ones
-    (their captured graph, their cache emptied) when model, heads, tree and rounded length are
-    those of the last call, else new ones, kept."""
+def _greedy_step(model: Transformer, heads: MedusaHeads, tree: MedusaTree, max_len: int) -> MedusaStep:
+    """A greedy Medusa step over a cache of max_len tokens and the tree's: on the GPU the kept one
+    (its captured graph, its cache emptied) when model, heads, tree and rounded length are those of
+    the last call, else a new one, kept."""
     if model.output_weight.device.type != "cuda":
-        return _MedusaSteps(model, heads, tree, max_len)
+        return MedusaStep(model, heads, tree, max_len)
     max_len, where = graph_key(max_len, model, heads)
-    key = (tuple(tree.choices), tree.top_k, max_len, where)  # the kept steps keep their own tree's buffers
-    kept = _KEPT.get(model)
-    if kept is not None and kept.key == key:
-        kept.cache.reset()
-        return kept
-    _KEPT.pop(model, None)  # free the old graph and cache before allocating the new ones
-    steps = _MedusaSteps(model, heads, tree, max_len, key=key)
-    _KEPT[model] = steps
-    return steps
+    key = (tuple(tree.choices), tree.top_k, max_len, where)  # the kept step keeps its own tree's buffers
+    step = KEPT_STEPS.reuse(model, key, lambda: MedusaStep(model, heads, tree, max_len))
+    step.cache.reset()
+    return step
 
 
 def _typical_threshold(probs: torch.Tensor, threshold: float, alpha: float) -> torch.Tensor:

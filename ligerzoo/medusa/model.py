@@ -48,17 +48,19 @@ class MedusaModel(nn.Module):
         """labels [B, T] aligned with input_ids, as the base model takes them. accuracy_rows: also
         estimate each head's top-1 accuracy on that many positions (0: not)."""
         joint = self.mode == "joint"
+        # The base model's trunk, not its forward: the heads read its hidden states. Under FSDP2
+        # this module is the root, so the trunk's parameters are gathered for this forward.
         with torch.set_grad_enabled(joint and torch.is_grad_enabled()):
-            out = self.base(input_ids, labels=labels if joint else None, position_ids=position_ids,
-                            output_hidden_states=True)
-        head_losses = self.heads(out.hidden_states, labels, self.base.output_weight, position_ids)
+            hidden, aux_loss = self.base.trunk(input_ids, position_ids)  # [B, T, H]
+            base_loss = self.base.loss(hidden, labels, aux_loss) if joint else None
+        head_losses = self.heads(hidden, labels, self.base.output_weight, position_ids)
         weights = self.decay ** torch.arange(len(head_losses), dtype=torch.float32, device=head_losses.device)
         loss = (head_losses * weights).sum()
         if joint:
-            loss = out.loss + self.heads_weight * loss
+            loss = base_loss + self.heads_weight * loss
         accuracies = None
         if accuracy_rows:
-            accuracies = self.heads.accuracies(out.hidden_states.detach(), labels, self.base.output_weight,
+            accuracies = self.heads.accuracies(hidden.detach(), labels, self.base.output_weight,
                                                position_ids, max_rows=accuracy_rows)
-        return MedusaOutput(loss=loss, head_losses=head_losses.detach(), base_loss=out.loss.detach() if joint else None,
-                            head_accuracies=accuracies)
+        return MedusaOutput(loss=loss, head_losses=head_losses.detach(),
+                            base_loss=base_loss.detach() if joint else None, head_accuracies=accuracies)

@@ -8,15 +8,14 @@ its last index (head d's top-k list is computed once, from one hidden state), so
 sit at several nodes, after different parents.
 
 `MedusaTree` turns the choices into the buffers decoding uses: the order of the nodes (by depth,
-root first), each node's depth and parent, the [N, N] ancestor mask of the tree attention, where
-each node's token comes from, and the root-to-leaf paths along which the accepted prefix is found.
+root first), each node's depth and parent, the [N, N] ancestor mask of the tree attention
+(tree_attention.py), where each node's token comes from, and the root-to-leaf paths along which
+the accepted prefix is found.
 """
 
 from collections.abc import Sequence
 
 import torch
-
-from ligerzoo.models.kv_cache import TokenTree
 
 Choices = Sequence[Sequence[int]]
 
@@ -77,11 +76,6 @@ class MedusaTree:
         self.ancestors = ancestors.to(device)
         self.sources = torch.tensor(sources, dtype=torch.long, device=device)
         self.paths, self.path_valid = paths.to(device), path_valid.to(device)
-
-    @property
-    def attention(self) -> TokenTree:
-        """What the model's forward takes (`tree=`) to lay the nodes out in its KV cache."""
-        return TokenTree(self.depths, self.ancestors)
 
     def to(self, device) -> "MedusaTree":
         """The same tree with its buffers on `device`."""

@@ -16,11 +16,11 @@ model builds the mask once per forward, in the form the attention call wants:
 Passing position_ids selects the document-aware path (its cost is a block mask per forward):
 nothing here reads tensor values on the host to find out whether a row is really packed.
 
-Generation with a KV cache (kv_cache.py) uses the same predicate: left padding is a document of
-its own, and the mask is an additive [B, 1, T, S] tensor over the cache's S slots (`padded_mask`),
-small enough for a decode step (T = 1) to rebuild it on the device every step, inside a CUDA graph.
-A tree of candidate tokens (Medusa's verification forward) gets the same mask over the prefix, and
-within the tree each token sees its ancestors only (`tree_mask`).
+Generation with a KV cache (inference/kv_cache.py) uses the same predicate: left padding is a
+document of its own, and the mask is an additive [B, 1, T, S] tensor over the cache's S slots
+(`padded_mask`), small enough for a decode step (T = 1) to rebuild it on the device every step,
+inside a CUDA graph, and attention over the cache is `attend_grouped`. A tree of candidate tokens
+(Medusa's verification forward, medusa/tree_attention.py) gets the same mask over the prefix.
 """
 
 import functools
@@ -86,7 +86,7 @@ def build_mask(position_ids: torch.Tensor | None, batch: int, seq_len: int, wind
 def padded_mask(slots: torch.Tensor, padding: torch.Tensor, window: int | None, n_keys: int,
                 dtype: torch.dtype) -> torch.Tensor:
     """The additive [B, 1, T, n_keys] mask (0 or -inf, in `dtype`) of queries at cache slots
-    `slots` [T] over slots 0..n_keys-1 of rows left-padded by `padding` [B] tokens (kv_cache.py):
+    `slots` [T] over slots 0..n_keys-1 of rows left-padded by `padding` [B] tokens (a KV cache):
     causal, within the window, and the padding a document of its own. Additive rather than boolean
     because SDPA would convert a boolean mask in every layer."""
     keys = torch.arange(n_keys, device=slots.device)
@@ -94,25 +94,6 @@ def padded_mask(slots: torch.Tensor, padding: torch.Tensor, window: int | None, 
     batches = torch.arange(padding.shape[0], device=slots.device)[:, None, None, None]
     keep = mask_predicate(documents, window)(batches, None, slots[:, None], keys[None, :])
     return torch.zeros(keep.shape, dtype=dtype, device=slots.device).masked_fill_(~keep, float("-inf"))
-
-
-def tree_mask(start: torch.Tensor, depths: torch.Tensor, ancestors: torch.Tensor, padding: torch.Tensor,
-              window: int | None, n_keys: int, dtype: torch.dtype) -> torch.Tensor:
-    """The additive [B, 1, N, n_keys] mask of a tree of N tokens at cache slots start..start+N-1
-    (start a device scalar) after a cached prefix: token i, which continues the prefix at slot
-    start + depths[i], sees the prefix as `padded_mask` would from that slot, and of the tree only
-    its ancestors and itself (ancestors [N, N] bool), within the window counted in depths."""
-    n_nodes = depths.shape[0]
-    mask = padded_mask(start + depths, padding, window, n_keys, dtype)  # right for the prefix's keys
-    node = torch.arange(n_keys, device=depths.device) - start  # [S]: the tree node at each slot
-    in_tree = (node >= 0) & (node < n_nodes)
-    node = node.clamp(0, n_nodes - 1)
-    keep = ancestors[:, node]  # [N, S]
-    if window is not None:
-        keep = keep & (depths[:, None] - depths[node][None, :] < window)
-    tree = torch.zeros(keep.shape, dtype=dtype, device=depths.device).masked_fill_(~keep, float("-inf"))
-    # Slots past the tree are beyond every token's own slot, so padded_mask already rules them out.
-    return torch.where(in_tree, tree, mask)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
