@@ -1,6 +1,8 @@
-"""What every kernel file shares: where a tensor's kernel runs, tile sizes, argument checks.
+"""What every kernel file shares: how a launcher is registered and dispatched, where a tensor's
+kernel runs, tile sizes, argument checks and the losses' conventions.
 
-Kernel files import nothing of the package but this module.
+Kernel files import nothing of the package but this module; the fused linear cross-entropy also
+imports the cross-entropy launchers it runs on each chunk.
 """
 
 import functools
@@ -25,7 +27,7 @@ def interpreting() -> bool:
 
 def runs_triton(t: torch.Tensor) -> bool:
     """CUDA tensors run the Triton kernels; CPU tensors do too under the interpreter,
-    and otherwise fall back to each kernel's PyTorch reference path."""
+    and otherwise take the PyTorch path each kernel file keeps beside its kernels."""
     return t.is_cuda or (t.device.type == "cpu" and interpreting())
 
 
@@ -44,17 +46,6 @@ def row_block(n_cols: int, max_block: int = MAX_ROW_BLOCK) -> tuple[int, int]:
     return block, num_warps
 
 
-def launch(kernel):
-    """`wrap_triton(kernel)` while torch.compile traces a launcher (so Inductor sees the kernel),
-    the kernel itself when the launcher simply runs (see `kernel_op`): even switched off,
-    wrap_triton's checks cost several microseconds a launch. Under Triton's interpreter the kernel
-    is an interpreted function, which wrap_triton cannot trace: torch 2.13 hands it back as it
-    is, earlier versions raise."""
-    if is_wrap_triton_enabled() and not interpreting():
-        return wrap_triton(kernel)
-    return kernel
-
-
 def program_count(device: torch.device, per_sm: int = 1) -> int:
     """Programs for a persistent grid: a few per multiprocessor on the GPU, a handful when
     interpreting (each interpreted program is a Python loop)."""
@@ -68,46 +59,19 @@ def _multiprocessors(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-# The target that takes no part in a loss (PyTorch's and Hugging Face's convention): prompt tokens,
-# padding, the first token of a packed document.
-IGNORE_INDEX = -100
-REDUCTIONS = ("mean", "sum", "none")
+# ---------------------------------------------------------------------------------------------
+# Dispatch: every launcher is registered with `kernel_op` and launches with `launch`.
 
 
-def check_loss_options(ignore_index, label_smoothing, reduction) -> None:
-    """The options both cross-entropy losses take, each checked with the value named."""
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if not isinstance(label_smoothing, (int, float)) or not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"label_smoothing must be a number in [0, 1], got {label_smoothing!r}")
-    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
-        raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
-
-
-def check_float(name: str, t: torch.Tensor) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
-
-
-def check_same_device(**tensors: torch.Tensor) -> None:
-    devices = {name: t.device for name, t in tensors.items() if t is not None}
-    if len(set(devices.values())) > 1:
-        listed = ", ".join(f"{name} on {device}" for name, device in devices.items())
-        raise ValueError(f"tensors must be on one device: {listed}")
-
-
-def as_rows(x: torch.Tensor) -> torch.Tensor:
-    """View x as [rows, last dim] with unit stride along the row (copying only when needed)."""
-    if x.dim() == 2:
-        x2 = x
-    else:
-        # An empty tensor's row count cannot be inferred by reshape(-1, 0): count it.
-        x2 = x.reshape(-1 if x.numel() else x.shape[:-1].numel(), x.shape[-1])
-    if x2.shape[-1] > 1 and x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    return x2
+def launch(kernel):
+    """`wrap_triton(kernel)` while torch.compile traces a launcher (so Inductor sees the kernel),
+    the kernel itself when the launcher simply runs (see `kernel_op`): even switched off,
+    wrap_triton's checks cost several microseconds a launch. Under Triton's interpreter the kernel
+    is an interpreted function, which wrap_triton cannot trace: torch 2.13 hands it back as it
+    is, earlier versions raise."""
+    if is_wrap_triton_enabled() and not interpreting():
+        return wrap_triton(kernel)
+    return kernel
 
 
 def kernel_op(name: str, mutates_args=(), opaque: bool = False):
@@ -158,3 +122,98 @@ def kernel_op(name: str, mutates_args=(), opaque: bool = False):
         return call
 
     return register
+
+
+# ---------------------------------------------------------------------------------------------
+# Argument checks: each error names the argument and the value it had.
+
+
+def check_float(name: str, t: torch.Tensor) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+
+
+def check_rows(name: str, t: torch.Tensor, last_dim: str | None = None) -> None:
+    """t has at least one dimension, the one a kernel's rows run along; with `last_dim` (what
+    that dimension holds, e.g. "class") it must also be non-empty."""
+    if t.dim() == 0:
+        raise ValueError(f"{name} must have at least one dimension, got a scalar")
+    if last_dim is not None and t.shape[-1] == 0:
+        shape = list(t.shape)
+        raise ValueError(f"{name} must have a non-empty last ({last_dim}) dimension, got shape {shape}")
+
+
+def check_shape(name: str, t: torch.Tensor, shape: list[int]) -> None:
+    if list(t.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {list(t.shape)}")
+
+
+def check_same_shape(name: str, t: torch.Tensor, like_name: str, like: torch.Tensor) -> None:
+    if t.shape != like.shape:
+        raise ValueError(f"{name} must have {like_name}'s shape {list(like.shape)}, got {list(t.shape)}")
+
+
+def check_same_dtype(name: str, t: torch.Tensor, like_name: str, like: torch.Tensor) -> None:
+    if t.dtype != like.dtype:
+        raise ValueError(f"{name} must have {like_name}'s dtype {like.dtype}, got {t.dtype}")
+
+
+def check_same_device(**tensors: torch.Tensor | None) -> None:
+    devices = {name: t.device for name, t in tensors.items() if t is not None}
+    if len(set(devices.values())) > 1:
+        listed = ", ".join(f"{name} on {device}" for name, device in devices.items())
+        raise ValueError(f"tensors must be on one device: {listed}")
+
+
+def as_rows(x: torch.Tensor) -> torch.Tensor:
+    """View x as [rows, last dim] with unit stride along the row (copying only when needed)."""
+    if x.dim() == 2:
+        x2 = x
+    else:
+        # An empty tensor's row count cannot be inferred by reshape(-1, 0): count it.
+        x2 = x.reshape(-1 if x.numel() else x.shape[:-1].numel(), x.shape[-1])
+    if x2.shape[-1] > 1 and x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    return x2
+
+
+# ---------------------------------------------------------------------------------------------
+# The cross-entropy losses' conventions, shared by the plain and the fused linear one.
+
+# The target that takes no part in a loss (PyTorch's and Hugging Face's convention): prompt tokens,
+# padding, the first token of a packed document.
+IGNORE_INDEX = -100
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def check_loss_options(ignore_index, label_smoothing, reduction) -> None:
+    """The options both cross-entropy losses take, each checked with the value named."""
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if not isinstance(label_smoothing, (int, float)) or not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must be a number in [0, 1], got {label_smoothing!r}")
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+        raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
+
+
+def check_target(target: torch.Tensor, name: str, t: torch.Tensor) -> None:
+    """target holds one class index for each row of t: int64 or int32, t's shape less its last
+    dimension."""
+    if not isinstance(target, torch.Tensor) or target.dtype not in (torch.int64, torch.int32):
+        got = target.dtype if isinstance(target, torch.Tensor) else type(target).__name__
+        raise ValueError(f"target must be an int64 or int32 tensor of class indices, got {got}")
+    if target.shape != t.shape[:-1]:
+        raise ValueError(
+            f"target has shape {list(target.shape)}, expected {list(t.shape[:-1])}, the shape of "
+            f"{name} without its last dimension"
+        )
+
+
+def assert_targets_in_range(error_flag: torch.Tensor, op_name: str) -> None:
+    """Fail, asynchronously (at once on CPU, as a device-side assert on CUDA, like torch's own
+    cross-entropy), when the cross-entropy kernel flagged a target outside [0, V) that is not
+    ignore_index: the host never waits for the flag."""
+    message = f"{op_name}: target index outside [0, V) (and not ignore_index)"
+    torch.ops.aten._assert_async.msg(error_flag == 0, message)

@@ -22,9 +22,12 @@ import triton.language as tl
 from ligerzoo.kernels._utils import (
     IGNORE_INDEX,
     as_rows,
+    assert_targets_in_range,
     check_float,
     check_loss_options,
+    check_rows,
     check_same_device,
+    check_target,
     kernel_op,
     launch,
     row_block,
@@ -36,8 +39,6 @@ from ligerzoo.kernels._utils import (
 # within L2 for the gradient sweep's second read. Measured on the H100 at [4096, 128256] bf16,
 # loss and gradient: 8192 -> 1.10 ms, 16384 -> 0.97 ms, 32768 -> 0.99 ms, 65536 -> 1.11 ms.
 MAX_BLOCK = 16384
-
-_BAD_TARGET_MESSAGE = "cross_entropy: target index outside [0, V) (and not ignore_index)"
 
 
 @triton.jit
@@ -142,8 +143,13 @@ def _scale_rows_kernel(
             tl.store(grad_row + offsets, (grad * factor).to(grad_ptr.dtype.element_ty), mask=mask)
 
 
-def _reference_rows(logits2d, target, grad_out, scale, ignore_index, label_smoothing, loss_out, error_flag):
-    """The kernel's semantics in PyTorch (float32), for CPU without the interpreter."""
+# The PyTorch path: the kernels' semantics, for CPU tensors when Triton is not interpreting.
+
+
+def _cross_entropy_torch(
+    logits2d, target, grad_out, scale, ignore_index, label_smoothing, loss_out, error_flag
+) -> None:
+    """As `_cross_entropy_kernel`, in float32, out of range targets and in-place gradient included."""
     n_cols = logits2d.shape[1]
     x = logits2d.float()
     target = target.long()
@@ -162,6 +168,11 @@ def _reference_rows(logits2d, target, grad_out, scale, ignore_index, label_smoot
         grad.scatter_add_(1, safe_target, torch.full_like(loss[:, None], label_smoothing - 1.0))
         grad = torch.where(counted[:, None], grad * scale.float(), 0.0)
         grad_out.copy_(torch.where(bad[:, None], float("nan"), grad))
+
+
+def _scale_rows_torch(grad, grad_output):
+    """As `_scale_rows_kernel`: multiplying by 1 is exact, so this matches its skipping bit for bit."""
+    grad.copy_(grad.float() * grad_output.float()[:, None])
 
 
 def launch_cross_entropy(
@@ -183,11 +194,11 @@ def launch_cross_entropy(
     logits2d: [rows, V], any float dtype, unit column stride, any row stride (a view is fine).
     target:   [rows] int64 or int32, any stride.
     grad_out: [rows, V] receiving d loss_row / d logits * scale (may be logits2d itself), or None.
-    scale:    float32 scalar tensor on the device (1 / count of non-ignored targets for a mean).
+    scale:    float32 scalar tensor on the device, as `gradient_scale` gives it.
     loss_out: optional [rows] float32 to write the unscaled per-row losses into (e.g. a slice).
     error_flag: optional int32 [1] to accumulate into across calls; it is set to 1 when some
         target lies outside [0, V) and is not ignore_index (those rows get NaN). Check it
-        with `torch._assert_async(error_flag == 0, ...)`: nothing here syncs with the host.
+        with `assert_targets_in_range`: nothing here syncs with the host.
     Returns (loss_out, error_flag).
     """
     n_rows, n_cols = logits2d.shape
@@ -204,7 +215,7 @@ def launch_cross_entropy(
     if grad_out is not None and grad_out.shape != logits2d.shape:
         raise ValueError(f"grad_out has shape {list(grad_out.shape)}, expected {list(logits2d.shape)}")
     if not runs_triton(logits2d):
-        _reference_rows(
+        _cross_entropy_torch(
             logits2d, target, grad_out, scale, ignore_index, label_smoothing, loss_out, error_flag
         )
         return loss_out, error_flag
@@ -221,6 +232,28 @@ def launch_cross_entropy(
     return loss_out, error_flag
 
 
+def gradient_scale(
+    target: torch.Tensor, ignore_index: int, reduction: str
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The float32 factor every row's gradient takes (1 / the rows counted for "mean", else 1)
+    and, for "mean", that count of rows whose target is not ignore_index (else None). Device
+    scalars, so the host never waits for the count."""
+    if reduction != "mean":
+        return torch.ones((), dtype=torch.float32, device=target.device), None
+    counted = (target != ignore_index).sum()
+    return 1.0 / counted.to(torch.float32), counted
+
+
+def reduce_loss(loss_rows: torch.Tensor, reduction: str, counted: torch.Tensor | None) -> torch.Tensor:
+    """Per-row losses reduced as asked; "mean" divides by `counted` from `gradient_scale` (0 / 0
+    is NaN when every target is ignored, as torch's)."""
+    if reduction == "none":
+        return loss_rows
+    if reduction == "sum":
+        return loss_rows.sum()
+    return loss_rows.sum() / counted
+
+
 @kernel_op("cross_entropy_forward")
 def _forward(
     logits: torch.Tensor, target: torch.Tensor, ignore_index: int, label_smoothing: float,
@@ -230,22 +263,12 @@ def _forward(
     logits' dtype; gradient of that loss w.r.t. logits, or an empty [0, V] placeholder; int32
     [1] error flag, nonzero when a target was out of range)."""
     n_rows, n_cols = logits.shape
-    if reduction == "mean":
-        counted = (target != ignore_index).sum()
-        scale = 1.0 / counted.to(torch.float32)
-    else:
-        scale = torch.ones((), dtype=torch.float32, device=logits.device)
+    scale, counted = gradient_scale(target, ignore_index, reduction)
     grad = torch.empty((n_rows if compute_grad else 0, n_cols), dtype=logits.dtype, device=logits.device)
     loss_rows, error_flag = launch_cross_entropy(
         logits, target, grad if compute_grad else None, scale, ignore_index, label_smoothing
     )
-    if reduction == "none":
-        loss = loss_rows
-    elif reduction == "sum":
-        loss = loss_rows.sum()
-    else:
-        loss = loss_rows.sum() / counted
-    return loss.to(logits.dtype), grad, error_flag
+    return reduce_loss(loss_rows, reduction, counted).to(logits.dtype), grad, error_flag
 
 
 @kernel_op("cross_entropy_scale_grad_", mutates_args={"grad"})
@@ -256,8 +279,7 @@ def scale_grad_(grad: torch.Tensor, grad_output: torch.Tensor) -> None:
     if n_rows == 0:
         return
     if not runs_triton(grad):
-        # Multiplying by 1 is exact, so this matches the kernel's skipping bit for bit.
-        grad.copy_(grad.float() * grad_output.float()[:, None])
+        _scale_rows_torch(grad, grad_output)
         return
     block, num_warps = row_block(n_cols, MAX_BLOCK)
     launch(_scale_rows_kernel)[(n_rows,)](
@@ -274,7 +296,7 @@ class _CrossEntropyFunction(torch.autograd.Function):
         loss, grad, error_flag = _forward(
             logits2d, target.reshape(-1), ignore_index, label_smoothing, reduction, compute_grad
         )
-        torch.ops.aten._assert_async.msg(error_flag == 0, _BAD_TARGET_MESSAGE)
+        assert_targets_in_range(error_flag, "cross_entropy")
         # The gradient is computed now, while the logits are being read anyway, and is all
         # the backward needs. The backward scales it in place, which bumps its version: a
         # second backward through a retained graph raises instead of scaling twice.
@@ -303,18 +325,8 @@ def cross_entropy(
     device-side assert on CUDA, like torch's own). The result has logits' dtype.
     """
     check_float("logits", logits)
-    if not isinstance(target, torch.Tensor) or target.dtype not in (torch.int64, torch.int32):
-        got = target.dtype if isinstance(target, torch.Tensor) else type(target).__name__
-        raise ValueError(f"target must be an int64 or int32 tensor of class indices, got {got}")
-    if logits.dim() == 0 or logits.shape[-1] == 0:
-        raise ValueError(
-            f"logits must have a non-empty last (class) dimension, got shape {list(logits.shape)}"
-        )
-    if target.shape != logits.shape[:-1]:
-        raise ValueError(
-            f"target has shape {list(target.shape)}, expected logits' shape without its last "
-            f"dimension, {list(logits.shape[:-1])}"
-        )
+    check_rows("logits", logits, last_dim="class")
+    check_target(target, "logits", logits)
     check_loss_options(ignore_index, label_smoothing, reduction)
     check_same_device(logits=logits, target=target)
     compute_grad = logits.requires_grad and torch.is_grad_enabled()
@@ -342,9 +354,3 @@ class CrossEntropyLoss(LossOptions):
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """cross_entropy(logits [..., V], target [...]) with this module's options."""
         return cross_entropy(logits, target, self.ignore_index, self.label_smoothing, self.reduction)
-
-    def extra_repr(self) -> str:
-        return (
-            f"ignore_index={self.ignore_index}, label_smoothing={self.label_smoothing}, "
-            f"reduction={self.reduction!r}"
-        )

@@ -32,20 +32,29 @@ import torch
 from ligerzoo.kernels._utils import (
     IGNORE_INDEX,
     as_rows,
+    assert_targets_in_range,
     check_float,
     check_loss_options,
+    check_rows,
     check_same_device,
+    check_same_dtype,
+    check_shape,
+    check_target,
     kernel_op,
 )
-from ligerzoo.kernels.cross_entropy import LossOptions, launch_cross_entropy, scale_grad_
+from ligerzoo.kernels.cross_entropy import (
+    LossOptions,
+    gradient_scale,
+    launch_cross_entropy,
+    reduce_loss,
+    scale_grad_,
+)
 
 # Memory for one chunk of logits: the 128 MiB allowed beyond inputs and gradients, less 2 MiB
 # for what else is live (per-row float32 losses, the float32 bias gradient). 512 rows of the
 # 128256-wide Llama-3 vocabulary in bf16 fit (125.25 MiB); see the module docstring for why
 # 512 and not 256. 64 MiB (256 rows there) matches Liger's footprint at >= 45 ms instead.
 CHUNK_BUFFER_BYTES = 126 * 2**20
-
-_BAD_TARGET_MESSAGE = "linear_cross_entropy: target index outside [0, V) (and not ignore_index)"
 
 
 def rows_per_chunk(vocab: int, itemsize: int) -> int:
@@ -142,16 +151,12 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
         ctx.options = (ignore_index, label_smoothing, rows_per_chunk(weight.shape[0], hidden.element_size()))
         ctx.reduction = reduction
         ctx.hidden_shape = hidden.shape
-        counted = (target1 != ignore_index).sum()
-        if reduction == "mean":
-            scale = 1.0 / counted.to(torch.float32)
-        else:
-            scale = torch.ones((), dtype=torch.float32, device=hidden.device)
+        scale, counted = gradient_scale(target1, ignore_index, reduction)
         grads_now = ctx.wants if reduction != "none" else (False, False, False)
         loss_rows, grad_hidden, grad_weight, grad_bias, error_flag = _loss_and_grads(
             hidden2, weight, target1, bias, scale, *ctx.options, *grads_now
         )
-        torch.ops.aten._assert_async.msg(error_flag == 0, _BAD_TARGET_MESSAGE)
+        assert_targets_in_range(error_flag, "linear_cross_entropy")
         if reduction == "none":
             # The backward recomputes the logits chunk by chunk from these (no copies).
             ctx.save_for_backward(hidden2, weight, target1, bias)
@@ -161,7 +166,7 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
         # float32 whatever hidden's dtype, as a model that upcasts its logits before the loss
         # reports it: the logits are never seen here, so there is nothing to match but precision.
-        return loss_rows.sum() if reduction == "sum" else loss_rows.sum() / counted
+        return reduce_loss(loss_rows, reduction, counted)
 
     @staticmethod
     def backward(ctx, grad_loss):
@@ -190,31 +195,18 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
 
 def _check(hidden, weight, target, bias) -> None:
     check_float("hidden", hidden)
+    check_rows("hidden", hidden, last_dim="feature")
     check_float("weight", weight)
-    if hidden.dim() == 0 or hidden.shape[-1] == 0:
-        raise ValueError(
-            f"hidden must have a non-empty last (feature) dimension, got shape {list(hidden.shape)}"
-        )
     if weight.dim() != 2 or weight.shape[0] == 0 or weight.shape[1] != hidden.shape[-1]:
         raise ValueError(
             f"weight must have shape [V, {hidden.shape[-1]}] with V >= 1, got {list(weight.shape)}"
         )
-    if weight.dtype != hidden.dtype:
-        raise ValueError(f"weight must have hidden's dtype {hidden.dtype}, got {weight.dtype}")
-    if not isinstance(target, torch.Tensor) or target.dtype not in (torch.int64, torch.int32):
-        got = target.dtype if isinstance(target, torch.Tensor) else type(target).__name__
-        raise ValueError(f"target must be an int64 or int32 tensor of class indices, got {got}")
-    if target.shape != hidden.shape[:-1]:
-        raise ValueError(
-            f"target has shape {list(target.shape)}, expected hidden's shape without its last "
-            f"dimension, {list(hidden.shape[:-1])}"
-        )
+    check_same_dtype("weight", weight, "hidden", hidden)
+    check_target(target, "hidden", hidden)
     if bias is not None:
         check_float("bias", bias)
-        if bias.shape != (weight.shape[0],):
-            raise ValueError(f"bias must have shape [{weight.shape[0]}], got {list(bias.shape)}")
-        if bias.dtype != hidden.dtype:
-            raise ValueError(f"bias must have hidden's dtype {hidden.dtype}, got {bias.dtype}")
+        check_shape("bias", bias, [weight.shape[0]])
+        check_same_dtype("bias", bias, "hidden", hidden)
     check_same_device(hidden=hidden, weight=weight, target=target, bias=bias)
 
 
@@ -247,10 +239,4 @@ class LinearCrossEntropyLoss(LossOptions):
         this module's options."""
         return linear_cross_entropy(
             hidden, weight, target, bias, self.ignore_index, self.label_smoothing, self.reduction
-        )
-
-    def extra_repr(self) -> str:
-        return (
-            f"ignore_index={self.ignore_index}, label_smoothing={self.label_smoothing}, "
-            f"reduction={self.reduction!r}"
         )

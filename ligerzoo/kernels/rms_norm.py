@@ -14,7 +14,11 @@ from ligerzoo.kernels._utils import (
     MAX_ROW_BLOCK,
     as_rows,
     check_float,
+    check_rows,
     check_same_device,
+    check_same_dtype,
+    check_same_shape,
+    check_shape,
     kernel_op,
     launch,
     program_count,
@@ -95,9 +99,28 @@ def _sum_partials_kernel(partial_ptr, out_ptr, n_partials, n_cols, BLOCK_ROWS: t
     tl.store(out_ptr + cols, tl.sum(acc, axis=0).to(out_ptr.dtype.element_ty), mask=col_mask)
 
 
-def _check_width(n_cols: int) -> None:
-    if n_cols > MAX_ROW_BLOCK:
-        raise ValueError(f"rms_norm: rows of {n_cols} elements exceed the supported {MAX_ROW_BLOCK}")
+# The PyTorch path: the kernels' math, for CPU tensors when Triton is not interpreting.
+
+
+def _forward_torch(x, residual, weight, eps, y, summed, rstd) -> None:
+    """As `_rms_norm_forward_kernel`, the sum rounded to x's dtype before it is normalised."""
+    h = x.float() if residual is None else (x.float() + residual.float()).to(x.dtype)
+    if residual is not None:
+        summed.copy_(h)
+    h = h.float()
+    rstd.copy_(torch.rsqrt(h.pow(2).mean(-1) + eps))
+    y.copy_(h * rstd[:, None] * weight.float())
+
+
+def _backward_torch(dy, x, weight, rstd, dsum, dx) -> torch.Tensor:
+    """As `_rms_norm_backward_kernel` and the partials' sum: fills dx, returns dweight."""
+    x_hat = x.float() * rstd[:, None]
+    dy_w = dy.float() * weight.float()
+    grad = rstd[:, None] * (dy_w - x_hat * (dy_w * x_hat).mean(-1, keepdim=True))
+    if dsum is not None:
+        grad = grad + dsum.float()
+    dx.copy_(grad)
+    return (dy.float() * x_hat).sum(0).to(weight.dtype)
 
 
 @kernel_op("rms_norm_forward")
@@ -113,12 +136,7 @@ def _forward(
     if n_rows == 0:
         return y, summed, rstd
     if not runs_triton(x):
-        h = x.float() if residual is None else (x.float() + residual.float()).to(x.dtype)
-        if residual is not None:
-            summed.copy_(h)
-        h = h.float()
-        rstd.copy_(torch.rsqrt(h.pow(2).mean(-1) + eps))
-        y.copy_(h * rstd[:, None] * weight.float())
+        _forward_torch(x, residual, weight, eps, y, summed, rstd)
         return y, summed, rstd
     block, num_warps = row_block(n_cols)
     launch(_rms_norm_forward_kernel)[(n_rows,)](
@@ -141,13 +159,7 @@ def _backward(
     if n_rows == 0:
         return dx, torch.zeros_like(weight)
     if not runs_triton(x):
-        x_hat = x.float() * rstd[:, None]
-        dy_w = dy.float() * weight.float()
-        grad = rstd[:, None] * (dy_w - x_hat * (dy_w * x_hat).mean(-1, keepdim=True))
-        if dsum is not None:
-            grad = grad + dsum.float()
-        dx.copy_(grad)
-        return dx, (dy.float() * x_hat).sum(0).to(weight.dtype)
+        return dx, _backward_torch(dy, x, weight, rstd, dsum, dx)
     block, num_warps = row_block(n_cols)
     n_programs = min(n_rows, program_count(x.device, per_sm=BACKWARD_PROGRAMS_PER_SM))
     dweight_partial = torch.empty((n_programs, n_cols), dtype=torch.float32, device=x.device)
@@ -200,19 +212,16 @@ class _RMSNormFunction(torch.autograd.Function):
 
 def _check(x, weight, residual=None):
     check_float("x", x)
+    check_rows("x", x)
+    if x.shape[-1] > MAX_ROW_BLOCK:
+        raise ValueError(f"rms_norm: rows of {x.shape[-1]} elements exceed the supported {MAX_ROW_BLOCK}")
     check_float("weight", weight)
-    if weight.dim() != 1 or (x.dim() > 0 and weight.shape[0] != x.shape[-1]):
-        raise ValueError(f"weight must have shape [{x.shape[-1] if x.dim() else '?'}], got {list(weight.shape)}")
-    if x.dim() == 0:
-        raise ValueError("x must have at least one dimension")
+    check_shape("weight", weight, [x.shape[-1]])
     if residual is not None:
         check_float("residual", residual)
-        if residual.shape != x.shape:
-            raise ValueError(f"residual must have x's shape {list(x.shape)}, got {list(residual.shape)}")
-        if residual.dtype != x.dtype:
-            raise ValueError(f"residual must have x's dtype {x.dtype}, got {residual.dtype}")
+        check_same_shape("residual", residual, "x", x)
+        check_same_dtype("residual", residual, "x", x)
     check_same_device(x=x, weight=weight, residual=residual)
-    _check_width(x.shape[-1])
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

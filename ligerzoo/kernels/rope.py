@@ -16,7 +16,16 @@ import torch
 import triton
 import triton.language as tl
 
-from ligerzoo.kernels._utils import check_float, check_same_device, kernel_op, launch, row_block, runs_triton
+from ligerzoo.kernels._utils import (
+    check_float,
+    check_same_device,
+    check_same_dtype,
+    check_same_shape,
+    kernel_op,
+    launch,
+    row_block,
+    runs_triton,
+)
 
 
 @triton.jit
@@ -91,10 +100,17 @@ def _cos_sin_strides(t: torch.Tensor) -> tuple[int, int, int]:
     return (0 if t.shape[0] == 1 else t.stride(0)), t.stride(1), t.stride(2)
 
 
-def _rotate_reference(x: torch.Tensor, cos_half: torch.Tensor, sin_half: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    x1, x2 = x.float().split(half, dim=-1)
-    return torch.cat((x1 * cos_half - x2 * sin_half, x2 * cos_half + x1 * sin_half), dim=-1)
+def _rope_torch(q, k, cos, sin, inverse, q_out, k_out) -> None:
+    """The PyTorch path (CPU tensors when Triton is not interpreting): `_rope_kernel`'s math."""
+    seq_len, half_dim = q.shape[1], q.shape[3] // 2
+    # [T, D] -> [1, T, 1, D/2]; [B or 1, T, D] -> [B or 1, T, 1, D/2]
+    cos_half = cos[..., :half_dim].float().reshape(-1, seq_len, 1, half_dim)
+    sin_half = sin[..., :half_dim].float().reshape(-1, seq_len, 1, half_dim)
+    if inverse:
+        sin_half = -sin_half
+    for x, out in ((q, q_out), (k, k_out)):
+        x1, x2 = x.float().split(half_dim, dim=-1)
+        out.copy_(torch.cat((x1 * cos_half - x2 * sin_half, x2 * cos_half + x1 * sin_half), dim=-1))
 
 
 @kernel_op("rope")
@@ -108,16 +124,10 @@ def _rope(
     k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     if batch * seq_len == 0 or head_dim == 0:
         return q_out, k_out
-    half_dim = head_dim // 2
     if not runs_triton(q):
-        # [T, D] -> [1, T, 1, D/2]; [B or 1, T, D] -> [B or 1, T, 1, D/2]
-        cos_half = cos[..., :half_dim].float().reshape(-1, seq_len, 1, half_dim)
-        sin_half = sin[..., :half_dim].float().reshape(-1, seq_len, 1, half_dim)
-        if inverse:
-            sin_half = -sin_half
-        q_out.copy_(_rotate_reference(q, cos_half, sin_half))
-        k_out.copy_(_rotate_reference(k, cos_half, sin_half))
+        _rope_torch(q, k, cos, sin, inverse, q_out, k_out)
         return q_out, k_out
+    half_dim = head_dim // 2
     half_block = triton.next_power_of_2(half_dim)
     heads_per_tile = max(1, _HALF_TILE // half_block)
     q_head_block = min(heads_per_tile, triton.next_power_of_2(max(n_q_heads, 1)))
@@ -158,8 +168,7 @@ def _check(q, k, cos, sin):
         raise ValueError(
             f"k must be [{batch}, {seq_len}, Hk, {head_dim}] to match q, got shape {list(k.shape)}"
         )
-    if k.dtype != q.dtype:
-        raise ValueError(f"k must have q's dtype {q.dtype}, got {k.dtype}")
+    check_same_dtype("k", k, "q", q)
     if head_dim % 2:
         raise ValueError(f"q and k have head dim {head_dim}: rotate-half needs an even head dim")
     shapes = ([seq_len, head_dim], [1, seq_len, head_dim], [batch, seq_len, head_dim])
@@ -168,8 +177,7 @@ def _check(q, k, cos, sin):
             f"cos must be [T, D] or [B, T, D] = [{batch}, {seq_len}, {head_dim}] (B may be 1), "
             f"got shape {list(cos.shape)}"
         )
-    if sin.shape != cos.shape:
-        raise ValueError(f"sin must have cos's shape {list(cos.shape)}, got {list(sin.shape)}")
+    check_same_shape("sin", sin, "cos", cos)
     check_same_device(q=q, k=k, cos=cos, sin=sin)
 
 

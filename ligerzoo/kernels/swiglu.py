@@ -18,7 +18,10 @@ import triton.language as tl
 from ligerzoo.kernels._utils import (
     as_rows,
     check_float,
+    check_rows,
     check_same_device,
+    check_same_dtype,
+    check_same_shape,
     kernel_op,
     launch,
     row_block,
@@ -104,15 +107,36 @@ def _tiling(n_rows: int, n_cols: int, *tensors: torch.Tensor) -> tuple[int, int,
     return n_rows, n_cols, _TILE // block_cols, block_cols, num_warps
 
 
+# The PyTorch path: the kernels' math, for CPU tensors when Triton is not interpreting. Operands
+# as the launchers below take them.
+
+
+def _forward_torch(gate, up, y) -> None:
+    n_cols = y.shape[1]
+    g = gate[:, :n_cols].float()
+    u = gate[:, n_cols:] if up is None else up
+    y.copy_(g * torch.sigmoid(g) * u.float())
+
+
+def _backward_torch(dy, gate, up, dgate, dup) -> None:
+    n_cols = dy.shape[1]
+    g, d = gate[:, :n_cols].float(), dy.float()
+    u = (gate[:, n_cols:] if up is None else up).float()
+    sig = torch.sigmoid(g)
+    grad_gate = d * u * sig * (1.0 + g * (1.0 - sig))
+    grad_up = d * g * sig
+    out = gate if dgate is None else dgate
+    out[:, :n_cols].copy_(grad_gate)
+    (out[:, n_cols:] if dup is None else dup).copy_(grad_up)
+
+
 def _launch_forward(gate, up, y) -> None:
     """y = silu(gate) * up, all [N, D]; up None: gate is [N, 2D], gate then up (packed)."""
     n_rows, n_cols = y.shape
     if y.numel() == 0:
         return
     if not runs_triton(gate):
-        g = gate[:, :n_cols].float()
-        u = gate[:, n_cols:] if up is None else up
-        y.copy_(g * torch.sigmoid(g) * u.float())
+        _forward_torch(gate, up, y)
         return
     operands = (gate, y) if up is None else (gate, up, y)
     rows, cols, rows_per_tile, block_cols, num_warps = _tiling(n_rows, n_cols, *operands)
@@ -133,14 +157,7 @@ def _launch_backward(dy, gate, up, dgate, dup) -> None:
     if dy.numel() == 0:
         return
     if not runs_triton(gate):
-        g, d = gate[:, :n_cols].float(), dy.float()
-        u = (gate[:, n_cols:] if up is None else up).float()
-        sig = torch.sigmoid(g)
-        grad_gate = d * u * sig * (1.0 + g * (1.0 - sig))
-        grad_up = d * g * sig
-        out = gate if dgate is None else dgate
-        out[:, :n_cols].copy_(grad_gate)
-        (out[:, n_cols:] if dup is None else dup).copy_(grad_up)
+        _backward_torch(dy, gate, up, dgate, dup)
         return
     operands = [t for t in (dy, gate, up, dgate, dup) if t is not None]
     rows, cols, rows_per_tile, block_cols, num_warps = _tiling(n_rows, n_cols, *operands)
@@ -216,12 +233,9 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up, elementwise over tensors of one shape and dtype (any leading dims)."""
     check_float("gate", gate)
     check_float("up", up)
-    if gate.dim() == 0:
-        raise ValueError("gate must have at least one dimension")
-    if up.shape != gate.shape:
-        raise ValueError(f"up must have gate's shape {list(gate.shape)}, got {list(up.shape)}")
-    if up.dtype != gate.dtype:
-        raise ValueError(f"up must have gate's dtype {gate.dtype}, got {up.dtype}")
+    check_rows("gate", gate)
+    check_same_shape("up", up, "gate", gate)
+    check_same_dtype("up", up, "gate", gate)
     check_same_device(gate=gate, up=up)
     return _SwiGLUFunction.apply(gate, up)
 
