@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/train.py's shapes
-from train import SHAPES, _synchronize  # noqa: E402
+from train import SHAPES, synchronize  # noqa: E402
 
 from ligerzoo.models import ModelConfig, build_model  # noqa: E402
 from ligerzoo.training.parallel import init_distributed  # noqa: E402
@@ -52,10 +52,10 @@ def timed(collective, device: torch.device, repeats: int) -> float:
     times = []
     for _ in range(repeats):
         dist.barrier()
-        _synchronize(device)
+        synchronize(device)
         started = time.perf_counter()
         collective()
-        _synchronize(device)
+        synchronize(device)
         elapsed = torch.tensor(time.perf_counter() - started, dtype=torch.float64, device=device)
         dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
         times.append(elapsed.item())

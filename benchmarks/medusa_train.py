@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/train.py, not the root train.py
 
-from train import SHAPES, _profile, _synchronize  # noqa: E402
+from train import SHAPES, profile_steps, synchronize  # noqa: E402
 
 from ligerzoo.medusa import MedusaConfig, MedusaHeads, head_targets  # noqa: E402
 from ligerzoo.medusa.heads import IGNORE_INDEX  # noqa: E402
@@ -160,14 +160,14 @@ def run_one(peer: str, num_heads: int, num_layers: int, seq: int, batch: int, st
 
     times, losses = [], []
     for _ in range(steps):
-        _synchronize(device)
+        synchronize(device)
         started = time.perf_counter()
         losses.append(step())
-        _synchronize(device)
+        synchronize(device)
         times.append(time.perf_counter() - started)
     peak_gib = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
     if profile:
-        _profile(step, os.path.join(profile, f"{peer}-k{num_heads}.txt"), device)
+        profile_steps(step, os.path.join(profile, f"{peer}-k{num_heads}.txt"), device)
     tokens_per_s = batch * seq / statistics.median(times[UNTIMED_STEPS:])
     return {"tokens_per_s": tokens_per_s, "peak_gib": peak_gib, "losses": losses[-1].float().tolist()}
 

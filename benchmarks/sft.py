@@ -34,7 +34,7 @@ from ligerzoo.training.config import DataSection
 from ligerzoo.training.data import build_datasets
 from ligerzoo.training.evaluate import evaluate
 from ligerzoo.training.parallel import init_distributed
-from train import SHAPES, ligerzoo_model  # beside this script
+from train import SHAPES, ligerzoo_model, synchronize  # beside this script
 
 CHATML = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
           "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -122,14 +122,14 @@ def _train_speed(model, optimizer, data, batch: int, steps: int, device: torch.d
     times = []
     for _ in range(steps):
         rows = {k: v.to(device) for k, v in data.next_batch(batch, 0, 1).items()}
-        _synchronize(device)
+        synchronize(device)
         started = time.perf_counter()
         loss = model(rows["input_ids"], labels=rows["labels"], position_ids=rows["position_ids"]).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        _synchronize(device)
+        synchronize(device)
         times.append(time.perf_counter() - started)
     return batch * data.seq_len / statistics.median(times[UNTIMED_STEPS:])
 
@@ -138,10 +138,10 @@ def _forward_speed(model, data, batch: int, device: torch.device) -> float:
     times = []
     for rows in _cycle(data, batch, 2 * len(data) // batch + UNTIMED_STEPS):
         rows = {k: v.to(device) for k, v in rows.items()}
-        _synchronize(device)
+        synchronize(device)
         started = time.perf_counter()
         loss = model(rows["input_ids"], labels=rows["labels"], position_ids=rows["position_ids"]).loss
-        _synchronize(device)
+        synchronize(device)
         times.append(time.perf_counter() - started)
         del loss  # frees the graph: no backward
     return batch * data.seq_len / statistics.median(times[UNTIMED_STEPS:])
@@ -157,11 +157,6 @@ def _cycle(data, batch: int, count: int):
             if (rows["labels"] != IGNORE_INDEX).any():
                 yield rows
                 produced += 1
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 if __name__ == "__main__":

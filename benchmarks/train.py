@@ -213,16 +213,16 @@ def run_one(peer: str, shape: str, seq: int, batch: int, checkpointing: str, ste
     for index in range(steps):
         if index == UNTIMED_STEPS and on_gpu:
             sampler = GpuSampler(device)
-        _synchronize(device)
+        synchronize(device)
         started = time.perf_counter()
         losses.append(step())
-        _synchronize(device)
+        synchronize(device)
         times.append(time.perf_counter() - started)
     clock_mhz, power_w = sampler.stop() if sampler else (None, None)
     # Every rank runs the extra steps (their collectives must match); each writes its own file.
     name = f"{peer}-{checkpointing}" + (f"-rank{rank}" if world_size > 1 else "")
     if profile:
-        _profile(step, os.path.join(profile, f"{name}.txt"), device)
+        profile_steps(step, os.path.join(profile, f"{name}.txt"), device)
     if memory:
         _memory_at_peak(step, os.path.join(memory, f"{name}-memory.txt"))
     # Per GPU: each rank's batch over the step time (the slowest rank's, all ranks being in step
@@ -242,12 +242,12 @@ def run_one(peer: str, shape: str, seq: int, batch: int, checkpointing: str, ste
     return result
 
 
-def _synchronize(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
 
 
-def _profile(step, path: str, device: torch.device) -> None:
+def profile_steps(step, path: str, device: torch.device) -> None:
     """The kernels of 2 steps (CUDA's; the CPU's ops with --device cpu), by total time, to `path`,
     then the device's timeline: how long it was idle, and how much of NCCL's time no other kernel
     overlapped (device_timeline.py)."""
@@ -258,7 +258,7 @@ def _profile(step, path: str, device: torch.device) -> None:
     with profile(activities=activities, record_shapes=True) as prof:
         for _ in range(2):
             step()
-        _synchronize(device)
+        synchronize(device)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     sort_by = "self_device_time_total" if on_gpu else "self_cpu_time_total"
     with open(path, "w") as file:
