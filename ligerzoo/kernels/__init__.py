@@ -22,3 +22,10 @@ __all__ = [
     "swiglu",
     "swiglu_packed",
 ]
+
+# FP8 training (issue 23): the casts, the scaled product and the FP8 linear layer.
+from ligerzoo.kernels.float8 import Float8Rows, quantize_rows, quantize_tensor, scaled_mm
+from ligerzoo.kernels.float8_linear import Float8Weight, float8_linear, quantize_weight
+
+__all__ += ["Float8Rows", "Float8Weight", "float8_linear", "quantize_rows", "quantize_tensor",
+            "quantize_weight", "scaled_mm"]
