@@ -86,7 +86,7 @@ def test_a_step_that_cannot_be_captured_warns_and_runs_eagerly_from_where_it_was
 
 
 def test_a_decoder_that_cannot_be_captured_generates_the_same_tokens(fake_cuda, monkeypatch):
-    model = tiny("llama")
+    model = tiny("llama").cpu()  # on the CPU even beside a GPU: the faked streams are not CUDA's
     prompt = prompts([6], seed=3)
     expected = generate(model, prompt, max_new_tokens=6)
     build = Decoder.__init__
