@@ -193,6 +193,11 @@ def scaled_mm(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: 
     a: [M, K] FP8, row-major. b: [K, N] FP8, column-major (`b_t.t()` of a contiguous [N, K]).
     M, K and N multiples of 16; at most one operand e5m2. scale_a [M, 1] and scale_b [1, N]
     (rowwise) or both [] (tensorwise), float32 dequantizing scales.
+
+    On the H100 the tensor cores keep about 13 bits in their partial sums before cuBLAS adds them
+    in float32 (measured: at most 2**-12 of sum |a||b| at K = 64, 2**-14.6 at K = 1024).
+    `use_fast_accum` stays off: it made the rowwise forward product of a 16,384-token w13
+    (K 2048, N 16384) 0.90 -> 0.75 ms, at 2**-11.6 of sum |a||b| at K = 1024.
     """
     _check_scaled_mm(a, b, scale_a, scale_b, out_dtype)
     if has_scaled_mm(a.device, scale_a.dim() == 2, out_dtype):

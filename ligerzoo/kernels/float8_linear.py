@@ -38,6 +38,12 @@ multiple of 16) run the whole layer as the plain product in x's dtype (`F.linear
 one-token decode step, a tiny test model. The choice is made from shapes, so it traces without a branch on
 values.
 
+The casts here are PyTorch, and cost what issue 23 says separate casts cost. On the H100 (torch
+2.11), forward and backward of one layer over 16,384 tokens, compiled: w13 (K 2048, N 16384)
+bf16 4.15 ms, rowwise 4.76, tensorwise 3.20; w2 (K 8192, N 2048) 2.24, 2.80, 2.06; the rowwise
+forward product alone 0.90 and 0.40 ms (1,217 and 1,387 TFLOP/s). Eager, rowwise takes 14.3 and
+8.5 ms. The gain comes when the kernels that produce the operands write them in FP8.
+
 An activation already in FP8 (`x_fp8`): the norm and SwiGLU kernels will write their output's FP8
 cast in the pass that computes it. float8_linear takes it beside x itself, the output in its own
 dtype, which autograd sends dx to: the producer's own Function keeps its backward. x is not saved,
