@@ -97,7 +97,7 @@ def quantize_weight(weight: torch.Tensor, recipe: str = "rowwise") -> Float8Weig
     return Float8Weight(rows, _cast_transposed(weight, rows, E4M3, recipe))
 
 
-class Float8Linear(torch.autograd.Function):
+class _Float8LinearFunction(torch.autograd.Function):
     """x [M, K], weight [N, K], bias [N] or None; the FP8 arguments None, or the casts of x (rows)
     and of the weight (rows and columns) that float8_linear was given; tensorwise, wt_scale None
     (w_scale serves both)."""
@@ -214,6 +214,6 @@ def float8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         if recipe == "tensorwise":
             # One scale serves both layouts, and torch.compile refuses a tensor passed twice.
             wt_scale = None
-    y = Float8Linear.apply(x.reshape(m, k), weight, bias, x_data, x_scale, w_data, w_scale, wt_data, wt_scale,
-                           recipe)
+    y = _Float8LinearFunction.apply(x.reshape(m, k), weight, bias, x_data, x_scale, w_data, w_scale,
+                                    wt_data, wt_scale, recipe)
     return y.reshape(*lead, n)
