@@ -1,7 +1,9 @@
-"""How each decoder block is prepared for training: activation checkpointing, then torch.compile.
+"""How each decoder block is prepared for training: FP8 linear layers, activation checkpointing,
+then torch.compile.
 
-Both replace the block's forward in place and keep its parameters (and their names), so FSDP2
-(parallel.py), applied afterwards, and the export see the same modules.
+Each keeps the block's parameters (and their names): FP8 swaps the linear layers for ones that
+hold the same parameters, checkpointing and compile replace the block's forward. So FSDP2
+(parallel.py), applied afterwards, the checkpoints and the export see the same parameters.
 """
 
 import functools
@@ -9,13 +11,15 @@ import functools
 import torch
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
+from ligerzoo.models.float8 import convert_to_float8
+
 
 def _saved_by_selective_recompute() -> set:
-    """The ops whose outputs selective activation checkpointing keeps: the matmuls and attention,
-    which are expensive to recompute. Everything else a block does (norms, RoPE, SwiGLU, residual adds:
-    the kernels' elementwise work) is cheap to redo and costly to keep."""
+    """The ops whose outputs selective activation checkpointing keeps: the matmuls (FP8 ones too)
+    and attention, which are expensive to recompute. Everything else a block does (norms, RoPE,
+    SwiGLU, residual adds, FP8 casts: elementwise work) is cheap to redo and costly to keep."""
     aten = torch.ops.aten
-    names = ["mm", "addmm", "bmm", "_grouped_mm", "_scaled_dot_product_flash_attention",
+    names = ["mm", "addmm", "bmm", "_grouped_mm", "_scaled_mm", "_scaled_dot_product_flash_attention",
              "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
              "_scaled_dot_product_flash_attention_for_cpu", "_flash_attention_forward",
              "_efficient_attention_forward"]
@@ -34,13 +38,15 @@ def _recompute_everything(ctx, op, *args, **kwargs):
     return CheckpointPolicy.MUST_RECOMPUTE
 
 
-def prepare_blocks(model, activation_checkpointing: str = "off", compile: bool = False) -> None:
-    """Activation checkpointing and torch.compile, block by block.
+def prepare_blocks(model, activation_checkpointing: str = "off", compile: bool = False,
+                   float8: str = "off") -> None:
+    """FP8, activation checkpointing and torch.compile, block by block.
 
     activation_checkpointing: "off"; "full", recompute each block's activations in the backward
     instead of keeping them; "selective", recompute only the cheap elementwise ones, keeping
     matmul and attention outputs. compile: compile each block on its own (the blocks are
-    identical, so one graph serves them all).
+    identical, so one graph serves them all). float8: "off", or the recipe ("rowwise",
+    "tensorwise") of the FP8 products of the blocks' linear layers (models/float8.py).
 
     Compiled, the checkpoint is traced with a policy for every op, so Inductor's partitioner
     builds the backward with the recomputation in it: full activation checkpointing recomputes
@@ -48,6 +54,8 @@ def prepare_blocks(model, activation_checkpointing: str = "off", compile: bool =
     feeds the residual stream): a quarter of a Llama block's forward GEMM work, 5% of the
     Llama-3.2-1B step on an H100. Eager, the whole block runs again.
     """
+    if float8 != "off":
+        convert_to_float8(model, float8)
     options = {"use_reentrant": False}
     if activation_checkpointing == "selective":
         policy = _selective_policy(_saved_by_selective_recompute())

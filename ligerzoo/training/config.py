@@ -60,6 +60,9 @@ class TrainSection:
     max_grad_norm: float = 1.0
     activation_checkpointing: str = "off"  # off | full | selective (recompute only elementwise work)
     compile: bool = False
+    # off | rowwise | tensorwise: the blocks' linear layers multiply in FP8 (models/float8.py);
+    # weights, optimizer state, checkpoints and the export keep their dtype.
+    float8: str = "off"
     dtype: str = "bfloat16"  # parameter and compute dtype on the GPU (CPU runs in float32)
     # The sharded weights AdamW updates, and its state, on the GPU: float32 (master weights, 16
     # bytes a parameter with the gradient and AdamW state) or bfloat16 (8 bytes: leaner, less exact).
@@ -161,6 +164,7 @@ def config_problems(config: Config) -> list[str]:
             "clipping); 0 would zero every update")
     require(train.activation_checkpointing in ("off", "full", "selective"), "train.activation_checkpointing",
             "'off', 'full' or 'selective'")
+    require(train.float8 in ("off", "rowwise", "tensorwise"), "train.float8", "'off', 'rowwise' or 'tensorwise'")
     for name in ("dtype", "master_dtype"):
         require(getattr(train, name) in ("float32", "bfloat16", "float16"), f"train.{name}",
                 "'float32', 'bfloat16' or 'float16'")

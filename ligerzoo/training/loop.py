@@ -74,7 +74,7 @@ def _train_locked(config: Config, rank: int, world_size: int, device: torch.devi
     if medusa:
         model = with_medusa_heads(model, config.medusa)
     seq_flops = (medusa_flops_per_token if medusa else flops_per_token)(model, data_cfg.seq_len)
-    prepare_blocks(model, train_cfg.activation_checkpointing, train_cfg.compile)
+    prepare_blocks(model, train_cfg.activation_checkpointing, train_cfg.compile, train_cfg.float8)
     sharded = apply_fsdp(model, device, getattr(torch, train_cfg.dtype), getattr(torch, train_cfg.master_dtype),
                          prefetch=train_cfg.fsdp_prefetch, reshard_after_forward=train_cfg.fsdp_reshard_after_forward)
     model.train()
