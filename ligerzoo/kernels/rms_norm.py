@@ -4,6 +4,10 @@
 
 `add_rms_norm(x, residual, weight, eps)` returns `(rms_norm(x + residual), x + residual)` in one
 pass over memory: every decoder block needs that pair twice per layer.
+
+`rms_norm_float8` and `add_rms_norm_float8` write y as FP8 rows instead (float8.py's rowwise e4m3
+cast of y as the plain kernel rounds it, bit for bit), in the same pass: for FP8 training, where
+the norm's only reader is an FP8 product, y itself is never written or read again to be cast.
 """
 
 import torch
@@ -19,21 +23,27 @@ from ligerzoo.kernels._utils import (
     check_same_dtype,
     check_same_shape,
     check_shape,
+    interpreting,
     kernel_op,
     launch,
     program_count,
     row_block,
     runs_triton,
 )
+from ligerzoo.kernels.float8 import E4M3, Float8Rows, quantize_rows
+from ligerzoo.kernels.float8_rows import abs_max_bits, cast_e4m3, power_of_two_scales
 
 
 @triton.jit
 def _rms_norm_forward_kernel(
-    x_ptr, residual_ptr, weight_ptr, y_ptr, sum_ptr, rstd_ptr,
+    x_ptr, residual_ptr, weight_ptr, y_ptr, y_scale_ptr, sum_ptr, rstd_ptr,
     x_row_stride, residual_row_stride, y_row_stride, sum_row_stride,
     n_cols, eps,
-    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, FLOAT8: tl.constexpr, EMULATE_FLOAT8: tl.constexpr, BLOCK: tl.constexpr,
 ):
+    """FLOAT8: y_ptr is e4m3 and y_scale_ptr float32 [rows]: y rounded to x's dtype (the plain
+    kernel's output), cast with its row's power-of-two scale (float8_rows.py). The same kernel as
+    the plain one, so that rstd and y come from the same instructions and reduction order."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -47,7 +57,13 @@ def _rms_norm_forward_kernel(
     w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n_cols + eps)
     tl.store(rstd_ptr + row, rstd)
-    tl.store(y_ptr + row * y_row_stride + cols, (x * rstd * w).to(y_ptr.dtype.element_ty), mask=mask)
+    y = (x * rstd * w).to(x_ptr.dtype.element_ty)
+    if FLOAT8:
+        y = y.to(tl.float32)
+        quantize, dequantize = power_of_two_scales(abs_max_bits(y))
+        tl.store(y_scale_ptr + row, dequantize)
+        y = cast_e4m3(y, quantize, EMULATE_FLOAT8)
+    tl.store(y_ptr + row * y_row_stride + cols, y, mask=mask)
 
 
 @triton.jit
@@ -123,29 +139,52 @@ def _backward_torch(dy, x, weight, rstd, dsum, dx) -> torch.Tensor:
     return (dy.float() * x_hat).sum(0).to(weight.dtype)
 
 
+def _run_forward(x, residual, weight, eps, float8: bool):
+    """The forward both ops launch. x, residual: [N, D] with unit column stride. Returns (y in
+    x's dtype, None), or with float8 (y's e4m3 rows [N, D], their float32 dequantizing scales
+    [N, 1]); then x + residual or an empty placeholder, and the per-row reciprocal RMS in float32."""
+    n_rows, n_cols = x.shape
+    summed = torch.empty((n_rows if residual is not None else 0, n_cols), dtype=x.dtype, device=x.device)
+    rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
+    if not runs_triton(x):
+        y = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
+        if n_rows:
+            _forward_torch(x, residual, weight, eps, y, summed, rstd)
+        # FP8 rows on the PyTorch path: its output, then float8.py's cast of it.
+        y, y_scale = quantize_rows(y) if float8 else (y, None)
+        return y, y_scale, summed, rstd
+    y = torch.empty((n_rows, n_cols), dtype=E4M3 if float8 else x.dtype, device=x.device)
+    y_scale = torch.empty((n_rows, 1), dtype=torch.float32, device=x.device) if float8 else None
+    if n_rows == 0:
+        return y, y_scale, summed, rstd
+    block, num_warps = row_block(n_cols)
+    launch(_rms_norm_forward_kernel)[(n_rows,)](
+        x, residual if residual is not None else x, weight, y, y_scale, summed, rstd,
+        x.stride(0), residual.stride(0) if residual is not None else 0, y.stride(0), summed.stride(0),
+        n_cols, eps,
+        HAS_RESIDUAL=residual is not None, FLOAT8=float8, EMULATE_FLOAT8=interpreting(),
+        BLOCK=block, num_warps=num_warps,
+    )
+    return y, y_scale, summed, rstd
+
+
 @kernel_op("rms_norm_forward")
 def _forward(
     x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x, residual: [N, D] with unit column stride. Returns (y, x + residual or an empty
     placeholder, per-row reciprocal RMS in float32)."""
-    n_rows, n_cols = x.shape
-    y = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
-    summed = torch.empty((n_rows, n_cols) if residual is not None else (0, n_cols), dtype=x.dtype, device=x.device)
-    rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
-    if n_rows == 0:
-        return y, summed, rstd
-    if not runs_triton(x):
-        _forward_torch(x, residual, weight, eps, y, summed, rstd)
-        return y, summed, rstd
-    block, num_warps = row_block(n_cols)
-    launch(_rms_norm_forward_kernel)[(n_rows,)](
-        x, residual if residual is not None else x, weight, y, summed, rstd,
-        x.stride(0), residual.stride(0) if residual is not None else 0, y.stride(0), summed.stride(0),
-        n_cols, eps,
-        HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=num_warps,
-    )
+    y, _, summed, rstd = _run_forward(x, residual, weight, eps, float8=False)
     return y, summed, rstd
+
+
+@kernel_op("rms_norm_forward_float8")
+def _forward_float8(
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """As `_forward`, y written only as FP8 rows: (y's e4m3 data [N, D], its float32 dequantizing
+    scales [N, 1], x + residual or an empty placeholder, rstd [N])."""
+    return _run_forward(x, residual, weight, eps, float8=True)
 
 
 @kernel_op("rms_norm_backward")
@@ -236,6 +275,34 @@ def add_rms_norm(
     """(rms_norm(x + residual), x + residual) in one pass; the sum is rounded to x's dtype."""
     _check(x, weight, residual)
     return _RMSNormFunction.apply(x, residual, weight, eps)
+
+
+# The FP8 forward: no autograd.Function of its own. An FP8 block's Function calls these in its
+# forward, saves what `_RMSNormFunction` saves (x, or the sum, with weight and rstd) and calls
+# `_backward` in its backward: the gradient is the plain norm's, whatever y's format.
+
+
+def rms_norm_float8(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> tuple[Float8Rows, torch.Tensor]:
+    """(`quantize_rows(rms_norm(x, weight, eps))` bit for bit, rstd) in the norm's one pass: y is
+    written only as its FP8 rows (e4m3 data in x's shape, float32 scales [..., 1]); rstd, float32
+    [rows of x], is what the backward takes. Records no autograd graph."""
+    _check(x, weight)
+    check_rows("x", x, last_dim="hidden")
+    data, scale, _, rstd = _forward_float8(as_rows(x.detach()), None, weight.detach(), eps)
+    return Float8Rows(data.view(x.shape), scale.view(*x.shape[:-1], 1)), rstd
+
+
+def add_rms_norm_float8(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6
+) -> tuple[Float8Rows, torch.Tensor, torch.Tensor]:
+    """(`quantize_rows` of rms_norm(x + residual) bit for bit, x + residual, rstd) in one pass, as
+    `add_rms_norm` computes them; y is written only as its FP8 rows. Records no autograd graph."""
+    _check(x, weight, residual)
+    check_rows("x", x, last_dim="hidden")
+    data, scale, summed, rstd = _forward_float8(
+        as_rows(x.detach()), as_rows(residual.detach()), weight.detach(), eps
+    )
+    return Float8Rows(data.view(x.shape), scale.view(*x.shape[:-1], 1)), summed.view(x.shape), rstd
 
 
 class RMSNorm(torch.nn.Module):

@@ -5,7 +5,9 @@
     d_up   = dy * silu(g)
 
 `swiglu_packed` takes gate and up as the two halves of one tensor (a fused gate-and-up
-projection's output) and writes its gradient as one tensor too.
+projection's output) and writes its gradient as one tensor too. `swiglu_packed_float8` writes its
+output as FP8 rows instead (float8.py's rowwise e4m3 cast of y as the plain kernel rounds it, bit
+for bit), so that FP8 training never writes y to read it again for the cast.
 
 Purely memory bound: the forward reads two tensors and writes one, the backward reads three and
 writes two, so both kernels are one pass with wide tiles and nothing else.
@@ -22,11 +24,21 @@ from ligerzoo.kernels._utils import (
     check_same_device,
     check_same_dtype,
     check_same_shape,
+    interpreting,
     kernel_op,
     launch,
     row_block,
     runs_triton,
 )
+from ligerzoo.kernels.float8 import E4M3, Float8Rows, quantize_rows
+from ligerzoo.kernels.float8_rows import abs_max_bits, cast_e4m3, power_of_two_scales
+
+
+@triton.jit
+def _swiglu(g, u):
+    """silu(g) * u in float32 for g float32: the one expression both forward kernels compute, so
+    that the FP8 rows are the cast of the very values the plain kernel writes."""
+    return g * tl.sigmoid(g) * u.to(tl.float32)
 
 
 @triton.jit
@@ -57,8 +69,50 @@ def _swiglu_forward_kernel(
         u = tl.load(gate_ptr + n_cols + rows * gate_row_stride + cols, mask=mask, other=0.0)
     else:
         u = tl.load(up_ptr + rows * up_row_stride + cols, mask=mask, other=0.0)
-    y = g * tl.sigmoid(g) * u.to(tl.float32)
-    tl.store(y_ptr + rows * y_row_stride + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + rows * y_row_stride + cols, _swiglu(g, u).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _packed_row_slice(gate_up_row_ptr, cols, mask, n_cols):
+    """silu(gate) * up at `cols` of one packed row, rounded to its dtype, as float32."""
+    g = tl.load(gate_up_row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(gate_up_row_ptr + n_cols + cols, mask=mask, other=0.0)
+    return _swiglu(g, u).to(gate_up_row_ptr.dtype.element_ty).to(tl.float32)
+
+
+@triton.jit
+def _swiglu_packed_float8_kernel(
+    gate_up_ptr, y_ptr, y_scale_ptr,
+    gate_up_row_stride, y_row_stride,
+    n_cols,
+    EMULATE_FLOAT8: tl.constexpr, BLOCK: tl.constexpr, ROW_IN_REGISTERS: tl.constexpr,
+):
+    """One program per row of gate_up [N, 2D]: y = silu(gate) * up, rounded to gate_up's dtype,
+    written to y_ptr (e4m3 [N, D]) as FP8 with its row's scale (y_scale_ptr, float32 [N]).
+    No value can be cast before the row's amax is known. ROW_IN_REGISTERS (BLOCK >= D): the row
+    is read once and held. Otherwise two passes over BLOCK-wide slices, the first for the amax,
+    the second reading the row again (from L2, mostly) to cast it."""
+    row = tl.program_id(0).to(tl.int64)
+    gate_up_row_ptr = gate_up_ptr + row * gate_up_row_stride
+    y_row_ptr = y_ptr + row * y_row_stride
+    cols = tl.arange(0, BLOCK)
+    if ROW_IN_REGISTERS:
+        mask = cols < n_cols
+        y = _packed_row_slice(gate_up_row_ptr, cols, mask, n_cols)
+        quantize, dequantize = power_of_two_scales(abs_max_bits(y))
+        tl.store(y_row_ptr + cols, cast_e4m3(y, quantize, EMULATE_FLOAT8), mask=mask)
+    else:
+        amax_bits = tl.full([], 0, tl.int32)
+        for start in range(0, n_cols, BLOCK):
+            mask = start + cols < n_cols
+            y = _packed_row_slice(gate_up_row_ptr, start + cols, mask, n_cols)
+            amax_bits = tl.maximum(amax_bits, abs_max_bits(y))
+        quantize, dequantize = power_of_two_scales(amax_bits)
+        for start in range(0, n_cols, BLOCK):
+            mask = start + cols < n_cols
+            y = _packed_row_slice(gate_up_row_ptr, start + cols, mask, n_cols)
+            tl.store(y_row_ptr + start + cols, cast_e4m3(y, quantize, EMULATE_FLOAT8), mask=mask)
+    tl.store(y_scale_ptr + row, dequantize)
 
 
 @triton.jit
@@ -105,6 +159,15 @@ def _tiling(n_rows: int, n_cols: int, *tensors: torch.Tensor) -> tuple[int, int,
     block_cols, _ = row_block(n_cols, max_block=_TILE)
     _, num_warps = row_block(_TILE)
     return n_rows, n_cols, _TILE // block_cols, block_cols, num_warps
+
+
+# The FP8 forward's rows: up to this many elements a row is held in registers, as rms_norm's rows
+# are (gate_up read once; Llama-3.2-1B's D = 8192 and Llama-3.1-8B's 14336, a block of 16384 at 16
+# warps, both held); wider rows take two passes of FLOAT8_PASS_BLOCK elements, gate_up read twice
+# (the second time mostly from L2: a row of the 8B's is 56 KiB in bf16). Not yet measured against
+# each other: benchmarks/kernel_bench/float8_outputs.py times both at both shapes.
+FLOAT8_ROW_IN_REGISTERS = 16384
+FLOAT8_PASS_BLOCK = 4096
 
 
 # The PyTorch path: the kernels' math, for CPU tensors when Triton is not interpreting. Operands
@@ -198,6 +261,33 @@ def _packed_forward(gate_up: torch.Tensor) -> torch.Tensor:
     return y
 
 
+@kernel_op("swiglu_packed_forward_float8")
+def _packed_forward_float8(gate_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """gate_up: [N, 2D] = [gate | up], unit column stride. Returns the FP8 rows of silu(gate) * up
+    as `_packed_forward` rounds it: e4m3 data [N, D] and float32 dequantizing scales [N, 1]."""
+    n_rows, n_cols = gate_up.shape[0], gate_up.shape[1] // 2
+    if not runs_triton(gate_up):
+        # The PyTorch path's output, then float8.py's cast of it.
+        y = torch.empty((n_rows, n_cols), dtype=gate_up.dtype, device=gate_up.device)
+        _launch_forward(gate_up, None, y)
+        return tuple(quantize_rows(y))
+    y = torch.empty((n_rows, n_cols), dtype=E4M3, device=gate_up.device)
+    y_scale = torch.empty((n_rows, 1), dtype=torch.float32, device=gate_up.device)
+    if n_rows == 0:
+        return y, y_scale
+    block, num_warps = row_block(n_cols)
+    row_in_registers = block <= FLOAT8_ROW_IN_REGISTERS
+    if not row_in_registers:
+        block, num_warps = row_block(FLOAT8_PASS_BLOCK)
+    launch(_swiglu_packed_float8_kernel)[(n_rows,)](
+        gate_up, y, y_scale,
+        gate_up.stride(0), y.stride(0),
+        n_cols,
+        EMULATE_FLOAT8=interpreting(), BLOCK=block, ROW_IN_REGISTERS=row_in_registers, num_warps=num_warps,
+    )
+    return y, y_scale
+
+
 @kernel_op("swiglu_packed_backward")
 def _packed_backward(dy: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:
     """Gradient of gate_up, [N, 2D] contiguous: both halves written by one pass."""
@@ -276,3 +366,17 @@ def swiglu_packed(gate_up: torch.Tensor, in_place_backward: bool = False) -> tor
             f"gate_up must have an even last dimension (gate, then up), got shape {list(gate_up.shape)}"
         )
     return _SwiGLUPackedFunction.apply(gate_up, in_place_backward)
+
+
+def swiglu_packed_float8(gate_up: torch.Tensor) -> Float8Rows:
+    """`quantize_rows(swiglu_packed(gate_up))` bit for bit, in the one pass that computes it: y is
+    written only as its FP8 rows (e4m3 data [..., D], float32 scales [..., 1]). Records no autograd
+    graph: an FP8 MLP's own autograd.Function calls it, saves gate_up and calls the plain
+    backward (`_packed_backward` or `_packed_backward_in_place`)."""
+    check_float("gate_up", gate_up)
+    if gate_up.dim() == 0 or gate_up.shape[-1] % 2 or gate_up.shape[-1] == 0:
+        raise ValueError(
+            f"gate_up must have an even, non-zero last dimension (gate, then up), got shape {list(gate_up.shape)}"
+        )
+    data, scale = _packed_forward_float8(as_rows(gate_up.detach()))
+    return Float8Rows(data.view(*gate_up.shape[:-1], data.shape[-1]), scale.view(*gate_up.shape[:-1], 1))
