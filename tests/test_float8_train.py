@@ -107,3 +107,11 @@ def test_a_tiny_model_trained_in_fp8_tracks_the_exact_run(tmp_path):
     mean_fp8 = sum(fp8[s] for s in late) / len(late)
     assert mean_fp8 == pytest.approx(mean_exact, rel=0.03), (mean_fp8, mean_exact)
     assert any(fp8[s] != exact[s] for s in late)  # FP8 was in the products
+
+
+def test_a_run_resumes_with_fp8_switched_on(tmp_path):
+    """FP8 is a compute format: the checkpoint of an exact run resumes under FP8, and says so."""
+    run_train(tmp_path, "--max_steps", "4", "--checkpoint_every", "4", nproc=1)
+    result = run_train(tmp_path, "--max_steps", "8", "--checkpoint_every", "4", "--train.float8", "rowwise", nproc=1)
+    assert "train.float8: 'off' -> 'rowwise'" in result.stdout + result.stderr
+    assert list(losses(tmp_path)) == list(range(1, 9))
