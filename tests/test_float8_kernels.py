@@ -1,8 +1,8 @@
-"""The kernels that write their output as FP8 rows (rms_norm_float8, add_rms_norm_float8,
-swiglu_packed_float8, over the Triton helpers of kernels/float8_rows.py): each equals float8.py's
-`quantize_rows` of the plain kernel's output bit for bit, data and scales, on the same path (the
+"""The launchers that write their output as FP8 rows (RMSNorm with or without the residual add,
+packed SwiGLU; the Triton helpers of kernels/float8_rows.py): each equals float8.py's
+`quantize_rows` of the plain launcher's output bit for bit, data and scales, on the same path (the
 Triton kernel, interpreted on the CPU, or the PyTorch path), and the norms' rstd and sum are the
-plain kernel's."""
+plain launcher's."""
 
 import importlib
 
@@ -17,8 +17,9 @@ from ligerzoo.kernels.float8 import E4M3, Float8Rows, power_of_two_scales, quant
 from ligerzoo.kernels.float8_rows import cast_e4m3
 from ligerzoo.kernels.float8_rows import power_of_two_scales as kernel_power_of_two_scales
 from ligerzoo.kernels.rms_norm import _forward as rms_norm_forward
-from ligerzoo.kernels.rms_norm import add_rms_norm_float8, rms_norm_float8
-from ligerzoo.kernels.swiglu import swiglu_packed, swiglu_packed_float8
+from ligerzoo.kernels.rms_norm import _forward_float8 as rms_norm_forward_float8
+from ligerzoo.kernels.swiglu import _packed_forward as swiglu_packed_forward
+from ligerzoo.kernels.swiglu import _packed_forward_float8 as swiglu_packed_forward_float8
 
 # The module itself: the package's `swiglu` is the function.
 swiglu_module = importlib.import_module("ligerzoo.kernels.swiglu")
@@ -73,54 +74,55 @@ def spread(shape, dtype, per_row: bool):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_rms_norm_float8_is_the_cast_of_rms_norm(kernel_path, dtype, shape):
-    x = special_rows(torch.randn(shape, device=DEVICE, dtype=dtype))
+def test_rms_norm_rows_are_the_cast_of_rms_norm(kernel_path, dtype, shape):
+    x = as_rows(special_rows(torch.randn(shape, device=DEVICE, dtype=dtype)))
     weight = spread(shape[-1:], dtype, per_row=False)  # columns over many binades: FP8 subnormals
-    rows, rstd = rms_norm_float8(x, weight, 1e-5)
-    y, _, rstd_plain = rms_norm_forward(as_rows(x), None, weight, 1e-5)
-    assert_rows_equal(rows, quantize_rows(y.view(shape)))
+    data, scale, _, rstd = rms_norm_forward_float8(x, None, weight, 1e-5)
+    y, _, rstd_plain = rms_norm_forward(x, None, weight, 1e-5)
+    assert_rows_equal(Float8Rows(data, scale), quantize_rows(y))
     assert torch.equal(bits(rstd), bits(rstd_plain))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES[1:])
-def test_add_rms_norm_float8_is_the_cast_of_add_rms_norm(kernel_path, dtype, shape):
-    x = special_rows(torch.randn(shape, device=DEVICE, dtype=dtype))
-    residual = torch.randn(shape, device=DEVICE, dtype=dtype)
+def test_add_rms_norm_rows_are_the_cast_of_add_rms_norm(kernel_path, dtype, shape):
+    x = as_rows(special_rows(torch.randn(shape, device=DEVICE, dtype=dtype)))
+    residual = torch.randn(x.shape, device=DEVICE, dtype=dtype)
     weight = spread(shape[-1:], dtype, per_row=False)
-    rows, summed, rstd = add_rms_norm_float8(x, residual, weight, 1e-6)
-    y, summed_plain, rstd_plain = rms_norm_forward(as_rows(x), as_rows(residual), weight, 1e-6)
-    assert_rows_equal(rows, quantize_rows(y.view(shape)))
-    assert summed.shape == x.shape and torch.equal(bits(summed), bits(summed_plain.view(shape)))
+    data, scale, summed, rstd = rms_norm_forward_float8(x, residual, weight, 1e-6)
+    y, summed_plain, rstd_plain = rms_norm_forward(x, residual, weight, 1e-6)
+    assert_rows_equal(Float8Rows(data, scale), quantize_rows(y))
+    assert torch.equal(bits(summed), bits(summed_plain))
     assert torch.equal(bits(rstd), bits(rstd_plain))
 
 
 @pytest.mark.parametrize("weight_scale", [2.0**-100, 2.0**60])
-def test_rms_norm_float8_of_tiny_and_huge_outputs(kernel_path, weight_scale):
-    """Outputs under AMAX_FLOOR (the floor's scale, data rounding to zeros) and near float32's top."""
+def test_rms_norm_rows_of_tiny_and_huge_outputs(kernel_path, weight_scale):
+    """Outputs under AMAX_FLOOR (the floor's scale, data rounding to zeros) and near float32's
+    top; x's rows strided."""
     x = non_contiguous(torch.randn(5, 300, device=DEVICE))
     weight = torch.randn(300, device=DEVICE) * weight_scale
-    rows, _ = rms_norm_float8(x, weight)
-    assert_rows_equal(rows, quantize_rows(rms_norm_forward(x, None, weight, 1e-6)[0]))
+    data, scale, _, _ = rms_norm_forward_float8(x, None, weight, 1e-6)
+    assert_rows_equal(Float8Rows(data, scale), quantize_rows(rms_norm_forward(x, None, weight, 1e-6)[0]))
 
 
 @pytest.mark.parametrize("row_in_registers", [True, False])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_swiglu_packed_float8_is_the_cast_of_swiglu_packed(kernel_path, monkeypatch, row_in_registers, dtype,
-                                                           shape):
+def test_swiglu_rows_are_the_cast_of_swiglu_packed(kernel_path, monkeypatch, row_in_registers, dtype, shape):
     if not row_in_registers:  # rows of two passes of 64 columns, the last one partial
         monkeypatch.setattr(swiglu_module, "FLOAT8_ROW_IN_REGISTERS", 0)
         monkeypatch.setattr(swiglu_module, "FLOAT8_PASS_BLOCK", 64)
     *lead, width = shape
-    gate_up = special_rows(spread((*lead, 2 * width), dtype, per_row=True))
-    rows = swiglu_packed_float8(gate_up)
-    assert_rows_equal(rows, quantize_rows(swiglu_packed(gate_up)))
+    gate_up = as_rows(special_rows(spread((*lead, 2 * width), dtype, per_row=True)))
+    data, scale = swiglu_packed_forward_float8(gate_up)
+    assert_rows_equal(Float8Rows(data, scale), quantize_rows(swiglu_packed_forward(gate_up)))
 
 
-def test_swiglu_packed_float8_reads_a_strided_gate_up(kernel_path):
-    gate_up = non_contiguous(torch.randn(4, 2, 2 * 33, device=DEVICE, dtype=torch.bfloat16))
-    assert_rows_equal(swiglu_packed_float8(gate_up), quantize_rows(swiglu_packed(gate_up)))
+def test_swiglu_rows_of_a_strided_gate_up(kernel_path):
+    gate_up = non_contiguous(torch.randn(8, 2 * 33, device=DEVICE, dtype=torch.bfloat16))
+    data, scale = swiglu_packed_forward_float8(gate_up)
+    assert_rows_equal(Float8Rows(data, scale), quantize_rows(swiglu_packed_forward(gate_up)))
 
 
 @triton.jit
@@ -166,18 +168,17 @@ def test_kernel_cast_and_scales_equal_float8s_on_every_bfloat16_and_every_tie():
 
 
 def fp8_block_inputs():
-    x, residual = (torch.randn(2, 5, 48, device=DEVICE, dtype=torch.bfloat16) for _ in range(2))
+    x, residual = (torch.randn(10, 48, device=DEVICE, dtype=torch.bfloat16) for _ in range(2))
     weight = torch.randn(48, device=DEVICE, dtype=torch.bfloat16)
-    gate_up = torch.randn(2, 5, 2 * 80, device=DEVICE, dtype=torch.bfloat16)
+    gate_up = torch.randn(10, 2 * 80, device=DEVICE, dtype=torch.bfloat16)
     return x, residual, weight, gate_up
 
 
 def fp8_block(x, residual, weight, gate_up):
-    """What an FP8 block's forward takes from the kernels: both norms' rows and SwiGLU's."""
-    attention_in, summed, rstd = add_rms_norm_float8(x, residual, weight, 1e-6)
-    final_in, final_rstd = rms_norm_float8(summed, weight, 1e-6)
-    mlp_in = swiglu_packed_float8(gate_up)
-    return (*attention_in, summed, rstd, *final_in, final_rstd, *mlp_in)
+    """What an FP8 block's forward takes from the launchers: both norms' rows and SwiGLU's."""
+    data, scale, summed, rstd = rms_norm_forward_float8(x, residual, weight, 1e-6)
+    final_data, final_scale, _, final_rstd = rms_norm_forward_float8(summed, None, weight, 1e-6)
+    return (data, scale, summed, rstd, final_data, final_scale, final_rstd, *swiglu_packed_forward_float8(gate_up))
 
 
 def test_compiles_as_one_graph_with_the_same_bits(kernel_path):
@@ -191,19 +192,3 @@ def test_compiles_as_one_graph_with_the_same_bits(kernel_path):
         assert got.dtype == expected.dtype and torch.equal(bits(got), bits(expected))
     explanation = torch._dynamo.explain(fp8_block)(*inputs)
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1
-
-
-def test_bad_arguments():
-    x = torch.randn(4, 8, device=DEVICE)
-    with pytest.raises(ValueError, match="non-empty last"):
-        rms_norm_float8(torch.randn(4, 0, device=DEVICE), torch.ones(0, device=DEVICE))
-    with pytest.raises(ValueError, match="weight"):
-        rms_norm_float8(x, torch.ones(9, device=DEVICE))
-    with pytest.raises(ValueError, match="residual"):
-        add_rms_norm_float8(x, torch.randn(4, 8, device=DEVICE, dtype=torch.float16), torch.ones(8, device=DEVICE))
-    with pytest.raises(ValueError, match="even, non-zero"):
-        swiglu_packed_float8(torch.randn(4, 7, device=DEVICE))
-    with pytest.raises(ValueError, match="even, non-zero"):
-        swiglu_packed_float8(torch.randn(4, 0, device=DEVICE))
-    with pytest.raises(ValueError, match="gate_up must be"):
-        swiglu_packed_float8(torch.ones(4, 8, device=DEVICE, dtype=torch.int32))

@@ -5,9 +5,11 @@
 `add_rms_norm(x, residual, weight, eps)` returns `(rms_norm(x + residual), x + residual)` in one
 pass over memory: every decoder block needs that pair twice per layer.
 
-`rms_norm_float8` and `add_rms_norm_float8` write y as FP8 rows instead (float8.py's rowwise e4m3
-cast of y as the plain kernel rounds it, bit for bit), in the same pass: for FP8 training, where
-the norm's only reader is an FP8 product, y itself is never written or read again to be cast.
+For FP8 training the forward launcher `_forward_float8` writes y only as FP8 rows (float8.py's
+rowwise e4m3 cast of y as the plain kernel rounds it, bit for bit) in the same pass, so that y is
+never written in x's dtype and read again to be cast. It has no autograd.Function here: the FP8
+layer that reads y calls it from its own Function, and `_backward` from that Function's backward
+(the gradient is the plain norm's, whatever format y was written in).
 """
 
 import torch
@@ -30,7 +32,7 @@ from ligerzoo.kernels._utils import (
     row_block,
     runs_triton,
 )
-from ligerzoo.kernels.float8 import E4M3, Float8Rows, quantize_rows
+from ligerzoo.kernels.float8 import E4M3, quantize_rows
 from ligerzoo.kernels.float8_rows import abs_max_bits, cast_e4m3, power_of_two_scales
 
 
@@ -182,8 +184,9 @@ def _forward(
 def _forward_float8(
     x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """As `_forward`, y written only as FP8 rows: (y's e4m3 data [N, D], its float32 dequantizing
-    scales [N, 1], x + residual or an empty placeholder, rstd [N])."""
+    """As `_forward` (D >= 1), y written only as FP8 rows: (y's e4m3 data [N, D], its float32
+    dequantizing scales [N, 1], x + residual or an empty placeholder, rstd [N]); the data and
+    scales are `quantize_rows(y)` bit for bit, y as `_forward` writes it."""
     return _run_forward(x, residual, weight, eps, float8=True)
 
 
@@ -275,34 +278,6 @@ def add_rms_norm(
     """(rms_norm(x + residual), x + residual) in one pass; the sum is rounded to x's dtype."""
     _check(x, weight, residual)
     return _RMSNormFunction.apply(x, residual, weight, eps)
-
-
-# The FP8 forward: no autograd.Function of its own. An FP8 block's Function calls these in its
-# forward, saves what `_RMSNormFunction` saves (x, or the sum, with weight and rstd) and calls
-# `_backward` in its backward: the gradient is the plain norm's, whatever y's format.
-
-
-def rms_norm_float8(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> tuple[Float8Rows, torch.Tensor]:
-    """(`quantize_rows(rms_norm(x, weight, eps))` bit for bit, rstd) in the norm's one pass: y is
-    written only as its FP8 rows (e4m3 data in x's shape, float32 scales [..., 1]); rstd, float32
-    [rows of x], is what the backward takes. Records no autograd graph."""
-    _check(x, weight)
-    check_rows("x", x, last_dim="hidden")
-    data, scale, _, rstd = _forward_float8(as_rows(x.detach()), None, weight.detach(), eps)
-    return Float8Rows(data.view(x.shape), scale.view(*x.shape[:-1], 1)), rstd
-
-
-def add_rms_norm_float8(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6
-) -> tuple[Float8Rows, torch.Tensor, torch.Tensor]:
-    """(`quantize_rows` of rms_norm(x + residual) bit for bit, x + residual, rstd) in one pass, as
-    `add_rms_norm` computes them; y is written only as its FP8 rows. Records no autograd graph."""
-    _check(x, weight, residual)
-    check_rows("x", x, last_dim="hidden")
-    data, scale, summed, rstd = _forward_float8(
-        as_rows(x.detach()), as_rows(residual.detach()), weight.detach(), eps
-    )
-    return Float8Rows(data.view(x.shape), scale.view(*x.shape[:-1], 1)), summed.view(x.shape), rstd
 
 
 class RMSNorm(torch.nn.Module):

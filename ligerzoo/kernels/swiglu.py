@@ -5,9 +5,12 @@
     d_up   = dy * silu(g)
 
 `swiglu_packed` takes gate and up as the two halves of one tensor (a fused gate-and-up
-projection's output) and writes its gradient as one tensor too. `swiglu_packed_float8` writes its
-output as FP8 rows instead (float8.py's rowwise e4m3 cast of y as the plain kernel rounds it, bit
-for bit), so that FP8 training never writes y to read it again for the cast.
+projection's output) and writes its gradient as one tensor too.
+
+For FP8 training the launcher `_packed_forward_float8` writes y only as FP8 rows (float8.py's
+rowwise e4m3 cast of y as the plain kernel rounds it, bit for bit) in the pass that computes it,
+so that y is never written in gate_up's dtype and read again to be cast. The FP8 layer that reads
+y calls it from its own autograd.Function, and the packed backward launchers from its backward.
 
 Purely memory bound: the forward reads two tensors and writes one, the backward reads three and
 writes two, so both kernels are one pass with wide tiles and nothing else.
@@ -30,7 +33,7 @@ from ligerzoo.kernels._utils import (
     row_block,
     runs_triton,
 )
-from ligerzoo.kernels.float8 import E4M3, Float8Rows, quantize_rows
+from ligerzoo.kernels.float8 import E4M3, quantize_rows
 from ligerzoo.kernels.float8_rows import abs_max_bits, cast_e4m3, power_of_two_scales
 
 
@@ -263,8 +266,9 @@ def _packed_forward(gate_up: torch.Tensor) -> torch.Tensor:
 
 @kernel_op("swiglu_packed_forward_float8")
 def _packed_forward_float8(gate_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """gate_up: [N, 2D] = [gate | up], unit column stride. Returns the FP8 rows of silu(gate) * up
-    as `_packed_forward` rounds it: e4m3 data [N, D] and float32 dequantizing scales [N, 1]."""
+    """gate_up: [N, 2D] = [gate | up], unit column stride, D >= 1. Returns the FP8 rows of
+    y = silu(gate) * up: e4m3 data [N, D] and float32 dequantizing scales [N, 1], which are
+    `quantize_rows(y)` bit for bit, y as `_packed_forward` writes it."""
     n_rows, n_cols = gate_up.shape[0], gate_up.shape[1] // 2
     if not runs_triton(gate_up):
         # The PyTorch path's output, then float8.py's cast of it.
@@ -367,16 +371,3 @@ def swiglu_packed(gate_up: torch.Tensor, in_place_backward: bool = False) -> tor
         )
     return _SwiGLUPackedFunction.apply(gate_up, in_place_backward)
 
-
-def swiglu_packed_float8(gate_up: torch.Tensor) -> Float8Rows:
-    """`quantize_rows(swiglu_packed(gate_up))` bit for bit, in the one pass that computes it: y is
-    written only as its FP8 rows (e4m3 data [..., D], float32 scales [..., 1]). Records no autograd
-    graph: an FP8 MLP's own autograd.Function calls it, saves gate_up and calls the plain
-    backward (`_packed_backward` or `_packed_backward_in_place`)."""
-    check_float("gate_up", gate_up)
-    if gate_up.dim() == 0 or gate_up.shape[-1] % 2 or gate_up.shape[-1] == 0:
-        raise ValueError(
-            f"gate_up must have an even, non-zero last dimension (gate, then up), got shape {list(gate_up.shape)}"
-        )
-    data, scale = _packed_forward_float8(as_rows(gate_up.detach()))
-    return Float8Rows(data.view(*gate_up.shape[:-1], data.shape[-1]), scale.view(*gate_up.shape[:-1], 1))
