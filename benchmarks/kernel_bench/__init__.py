@@ -6,10 +6,10 @@ time, ceilings), graphs.py (GPU time by CUDA-graph replay), run.py (one kernel e
 report.py (the markdown tables).
 """
 
-from . import add_rms_norm, cross_entropy, linear_cross_entropy, rms_norm, rope, swiglu
+from . import add_rms_norm, cross_entropy, float8_outputs, linear_cross_entropy, rms_norm, rope, swiglu
 from .case import Case
 
-CASE_MODULES = (rms_norm, add_rms_norm, swiglu, rope, cross_entropy, linear_cross_entropy)
+CASE_MODULES = (rms_norm, add_rms_norm, swiglu, rope, cross_entropy, linear_cross_entropy, float8_outputs)
 
 
 def build_cases(small: bool) -> list[Case]:

@@ -38,6 +38,8 @@ class Case:
     unit: str = "GB/s"
     rep_ms: int = 100
     excl_grads_in_table: bool = False  # LCE: the table shows peak memory minus the gradient outputs
+    directions: tuple = DIRECTIONS  # ("fwd",) for an output with no backward of its own (FP8 rows)
+    table: str | None = None  # the title of a table of its own after the main one, for other peers
     notes: list = field(default_factory=list)
 
 

@@ -185,13 +185,22 @@ def peer_row(case: Case, direction: str, peer: str, r: Result) -> list[str]:
     return [cell(x) for x in row]
 
 
-def build_report(cases: list[Case], results: Results, header: str, peers) -> str:
-    out = [header, "", *table_lines(MAIN_COLUMNS)]
+def main_rows(cases: list[Case], results: Results) -> list[str]:
+    out = []
     for case in cases:
         for d in DIRECTIONS:
             rs = {p: results.get((case.name, d, p)) for p in PEERS}
             if any(r is not None for r in rs.values()):
                 out.append("| " + " | ".join(main_row(case, d, rs)) + " |")
+    return out
+
+
+def build_report(cases: list[Case], results: Results, header: str, peers) -> str:
+    out = [header, "", *table_lines(MAIN_COLUMNS), *main_rows([c for c in cases if c.table is None], results)]
+    # Cases of another kind (their peers defined otherwise) in a table of their own, the same columns.
+    for title in dict.fromkeys(c.table for c in cases if c.table is not None):
+        titled = [c for c in cases if c.table == title]
+        out += ["", f"## {title}", "", *table_lines(MAIN_COLUMNS), *main_rows(titled, results)]
 
     out += ["", "## Every peer", "", *table_lines(PEER_COLUMNS)]
     errors = {}  # message -> the rows it hit

@@ -9,7 +9,7 @@ import traceback
 
 import torch
 
-from .case import DIRECTIONS, Case
+from .case import Case
 from .graphs import run_graph
 from .measure import Result, cleanup, run_peer
 from .report import fmt_err, fmt_ms, worst_err
@@ -49,12 +49,12 @@ def run_case(case: Case, peers, quick: bool, seed: int, gen, dev, graphs_usable:
         traceback.print_exc()
         msg = f"inputs/reference failed: {type(e).__name__}: {e}"
         cleanup(dev)
-        return {(d, p): Result(error=msg) for d in DIRECTIONS for p in peers}, graphs_usable
+        return {(d, p): Result(error=msg) for d in case.directions for p in peers}, graphs_usable
     cleanup(dev)
 
     fns = build_peers(case, peers)
     results = {}
-    for d in DIRECTIONS:
+    for d in case.directions:
         for p, fn in fns.items():
             if isinstance(fn, Exception):
                 results[(d, p)] = Result(error=str(fn))
@@ -75,7 +75,7 @@ def run_case(case: Case, peers, quick: bool, seed: int, gen, dev, graphs_usable:
     # GPU times, after every eager time of this kernel is in (a failed capture cannot spoil those)
     if dev.type == "cuda":
         for p in sorted(peers, key=GRAPH_ORDER.index):
-            for d in DIRECTIONS:
+            for d in case.directions:
                 r = results[(d, p)]
                 if r.error is not None:
                     continue
