@@ -1,8 +1,9 @@
 """What every kernel file shares: how a launcher is registered and dispatched, where a tensor's
 kernel runs, tile sizes, argument checks and the losses' conventions.
 
-Kernel files import nothing of the package but this module; the fused linear cross-entropy also
-imports the cross-entropy launchers it runs on each chunk.
+Kernel files import nothing of the package but this module and the kernels they build on: the
+fused linear cross-entropy imports the cross-entropy launchers it runs on each chunk, and the
+kernels that write FP8 import its definition (float8.py) and its Triton helpers (float8_rows.py).
 """
 
 import functools
