@@ -178,6 +178,14 @@ def test_kernel_benchmark_dry_run():
     assert not any("BAD" in row["rel err ligerzoo (worst tensor)"] for row in rows)
 
 
+def test_float8_layers_benchmark_dry_run_runs_each_layer_each_way():
+    result = run_script("float8_layers.py", "--dry-run")
+    assert result.returncode == 0, result.stdout + result.stderr[-6000:]
+    rows = table_rows(result.stdout, "| layer |")
+    assert [row["layer"] for row in rows] == ["norm+wqkv", "norm+w13", "swiglu+w2"]
+    assert all(set(row.values()) - {row["layer"]} == {"ran"} for row in rows)
+
+
 def test_fine_tuning_benchmark_runs_on_cpu():
     result = run_script("sft.py", "--device", "cpu", "--shape", "tiny", "--seq", "512", "--batch", "2",
                         "--steps", "2")

@@ -1,6 +1,7 @@
 """FP8 training (models/float8.py, --train.float8) on CPU: the blocks' linear layers swapped in
-place, their products in FP8 and within its error of the exact ones, and a tiny model trained 100
-steps in FP8 tracking the same run without it."""
+place, their products in FP8 and within its error of the exact ones, under "rowwise" the norms and
+SwiGLU handing their projections FP8 rows, and a tiny model trained 100 steps in FP8 tracking the
+same run without it."""
 
 import importlib
 
@@ -9,7 +10,8 @@ import torch
 from test_train import losses, run_train
 
 from ligerzoo.models import ModelConfig, build_model
-from ligerzoo.models.float8 import Float8Linear, convert_to_float8
+from ligerzoo.models.float8 import Float8Block, Float8Linear, convert_to_float8
+from ligerzoo.models.transformer import Block
 from ligerzoo.training.blocks import prepare_blocks
 
 # Every dimension a multiple of 16, the scaled product's granularity: no layer falls back.
@@ -24,6 +26,8 @@ def torch_path(monkeypatch):
 
 def model_pair(recipe, family="llama"):
     extra = dict(model_type="mixtral", num_local_experts=4, num_experts_per_tok=2) if family == "mixtral" else {}
+    if family == "llama with biases":
+        extra = dict(attention_bias=True, mlp_bias=True)
     torch.manual_seed(0)
     exact = build_model(ModelConfig(**CONFIG, **extra))
     converted = build_model(ModelConfig(**CONFIG, **extra))
@@ -42,6 +46,8 @@ def test_conversion_keeps_every_parameter_and_its_name(recipe):
     after = dict(model.named_parameters())
     assert list(after) == list(before) and all(after[name] is before[name] for name in before)
     assert isinstance(model.layers[1].feed_forward.w2, Float8Linear)
+    # One scale a row is what a producer computes in its pass: only rowwise fuses (models/float8.py).
+    assert all(type(block) is (Float8Block if recipe == "rowwise" else Block) for block in model.layers)
     assert list(model.state_dict()) == list(build_model(ModelConfig(**CONFIG)).state_dict())
 
 
@@ -52,6 +58,15 @@ def test_mixtral_keeps_its_router_and_experts_exact():
     assert type(block.feed_forward.router) is torch.nn.Linear
 
 
+def loss_and_grads(model):
+    ids = torch.randint(0, CONFIG["vocab_size"], (4, 64), generator=torch.Generator().manual_seed(1))
+    loss = model(ids, labels=ids).loss
+    loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    return loss.detach(), grads
+
+
 @pytest.mark.parametrize("recipe", ["rowwise", "tensorwise"])
 def test_fp8_loss_and_gradients_are_near_the_exact_ones_and_not_equal(recipe, monkeypatch):
     exact, converted = model_pair(recipe)
@@ -59,18 +74,34 @@ def test_fp8_loss_and_gradients_are_near_the_exact_ones_and_not_equal(recipe, mo
     module = importlib.import_module("ligerzoo.kernels.float8_linear")  # the package exports the function
     scaled_mm = module.scaled_mm
     monkeypatch.setattr(module, "scaled_mm", lambda *args: products.append(1) or scaled_mm(*args))
-    ids = torch.randint(0, CONFIG["vocab_size"], (4, 64), generator=torch.Generator().manual_seed(1))
-    results = []
-    for model in (exact, converted):
-        loss = model(ids, labels=ids).loss
-        loss.backward()
-        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
-    (loss, grads), (fp8_loss, fp8_grads) = results
+    (loss, grads), (fp8_loss, fp8_grads) = loss_and_grads(exact), loss_and_grads(converted)
     assert len(products) == 8 * 3  # 8 layers x (forward, input gradient, weight gradient)
     assert fp8_loss != loss and abs(fp8_loss - loss) < 0.02 * loss
     for name, grad in grads.items():
         error = (fp8_grads[name] - grad).norm() / grad.norm()
         assert 0 < error < 0.15, (name, error)  # e4m3 rounds to 2**-4, e5m2 to 2**-3 of each operand
+
+
+@pytest.mark.parametrize("family", ["llama with biases", "mixtral"])
+def test_fused_producers_give_the_bits_of_the_fp8_layers_behind_the_plain_ones(family, monkeypatch):
+    """A rowwise block's norms and SwiGLU write the FP8 rows their projections read (Mixtral's
+    experts stay exact, so only its attention norm does); loss and every gradient are those of the
+    same Float8Linear layers behind the plain norms and SwiGLU (Block.forward on the same modules)."""
+    _, model = model_pair("rowwise", family)
+    module = importlib.import_module("ligerzoo.kernels.float8_fused")
+    calls = []
+    for name in ("_rms_norm_forward_float8", "_swiglu_packed_forward_float8"):
+        launcher = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *args, f=launcher, n=name: calls.append(n) or f(*args))
+    fused_loss, fused_grads = loss_and_grads(model)
+    norms, swiglus = (2, 0) if family == "mixtral" else (4, 2)  # in 2 layers
+    assert calls.count("_rms_norm_forward_float8") == norms and calls.count("_swiglu_packed_forward_float8") == swiglus
+    monkeypatch.setattr(Float8Block, "forward", Block.forward)
+    loss, grads = loss_and_grads(model)
+    assert torch.equal(fused_loss, loss)
+    assert list(fused_grads) == list(grads)
+    for name, grad in grads.items():
+        assert torch.equal(fused_grads[name], grad), name
 
 
 def test_prepare_blocks_converts_before_checkpointing_and_compile():

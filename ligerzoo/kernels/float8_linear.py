@@ -49,6 +49,10 @@ cast in the pass that computes it. float8_linear takes it beside x itself, the o
 dtype, which autograd sends dx to: the producer's own Function keeps its backward. x is not saved,
 so once its other readers are done it is freed. The caller guarantees that x_fp8 is the cast of x
 this recipe defines (`quantize_rows(x)` or `quantize_tensor(x)`); checking it would read x again.
+
+The products themselves are the public `float8_forward_product` and `float8_backward_products`:
+`_Float8LinearFunction` calls them, and so do the Functions that fuse a producer with its linear
+layer (float8_fused.py), so there is one implementation of the recipe.
 """
 
 from typing import NamedTuple
@@ -97,6 +101,52 @@ def quantize_weight(weight: torch.Tensor, recipe: str = "rowwise") -> Float8Weig
     return Float8Weight(rows, _cast_transposed(weight, rows, E4M3, recipe))
 
 
+def takes_fp8_product(m: int, k: int, n: int) -> bool:
+    """Whether [M, K] @ [K, N] runs in FP8: every dimension a positive multiple of 16, as
+    `torch._scaled_mm` requires. Shapes only, so a traced caller branches on nothing else."""
+    return all(d > 0 and d % 16 == 0 for d in (m, k, n))
+
+
+def float8_forward_product(x_cast: Float8Rows, weight: torch.Tensor, bias: torch.Tensor | None,
+                           recipe: str, w_cast: Float8Rows | None = None) -> torch.Tensor:
+    """y = x @ W^T + b [M, N] in weight's dtype, from x's cast [M, K] along K.
+
+    weight: W [N, K], cast here unless w_cast, its cast along K (`Float8Weight.rows`), is given."""
+    w_cast = w_cast if w_cast is not None else _cast(weight, E4M3, recipe)
+    y = _product(x_cast, w_cast, weight.dtype)
+    return y + bias if bias is not None else y
+
+
+def float8_backward_products(dy: torch.Tensor, x_cast: Float8Rows | None,
+                             weight: torch.Tensor | Float8Rows | None, recipe: str,
+                             bias_grad: bool = False) -> tuple:
+    """(dx [M, K], dW [N, K], db [N]) of y = x @ W^T + b for dy [M, N], in dy's dtype, each None
+    where not asked for.
+
+    x_cast: x's cast from the forward (dW reads it, cast again along M under "rowwise"), or None:
+    no dW. weight: W [N, K], whose columns are cast here, or their cast W^T [K, N] along N
+    (`Float8Weight.cols`), or None: no dx. bias_grad: whether to return db.
+    """
+    grad_dtype = GRAD_DTYPE[recipe]
+    dx = dw = db = None
+    needs_dy_cast = weight is not None or (x_cast is not None and recipe == "tensorwise")
+    dy_cast = _cast(dy, grad_dtype, recipe) if needs_dy_cast else None
+    if weight is not None:
+        wt_cast = weight if isinstance(weight, Float8Rows) else _cast_transposed(weight, None, E4M3, recipe)
+        dx = _product(dy_cast, wt_cast, dy.dtype)
+    if x_cast is not None:
+        dyt_cast = _cast_transposed(dy, dy_cast, grad_dtype, recipe)
+        if recipe == "rowwise":
+            # x's forward cast, exact in float32, cast again along M (module docstring).
+            xt_cast = quantize_rows((x_cast.data.float() * x_cast.scale).t(), E4M3)
+        else:
+            xt_cast = Float8Rows(x_cast.data.t().contiguous(), x_cast.scale)
+        dw = _product(dyt_cast, xt_cast, dy.dtype)
+    if bias_grad:
+        db = dy.sum(0, dtype=torch.float32).to(dy.dtype)
+    return dx, dw, db
+
+
 class _Float8LinearFunction(torch.autograd.Function):
     """x [M, K], weight [N, K], bias [N] or None; the FP8 arguments None, or the casts of x (rows)
     and of the weight (rows and columns) that float8_linear was given; tensorwise, wt_scale None
@@ -105,10 +155,8 @@ class _Float8LinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, x_data, x_scale, w_data, w_scale, wt_data, wt_scale, recipe):
         x_cast = Float8Rows(x_data, x_scale) if x_data is not None else _cast(x, E4M3, recipe)
-        w_cast = Float8Rows(w_data, w_scale) if w_data is not None else _cast(weight, E4M3, recipe)
-        y = _product(x_cast, w_cast, x.dtype)
-        if bias is not None:
-            y = y + bias
+        w_cast = Float8Rows(w_data, w_scale) if w_data is not None else None
+        y = float8_forward_product(x_cast, weight, bias, recipe, w_cast)
         needs_dx, needs_dw = ctx.needs_input_grad[:2]
         x_saved, x_scale_saved = x_cast if needs_dw else (None, None)
         # What dx reads: the given cast of W's columns, or the parameter, cast in the backward.
@@ -119,33 +167,16 @@ class _Float8LinearFunction(torch.autograd.Function):
             else:
                 w_saved = weight
         ctx.save_for_backward(x_saved, x_scale_saved, w_saved, wt_scale_saved)
-        ctx.recipe, ctx.has_bias = recipe, bias is not None
-        ctx.x_dtype, ctx.weight_dtype, ctx.weight_given = x.dtype, weight.dtype, wt_data is not None
+        ctx.recipe, ctx.has_bias, ctx.weight_given = recipe, bias is not None, wt_data is not None
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x_saved, x_scale_saved, w_saved, wt_scale_saved = ctx.saved_tensors
-        recipe, grad_dtype = ctx.recipe, GRAD_DTYPE[ctx.recipe]
-        needs_dx, needs_dw, needs_db = ctx.needs_input_grad[:3]
-        dx = dw = db = None
-        dy_cast = _cast(dy, grad_dtype, recipe) if needs_dx or (needs_dw and recipe == "tensorwise") else None
-        if needs_dx:
-            if ctx.weight_given:
-                wt_cast = Float8Rows(w_saved, wt_scale_saved)
-            else:
-                wt_cast = _cast_transposed(w_saved, None, E4M3, recipe)
-            dx = _product(dy_cast, wt_cast, ctx.x_dtype)
-        if needs_dw:
-            dyt_cast = _cast_transposed(dy, dy_cast, grad_dtype, recipe)
-            if recipe == "rowwise":
-                # x's forward cast, exact in float32, cast again along M (module docstring).
-                xt_cast = quantize_rows((x_saved.float() * x_scale_saved).t(), E4M3)
-            else:
-                xt_cast = Float8Rows(x_saved.t().contiguous(), x_scale_saved)
-            dw = _product(dyt_cast, xt_cast, ctx.weight_dtype)
-        if needs_db and ctx.has_bias:
-            db = dy.sum(0, dtype=torch.float32).to(ctx.x_dtype)
+        x_cast = Float8Rows(x_saved, x_scale_saved) if x_saved is not None else None
+        weight = Float8Rows(w_saved, wt_scale_saved) if ctx.weight_given and w_saved is not None else w_saved
+        dx, dw, db = float8_backward_products(dy, x_cast, weight, ctx.recipe,
+                                              bias_grad=ctx.has_bias and ctx.needs_input_grad[2])
         return dx, dw, db, None, None, None, None, None, None, None
 
 
@@ -203,7 +234,7 @@ def float8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     *lead, k = x.shape
     n = weight.shape[0]
     m = x.numel() // k if k else 0
-    if not all(d > 0 and d % 16 == 0 for d in (m, n, k)):
+    if not takes_fp8_product(m, k, n):
         return F.linear(x, weight, bias)
     x_data = x_scale = w_data = w_scale = wt_data = wt_scale = None
     if x_fp8 is not None:

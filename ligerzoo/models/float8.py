@@ -10,13 +10,23 @@ What is converted: each block's attention projections (wqkv, wo) and dense MLP (
 products that are most of a step's work. The embedding, the output head and its fused loss stay
 in the parameters' dtype, as does Mixtral's router (a tiny product whose softmax decides the
 routing) and its experts (grouped products).
+
+Under "rowwise" each block also becomes a `Float8Block`: the same modules, whose forward hands
+each projection's input over as the FP8 rows its producer writes (kernels/float8_fused.py): the
+attention norm with wqkv, the FFN norm with w13, SwiGLU with w2; wo, whose input comes from
+attention, casts it itself (`Float8Linear`). Under "tensorwise" the blocks keep their forward and
+each Float8Linear casts its input: one scale for a whole tensor needs the tensor's amax before
+any element is cast, which a row-per-program producer cannot know in its one pass.
 """
 
 import torch
 from torch import nn
 
+from ligerzoo.kernels.float8_fused import add_rms_norm_linear, rms_norm_linear, swiglu_linear
 from ligerzoo.kernels.float8_linear import RECIPES, float8_linear
-from ligerzoo.models.transformer import MLP, Attention, Transformer
+from ligerzoo.models.attention import AttentionMask
+from ligerzoo.models.cache import LayerCache
+from ligerzoo.models.transformer import MLP, Attention, Block, Transformer
 
 
 class Float8Linear(nn.Linear):
@@ -41,9 +51,38 @@ class Float8Linear(nn.Linear):
         return f"{super().extra_repr()}, recipe={self.recipe}"
 
 
+class Float8Block(nn.Module):
+    """A Block's modules (so its parameters, under the same names) with a rowwise FP8 forward:
+    each norm and SwiGLU fused with the projection that reads its output. Mixtral's experts
+    take the FFN norm's output as in Block."""
+
+    def __init__(self, block: Block):
+        super().__init__()
+        self.attention_norm, self.attention = block.attention_norm, block.attention
+        self.ffn_norm, self.feed_forward = block.ffn_norm, block.feed_forward
+
+    def forward(self, x, residual, cos, sin, mask: AttentionMask, cache: LayerCache | None = None):
+        """As `Block.forward`."""
+        norm, wqkv = self.attention_norm, self.attention.wqkv
+        if residual is None:
+            qkv, residual = rms_norm_linear(x, norm.weight, norm.eps, wqkv.weight, wqkv.bias), x
+        else:
+            qkv, residual = add_rms_norm_linear(x, residual, norm.weight, norm.eps, wqkv.weight, wqkv.bias)
+        h = self.attention.attend_qkv(qkv, cos, sin, mask, cache)
+        norm, mlp = self.ffn_norm, self.feed_forward
+        if not isinstance(mlp, MLP):
+            h, residual = norm(h, residual)
+            out, router_stats = mlp(h)
+            return out, residual, router_stats
+        gate_up, residual = add_rms_norm_linear(h, residual, norm.weight, norm.eps, mlp.w13.weight, mlp.w13.bias)
+        # w13's output is read by nothing but SwiGLU: its gradient may take its memory.
+        return swiglu_linear(gate_up, mlp.w2.weight, mlp.w2.bias, in_place_backward=True), residual, None
+
+
 def convert_to_float8(model: Transformer, recipe: str) -> list[str]:
     """Swap the linear layers of every block of `model` (or of anything with `.layers`, such as a
-    Medusa model's trunk) for Float8Linear, in place; returns the converted layers' names."""
+    Medusa model's trunk) for Float8Linear, and under "rowwise" each block for a Float8Block, in
+    place; returns the converted layers' names."""
     converted = []
     for index, block in enumerate(model.layers):
         for path, parent in block.named_modules():
@@ -52,4 +91,6 @@ def convert_to_float8(model: Transformer, recipe: str) -> list[str]:
                     if type(child) is nn.Linear:
                         setattr(parent, name, Float8Linear.from_linear(child, recipe))
                         converted.append(f"layers.{index}.{path}.{name}")
+        if recipe == "rowwise":
+            model.layers[index] = Float8Block(block)
     return converted

@@ -51,8 +51,13 @@ class Attention(nn.Module):
         self.wo = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=config.attention_bias)
 
     def forward(self, x, cos, sin, mask: AttentionMask, cache: LayerCache | None = None):
-        batch, seq_len, _ = x.shape
-        qkv = self.wqkv(x).view(batch, seq_len, -1, self.head_dim)  # [B, T, Hq + 2 Hk, D]
+        return self.attend_qkv(self.wqkv(x), cos, sin, mask, cache)
+
+    def attend_qkv(self, qkv, cos, sin, mask: AttentionMask, cache: LayerCache | None = None):
+        """Attention from wqkv's output [B, T, (Hq + 2 Hk) D] on: RoPE, attention, wo. Apart from
+        `forward` for a block that computes the projection itself (models/float8.py)."""
+        batch, seq_len, _ = qkv.shape
+        qkv = qkv.view(batch, seq_len, -1, self.head_dim)  # [B, T, Hq + 2 Hk, D]
         q, k, v = qkv.split([self.n_heads, self.n_kv_heads, self.n_kv_heads], dim=2)
         q, k = apply_rope(q, k, cos, sin)  # reads the strided views of qkv, writes new tensors
         if cache is None:

@@ -1,9 +1,10 @@
 """How each decoder block is prepared for training: FP8 linear layers, activation checkpointing,
 then torch.compile.
 
-Each keeps the block's parameters (and their names): FP8 swaps the linear layers for ones that
-hold the same parameters, checkpointing and compile replace the block's forward. So FSDP2
-(parallel.py), applied afterwards, the checkpoints and the export see the same parameters.
+Each keeps the block's parameters (and their names): FP8 swaps the linear layers (under rowwise
+the blocks too) for ones that hold the same parameters, checkpointing and compile replace the
+block's forward. So FSDP2 (parallel.py), applied afterwards, the checkpoints and the export see the
+same parameters.
 """
 
 import functools

@@ -1,0 +1,90 @@
+#!/usr/bin/env python3
+"""A block's FP8 layers with their producers, forward + backward, each compiled (fullgraph):
+
+    norm+wqkv    add_rms_norm then wqkv          norm+w13    add_rms_norm then w13
+    swiglu+w2    swiglu_packed then w2
+
+three ways: bf16 (the producer, then F.linear), fp8 (the producer's bf16 output, then
+float8_linear casting it rowwise with PyTorch ops: the path before the producers wrote FP8) and
+fused (kernels/float8_fused.py: the producer writes FP8 rows, the rowwise path of --train.float8).
+Prints the median ms of each (triton.testing.do_bench) at the Llama-3.2-1B shape, 16,384 tokens
+(--shape 8b: Llama-3.1-8B, 8,192 tokens).
+
+    python benchmarks/float8_layers.py [--shape 1b|8b]
+    python benchmarks/float8_layers.py --dry-run     # CPU, tiny shapes: runs each once, no timing
+"""
+
+import argparse
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+import triton.testing
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from ligerzoo.kernels import add_rms_norm, add_rms_norm_linear, float8_linear, swiglu_linear, swiglu_packed
+
+EPS = 1e-5
+# tokens, hidden, intermediate, q/k/v width
+SHAPES = {"1b": (16384, 2048, 8192, (32 + 2 * 8) * 64), "8b": (8192, 4096, 14336, (32 + 2 * 8) * 128),
+          "dry": (64, 64, 128, 96)}
+
+
+def layers(tokens, hidden, inner, qkv):
+    """name -> (its inputs' shapes, {way: fn}); fn(*inputs) -> the output the gradient flows from."""
+    def norm_linear(width):
+        return ([(tokens, hidden), (tokens, hidden), (hidden,), (width, hidden)], {
+            "bf16": lambda x, r, nw, w: F.linear(add_rms_norm(x, r, nw, EPS)[0], w),
+            "fp8": lambda x, r, nw, w: float8_linear(add_rms_norm(x, r, nw, EPS)[0], w),
+            "fused": lambda x, r, nw, w: add_rms_norm_linear(x, r, nw, EPS, w)[0],
+        })
+    return {
+        "norm+wqkv": norm_linear(qkv),
+        "norm+w13": norm_linear(2 * inner),
+        "swiglu+w2": ([(tokens, 2 * inner), (hidden, inner)], {
+            "bf16": lambda g, w: F.linear(swiglu_packed(g), w),
+            "fp8": lambda g, w: float8_linear(swiglu_packed(g), w),
+            "fused": lambda g, w: swiglu_linear(g, w),
+        }),
+    }
+
+
+def inputs(shapes, device):
+    """bf16 leaves: weights [N, K] scaled by K**-0.5, everything else unit normal."""
+    return [(torch.randn(shape, device=device) * (shape[-1] ** -0.5 if i == len(shapes) - 1 else 1.0))
+            .to(torch.bfloat16).requires_grad_() for i, shape in enumerate(shapes)]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", choices=["1b", "8b"], default="1b")
+    ap.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, each way run once")
+    args = ap.parse_args(argv)
+    device = torch.device("cpu" if args.dry_run else "cuda")
+    tokens, hidden, inner, qkv = SHAPES["dry" if args.dry_run else args.shape]
+    print(f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, torch {torch.__version__}, "
+          f"{tokens} tokens, hidden {hidden}, intermediate {inner}: forward + backward, ms")
+    print("| layer | bf16 | fp8 (PyTorch casts) | fused |\n|---|---|---|---|")
+    for name, (shapes, ways) in layers(tokens, hidden, inner, qkv).items():
+        leaves = inputs(shapes, device)
+        times = []
+        for fn in ways.values():
+            # The dry run checks the plumbing: aot_eager traces the same graph without Inductor's build.
+            compiled = torch.compile(fn, fullgraph=True, backend="aot_eager" if args.dry_run else "inductor")
+            dy = torch.randn(compiled(*leaves).shape, device=device, dtype=torch.bfloat16)
+
+            def step(compiled=compiled, leaves=leaves, dy=dy):
+                compiled(*leaves).backward(dy)
+
+            if args.dry_run:
+                step()
+                times.append("ran")
+                continue
+            times.append(f"{triton.testing.do_bench(step, grad_to_none=leaves, return_mode='median'):.3f}")
+        print(f"| {name} | " + " | ".join(times) + " |")
+
+
+if __name__ == "__main__":
+    main()

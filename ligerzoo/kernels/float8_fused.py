@@ -1,0 +1,205 @@
+"""A producer fused with the FP8 linear layer that reads its output: RMSNorm (with or without the
+residual add) before a projection, SwiGLU before the down projection. Rowwise recipe only.
+
+    rms_norm_linear(x, norm_weight, eps, weight, bias)                 = y
+    add_rms_norm_linear(x, residual, norm_weight, eps, weight, bias)   = (y, x + residual)
+    swiglu_linear(gate_up, weight, bias)                               = y
+
+with y = float8_linear(h, weight, bias, "rowwise", x_fp8=quantize_rows(h)) for h the producer's
+output (`rms_norm`, `add_rms_norm`'s first, `swiglu_packed`), bit for bit. The producer's kernel
+writes h's FP8 rows (e4m3 and a float32 power-of-two scale per row, float8.py's cast of h as the
+plain kernel rounds it) in the pass that computes h, and h itself is never written: a cast by
+separate PyTorch ops, even compiled, made rowwise slower than bf16 (float8_linear.py's numbers).
+
+Forward: the producer's FP8 launcher, then `float8_forward_product`. Backward:
+`float8_backward_products` gives dh (and dW, db) in FP8, then the producer's own backward
+launcher turns dh into the gradients of its inputs.
+
+Saved for the backward, per element of the producer's [M, K] output, against the bf16 path
+(producer, then nn.Linear saving its input h in bf16):
+    norm      its input (x, or the sum x + residual: an output, alive anyway as the residual
+              stream) and rstd as the norm saves them, plus h's FP8 rows: 1 byte an element and
+              4 a row, where the bf16 path keeps h at 2 bytes an element.
+    SwiGLU    gate_up [M, 2K] (SwiGLU's backward reads it; 4 bytes per element of h) and h's
+              FP8 rows: 5 bytes an element where the bf16 path keeps 4 + 2 = 6.
+The weight is saved as the parameter itself (no memory); its columns are cast in the backward.
+Beside the unfused FP8 path (the producer, then `float8_linear` casting h), the bytes saved are
+the same; what goes is the bf16 h written by the producer and read back by the cast (2 + 2 bytes
+an element of traffic, and h's memory until the cast is done).
+Recomputed rather than saved: sigmoid(gate) and the norm's x_hat, as the producers do alone.
+
+Shapes `torch._scaled_mm` cannot take (`takes_fp8_product`) run the producer and `F.linear`,
+exact, as `float8_linear` does; the choice is made from shapes only, so it traces without a
+branch on values.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from ligerzoo.kernels._utils import (
+    MAX_ROW_BLOCK,
+    as_rows,
+    check_float,
+    check_rows,
+    check_same_device,
+    check_same_dtype,
+    check_same_shape,
+    check_shape,
+)
+from ligerzoo.kernels.float8 import Float8Rows
+from ligerzoo.kernels.float8_linear import float8_backward_products, float8_forward_product, takes_fp8_product
+
+# The producers' launchers, as their own autograd.Functions call them (registered ops).
+from ligerzoo.kernels.rms_norm import _backward as _rms_norm_backward
+from ligerzoo.kernels.rms_norm import _forward_float8 as _rms_norm_forward_float8
+from ligerzoo.kernels.rms_norm import add_rms_norm, rms_norm
+from ligerzoo.kernels.swiglu import _packed_backward as _swiglu_packed_backward
+from ligerzoo.kernels.swiglu import _packed_backward_in_place as _swiglu_packed_backward_in_place
+from ligerzoo.kernels.swiglu import _packed_forward_float8 as _swiglu_packed_forward_float8
+from ligerzoo.kernels.swiglu import swiglu_packed
+
+RECIPE = "rowwise"  # a scale per row is what a row-per-program producer can compute in its pass
+
+
+# The Functions take and return [M, K] rows; the public functions reshape around them. Outputs that
+# are new tensors, not views made inside a Function: compiled, autograd refuses an in-place write
+# into a Function's view output, and SwiGLU's in-place backward writes into w13's output.
+
+
+class _RMSNormLinearFunction(torch.autograd.Function):
+    """x [M, K], residual [M, K] or None, norm_weight [K], weight [N, K], bias [N] or None."""
+
+    @staticmethod
+    def forward(ctx, x, residual, norm_weight, eps, weight, bias):
+        h_data, h_scale, summed, rstd = _rms_norm_forward_float8(x, residual, norm_weight, eps)
+        y = float8_forward_product(Float8Rows(h_data, h_scale), weight, bias, RECIPE)
+        needs_dh, needs_dw = any(ctx.needs_input_grad[:3]), ctx.needs_input_grad[4]
+        # The norm's input: x, or the sum (an output, alive anyway as the residual stream).
+        norm_input = x if residual is None else summed
+        ctx.save_for_backward(*(norm_input, norm_weight, rstd, weight) if needs_dh else (None,) * 4,
+                              *(h_data, h_scale) if needs_dw else (None, None))
+        ctx.has_residual, ctx.has_bias = residual is not None, bias is not None
+        return y if residual is None else (y, summed)
+
+    @staticmethod
+    def backward(ctx, dy, dsum=None):
+        norm_input, norm_weight, rstd, weight, h_data, h_scale = ctx.saved_tensors
+        h_fp8 = Float8Rows(h_data, h_scale) if h_data is not None else None
+        dh, dw, db = float8_backward_products(as_rows(dy), h_fp8, weight, RECIPE,
+                                              bias_grad=ctx.has_bias and ctx.needs_input_grad[5])
+        dx = dnorm_weight = None
+        if dh is not None:
+            dsum = as_rows(dsum) if ctx.has_residual and dsum is not None else None
+            dx, dnorm_weight = _rms_norm_backward(dh, norm_input, norm_weight, rstd, dsum)
+        return dx, dx if ctx.has_residual else None, dnorm_weight, None, dw, db
+
+
+class _SwiGLULinearFunction(torch.autograd.Function):
+    """gate_up [M, 2K], weight [N, K], bias [N] or None."""
+
+    @staticmethod
+    def forward(ctx, gate_up, weight, bias, in_place_backward):
+        h_data, h_scale = _swiglu_packed_forward_float8(gate_up)
+        y = float8_forward_product(Float8Rows(h_data, h_scale), weight, bias, RECIPE)
+        needs_dgate_up, needs_dw = ctx.needs_input_grad[:2]
+        ctx.save_for_backward(*(gate_up, weight) if needs_dgate_up else (None, None),
+                              *(h_data, h_scale) if needs_dw else (None, None))
+        ctx.has_bias = bias is not None
+        ctx.in_place_backward = in_place_backward  # on the caller's gate_up, or on as_rows' copy of it
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        gate_up, weight, h_data, h_scale = ctx.saved_tensors
+        h_fp8 = Float8Rows(h_data, h_scale) if h_data is not None else None
+        dh, dw, db = float8_backward_products(as_rows(dy), h_fp8, weight, RECIPE,
+                                              bias_grad=ctx.has_bias and ctx.needs_input_grad[2])
+        grad = None
+        if dh is not None:
+            if ctx.in_place_backward:
+                _swiglu_packed_backward_in_place(dh, gate_up)
+                grad = gate_up
+            else:
+                grad = _swiglu_packed_backward(dh, gate_up)
+        return grad, dw, db, None
+
+
+def _check_linear(name: str, source: torch.Tensor, k: int, weight: torch.Tensor, bias) -> None:
+    """weight [N, k] and bias [N] in the dtype of the producer's input `source` (named `name`),
+    to multiply the producer's output [..., k]."""
+    check_float("weight", weight)
+    if weight.dim() != 2 or weight.shape[1] != k:
+        raise ValueError(f"weight must have shape [N, {k}] to multiply {name}'s output, got {list(weight.shape)}")
+    check_same_dtype("weight", weight, name, source)
+    if bias is not None:
+        check_shape("bias", bias, [weight.shape[0]])
+        check_same_dtype("bias", bias, name, source)
+    check_same_device(**{name: source, "weight": weight, "bias": bias})
+
+
+def _check_norm(x, residual, norm_weight, weight, bias) -> None:
+    check_float("x", x)
+    check_rows("x", x)
+    if x.shape[-1] > MAX_ROW_BLOCK:
+        raise ValueError(f"rms_norm: rows of {x.shape[-1]} elements exceed the supported {MAX_ROW_BLOCK}")
+    check_float("norm_weight", norm_weight)
+    check_shape("norm_weight", norm_weight, [x.shape[-1]])
+    if residual is not None:
+        check_float("residual", residual)
+        check_same_shape("residual", residual, "x", x)
+        check_same_dtype("residual", residual, "x", x)
+    check_same_device(x=x, residual=residual, norm_weight=norm_weight)
+    _check_linear("x", x, x.shape[-1], weight, bias)
+
+
+def _takes_fp8(source: torch.Tensor, k: int, weight: torch.Tensor) -> bool:
+    """Whether the producer's output [M, k] (M: the rows of its input `source`) times weight^T
+    runs in FP8."""
+    m = source.numel() // source.shape[-1] if source.shape[-1] else 0
+    return takes_fp8_product(m, k, weight.shape[0])
+
+
+def rms_norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
+                    bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear(rms_norm(x, norm_weight, eps), weight, bias)`, its product rowwise FP8 (as
+    float8_linear's) and the norm writing only the FP8 rows it reads.
+
+    x: [..., K]; norm_weight: [K]; weight: [N, K]; bias: [N]; x's dtype for all. -> [..., N]."""
+    _check_norm(x, None, norm_weight, weight, bias)
+    if not _takes_fp8(x, x.shape[-1], weight):
+        return F.linear(rms_norm(x, norm_weight, eps), weight, bias)
+    y = _RMSNormLinearFunction.apply(as_rows(x), None, norm_weight, eps, weight, bias)
+    return y.view(*x.shape[:-1], -1)
+
+
+def add_rms_norm_linear(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                        weight: torch.Tensor, bias: torch.Tensor | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(`F.linear(rms_norm(x + residual), weight, bias)`, x + residual): `add_rms_norm` and the
+    linear layer after it, as `rms_norm_linear`; the sum rounded to x's dtype."""
+    _check_norm(x, residual, norm_weight, weight, bias)
+    if not _takes_fp8(x, x.shape[-1], weight):
+        h, summed = add_rms_norm(x, residual, norm_weight, eps)
+        return F.linear(h, weight, bias), summed
+    y, summed = _RMSNormLinearFunction.apply(as_rows(x), as_rows(residual), norm_weight, eps, weight, bias)
+    return y.view(*x.shape[:-1], -1), summed.view(x.shape)
+
+
+def swiglu_linear(gate_up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                  in_place_backward: bool = False) -> torch.Tensor:
+    """`F.linear(swiglu_packed(gate_up), weight, bias)`, its product rowwise FP8 and SwiGLU
+    writing only the FP8 rows it reads.
+
+    gate_up: [..., 2K], gate then up; weight: [N, K]; bias: [N]. in_place_backward: as
+    `swiglu_packed`'s, the gradient written over gate_up (for a gate_up nothing else reads)."""
+    check_float("gate_up", gate_up)
+    if gate_up.dim() == 0 or gate_up.shape[-1] % 2:
+        raise ValueError(
+            f"gate_up must have an even last dimension (gate, then up), got shape {list(gate_up.shape)}"
+        )
+    width = gate_up.shape[-1] // 2
+    _check_linear("gate_up", gate_up, width, weight, bias)
+    if not _takes_fp8(gate_up, width, weight):
+        return F.linear(swiglu_packed(gate_up, in_place_backward), weight, bias)
+    y = _SwiGLULinearFunction.apply(as_rows(gate_up), weight, bias, in_place_backward)
+    return y.view(*gate_up.shape[:-1], -1)
