@@ -2,8 +2,9 @@
 kernel runs, tile sizes, argument checks and the losses' conventions.
 
 Kernel files import nothing of the package but this module and the kernels they build on: the
-fused linear cross-entropy imports the cross-entropy launchers it runs on each chunk, and the
-kernels that write FP8 import its definition (float8.py) and its Triton helpers (float8_rows.py).
+fused linear cross-entropy imports the cross-entropy launchers it runs on each chunk, the
+kernels that write FP8 import its definition (float8.py) and its Triton helpers (float8_rows.py),
+and float8_fused.py the norm's and SwiGLU's launchers it runs around the FP8 products.
 """
 
 import functools
