@@ -16,10 +16,8 @@ from ligerzoo.kernels._utils import as_rows, interpreting
 from ligerzoo.kernels.float8 import E4M3, Float8Rows, power_of_two_scales, quantize_rows
 from ligerzoo.kernels.float8_rows import cast_e4m3
 from ligerzoo.kernels.float8_rows import power_of_two_scales as kernel_power_of_two_scales
-from ligerzoo.kernels.rms_norm import _forward as rms_norm_forward
-from ligerzoo.kernels.rms_norm import _forward_float8 as rms_norm_forward_float8
-from ligerzoo.kernels.swiglu import _packed_forward as swiglu_packed_forward
-from ligerzoo.kernels.swiglu import _packed_forward_float8 as swiglu_packed_forward_float8
+from ligerzoo.kernels.rms_norm import rms_norm_forward, rms_norm_forward_float8
+from ligerzoo.kernels.swiglu import swiglu_packed_forward, swiglu_packed_forward_float8
 
 # The module itself: the package's `swiglu` is the function.
 swiglu_module = importlib.import_module("ligerzoo.kernels.swiglu")

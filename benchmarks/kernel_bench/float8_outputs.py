@@ -9,7 +9,7 @@ Forward only: the backward is the plain kernels'. Peers, for these cases:
   with Inductor's emulate_precision_casts: by default Inductor drops the rounding to bf16 and
   casts the float32 value, which puts ~1.5% of the elements one FP8 step from the definition's;
 - liger: liger-kernel's bf16 kernel, then torch.compile(quantize_rows): a separate compiled cast;
-- ligerzoo: the FP8 launchers (`rms_norm._forward_float8`, `swiglu._packed_forward_float8`).
+- ligerzoo: the FP8 launchers (`rms_norm_forward_float8`, `swiglu_packed_forward_float8`).
 SwiGLU twice per shape: as shipped (a row held in registers up to swiglu.FLOAT8_ROW_IN_REGISTERS
 columns) and with every row in two passes (`_two_pass` cases), to choose between them.
 """
@@ -144,7 +144,7 @@ def norm_peers(residual):
         return lambda t: tuple(cast(fn.apply(t["x"], t["w"], EPS, 0.0, "llama", False)))
 
     def build_ligerzoo():
-        fn = ligerzoo_kernel("rms_norm", "_forward_float8")
+        fn = ligerzoo_kernel("rms_norm", "rms_norm_forward_float8")
         if residual:
             return lambda t: fn(t["x"], t["residual"], t["w"], EPS)[:3]
         return lambda t: fn(t["x"], None, t["w"], EPS)[:2]
@@ -171,7 +171,7 @@ def swiglu_peers(two_pass):
         return lambda t: tuple(cast(fn.apply(*t["gate_up"].chunk(2, dim=-1))))
 
     def build_ligerzoo():
-        fn = ligerzoo_kernel("swiglu", "_packed_forward_float8")
+        fn = ligerzoo_kernel("swiglu", "swiglu_packed_forward_float8")
         if not two_pass:
             return lambda t: fn(t["gate_up"])
 

@@ -50,13 +50,13 @@ from ligerzoo.kernels.float8 import Float8Rows
 from ligerzoo.kernels.float8_linear import float8_backward_products, float8_forward_product, takes_fp8_product
 
 # The producers' launchers, as their own autograd.Functions call them (registered ops).
-from ligerzoo.kernels.rms_norm import _backward as _rms_norm_backward
-from ligerzoo.kernels.rms_norm import _forward_float8 as _rms_norm_forward_float8
-from ligerzoo.kernels.rms_norm import add_rms_norm, rms_norm
-from ligerzoo.kernels.swiglu import _packed_backward as _swiglu_packed_backward
-from ligerzoo.kernels.swiglu import _packed_backward_in_place as _swiglu_packed_backward_in_place
-from ligerzoo.kernels.swiglu import _packed_forward_float8 as _swiglu_packed_forward_float8
-from ligerzoo.kernels.swiglu import swiglu_packed
+from ligerzoo.kernels.rms_norm import add_rms_norm, rms_norm, rms_norm_backward, rms_norm_forward_float8
+from ligerzoo.kernels.swiglu import (
+    swiglu_packed,
+    swiglu_packed_backward,
+    swiglu_packed_backward_in_place,
+    swiglu_packed_forward_float8,
+)
 
 RECIPE = "rowwise"  # a scale per row is what a row-per-program producer can compute in its pass
 
@@ -71,7 +71,7 @@ class _RMSNormLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, residual, norm_weight, eps, weight, bias):
-        h_data, h_scale, summed, rstd = _rms_norm_forward_float8(x, residual, norm_weight, eps)
+        h_data, h_scale, summed, rstd = rms_norm_forward_float8(x, residual, norm_weight, eps)
         y = float8_forward_product(Float8Rows(h_data, h_scale), weight, bias, RECIPE)
         needs_dh, needs_dw = any(ctx.needs_input_grad[:3]), ctx.needs_input_grad[4]
         # The norm's input: x, or the sum (an output, alive anyway as the residual stream).
@@ -90,7 +90,7 @@ class _RMSNormLinearFunction(torch.autograd.Function):
         dx = dnorm_weight = None
         if dh is not None:
             dsum = as_rows(dsum) if ctx.has_residual and dsum is not None else None
-            dx, dnorm_weight = _rms_norm_backward(dh, norm_input, norm_weight, rstd, dsum)
+            dx, dnorm_weight = rms_norm_backward(dh, norm_input, norm_weight, rstd, dsum)
         return dx, dx if ctx.has_residual else None, dnorm_weight, None, dw, db
 
 
@@ -99,7 +99,7 @@ class _SwiGLULinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, gate_up, weight, bias, in_place_backward):
-        h_data, h_scale = _swiglu_packed_forward_float8(gate_up)
+        h_data, h_scale = swiglu_packed_forward_float8(gate_up)
         y = float8_forward_product(Float8Rows(h_data, h_scale), weight, bias, RECIPE)
         needs_dgate_up, needs_dw = ctx.needs_input_grad[:2]
         ctx.save_for_backward(*(gate_up, weight) if needs_dgate_up else (None, None),
@@ -117,10 +117,10 @@ class _SwiGLULinearFunction(torch.autograd.Function):
         grad = None
         if dh is not None:
             if ctx.in_place_backward:
-                _swiglu_packed_backward_in_place(dh, gate_up)
+                swiglu_packed_backward_in_place(dh, gate_up)
                 grad = gate_up
             else:
-                grad = _swiglu_packed_backward(dh, gate_up)
+                grad = swiglu_packed_backward(dh, gate_up)
         return grad, dw, db, None
 
 

@@ -5,10 +5,10 @@
 `add_rms_norm(x, residual, weight, eps)` returns `(rms_norm(x + residual), x + residual)` in one
 pass over memory: every decoder block needs that pair twice per layer.
 
-For FP8 training the forward launcher `_forward_float8` writes y only as FP8 rows (float8.py's
+For FP8 training the forward launcher `rms_norm_forward_float8` writes y only as FP8 rows (float8.py's
 rowwise e4m3 cast of y as the plain kernel rounds it, bit for bit) in the same pass, so that y is
 never written in x's dtype and read again to be cast. It has no autograd.Function here: the FP8
-layer that reads y calls it from its own Function, and `_backward` from that Function's backward
+layer that reads y calls it from its own Function, and `rms_norm_backward` from that Function's backward
 (the gradient is the plain norm's, whatever format y was written in).
 """
 
@@ -171,7 +171,7 @@ def _run_forward(x, residual, weight, eps, float8: bool):
 
 
 @kernel_op("rms_norm_forward")
-def _forward(
+def rms_norm_forward(
     x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x, residual: [N, D] with unit column stride. Returns (y, x + residual or an empty
@@ -181,17 +181,17 @@ def _forward(
 
 
 @kernel_op("rms_norm_forward_float8")
-def _forward_float8(
+def rms_norm_forward_float8(
     x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """As `_forward` (D >= 1), y written only as FP8 rows: (y's e4m3 data [N, D], its float32
+    """As `rms_norm_forward` (D >= 1), y written only as FP8 rows: (y's e4m3 data [N, D], its float32
     dequantizing scales [N, 1], x + residual or an empty placeholder, rstd [N]); the data and
-    scales are `quantize_rows(y)` bit for bit, y as `_forward` writes it."""
+    scales are `quantize_rows(y)` bit for bit, y as `rms_norm_forward` writes it."""
     return _run_forward(x, residual, weight, eps, float8=True)
 
 
 @kernel_op("rms_norm_backward")
-def _backward(
+def rms_norm_backward(
     dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
     dsum: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -227,7 +227,7 @@ class _RMSNormFunction(torch.autograd.Function):
         shape = x.shape
         x2 = as_rows(x)
         r2 = as_rows(residual) if residual is not None else None
-        y, summed, rstd = _forward(x2, r2, weight, eps)
+        y, summed, rstd = rms_norm_forward(x2, r2, weight, eps)
         # The backward needs only the normalised input and the per-row 1/rms: we save the input
         # (or the sum, an output anyway) and recompute x_hat from it. The tensors saved are the
         # input and the output themselves, not [rows, width] views: under torch.compile, a saved
@@ -245,7 +245,7 @@ class _RMSNormFunction(torch.autograd.Function):
         h, weight, rstd = ctx.saved_tensors
         dy2 = as_rows(dy)
         dsum2 = as_rows(dsum) if (ctx.has_residual and dsum is not None) else None
-        dh, dweight = _backward(dy2, as_rows(h), weight, rstd, dsum2)
+        dh, dweight = rms_norm_backward(dy2, as_rows(h), weight, rstd, dsum2)
         dh = dh.view(dy.shape)
         if ctx.has_residual:
             return dh, dh, dweight, None

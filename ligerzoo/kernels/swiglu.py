@@ -7,7 +7,7 @@
 `swiglu_packed` takes gate and up as the two halves of one tensor (a fused gate-and-up
 projection's output) and writes its gradient as one tensor too.
 
-For FP8 training the launcher `_packed_forward_float8` writes y only as FP8 rows (float8.py's
+For FP8 training the launcher `swiglu_packed_forward_float8` writes y only as FP8 rows (float8.py's
 rowwise e4m3 cast of y as the plain kernel rounds it, bit for bit) in the pass that computes it,
 so that y is never written in gate_up's dtype and read again to be cast. The FP8 layer that reads
 y calls it from its own autograd.Function, and the packed backward launchers from its backward.
@@ -257,7 +257,7 @@ def _backward(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[t
 
 
 @kernel_op("swiglu_packed_forward")
-def _packed_forward(gate_up: torch.Tensor) -> torch.Tensor:
+def swiglu_packed_forward(gate_up: torch.Tensor) -> torch.Tensor:
     """gate_up: [N, 2D] = [gate | up], unit column stride. Returns silu(gate) * up, [N, D]."""
     y = torch.empty((gate_up.shape[0], gate_up.shape[1] // 2), dtype=gate_up.dtype, device=gate_up.device)
     _launch_forward(gate_up, None, y)
@@ -265,10 +265,10 @@ def _packed_forward(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 @kernel_op("swiglu_packed_forward_float8")
-def _packed_forward_float8(gate_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def swiglu_packed_forward_float8(gate_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """gate_up: [N, 2D] = [gate | up], unit column stride, D >= 1. Returns the FP8 rows of
     y = silu(gate) * up: e4m3 data [N, D] and float32 dequantizing scales [N, 1], which are
-    `quantize_rows(y)` bit for bit, y as `_packed_forward` writes it."""
+    `quantize_rows(y)` bit for bit, y as `swiglu_packed_forward` writes it."""
     n_rows, n_cols = gate_up.shape[0], gate_up.shape[1] // 2
     if not runs_triton(gate_up):
         # The PyTorch path's output, then float8.py's cast of it.
@@ -293,7 +293,7 @@ def _packed_forward_float8(gate_up: torch.Tensor) -> tuple[torch.Tensor, torch.T
 
 
 @kernel_op("swiglu_packed_backward")
-def _packed_backward(dy: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:
+def swiglu_packed_backward(dy: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:
     """Gradient of gate_up, [N, 2D] contiguous: both halves written by one pass."""
     grad = torch.empty(gate_up.shape, dtype=gate_up.dtype, device=gate_up.device)
     _launch_backward(dy, gate_up, None, grad, None)
@@ -301,7 +301,7 @@ def _packed_backward(dy: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:
 
 
 @kernel_op("swiglu_packed_backward_in_place", mutates_args=("gate_up",))
-def _packed_backward_in_place(dy: torch.Tensor, gate_up: torch.Tensor) -> None:
+def swiglu_packed_backward_in_place(dy: torch.Tensor, gate_up: torch.Tensor) -> None:
     """The gradient of gate_up written over gate_up."""
     _launch_backward(dy, gate_up, None, None, None)
 
@@ -338,7 +338,7 @@ class _SwiGLUPackedFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate_up, in_place_backward):
         gate_up2 = as_rows(gate_up)
-        y = _packed_forward(gate_up2)
+        y = swiglu_packed_forward(gate_up2)
         ctx.save_for_backward(gate_up2)
         ctx.in_place_backward = in_place_backward  # on gate_up, or on as_rows' private copy of it
         return y.view(*gate_up.shape[:-1], y.shape[-1])
@@ -347,10 +347,10 @@ class _SwiGLUPackedFunction(torch.autograd.Function):
     def backward(ctx, dy):
         (gate_up2,) = ctx.saved_tensors
         if ctx.in_place_backward:
-            _packed_backward_in_place(as_rows(dy), gate_up2)
+            swiglu_packed_backward_in_place(as_rows(dy), gate_up2)
             grad = gate_up2
         else:
-            grad = _packed_backward(as_rows(dy), gate_up2)
+            grad = swiglu_packed_backward(as_rows(dy), gate_up2)
         return grad.view(*dy.shape[:-1], grad.shape[-1]), None
 
 
