@@ -37,20 +37,23 @@ import torch
 import torch.nn.functional as F
 
 from ligerzoo.kernels._utils import (
-    MAX_ROW_BLOCK,
     as_rows,
     check_float,
-    check_rows,
     check_same_device,
     check_same_dtype,
-    check_same_shape,
     check_shape,
 )
 from ligerzoo.kernels.float8 import Float8Rows
 from ligerzoo.kernels.float8_linear import float8_backward_products, float8_forward_product, takes_fp8_product
 
 # The producers' launchers, as their own autograd.Functions call them (registered ops).
-from ligerzoo.kernels.rms_norm import add_rms_norm, rms_norm, rms_norm_backward, rms_norm_forward_float8
+from ligerzoo.kernels.rms_norm import (
+    add_rms_norm,
+    check_norm_inputs,
+    rms_norm,
+    rms_norm_backward,
+    rms_norm_forward_float8,
+)
 from ligerzoo.kernels.swiglu import (
     swiglu_packed,
     swiglu_packed_backward,
@@ -138,17 +141,7 @@ def _check_linear(name: str, source: torch.Tensor, k: int, weight: torch.Tensor,
 
 
 def _check_norm(x, residual, norm_weight, weight, bias) -> None:
-    check_float("x", x)
-    check_rows("x", x)
-    if x.shape[-1] > MAX_ROW_BLOCK:
-        raise ValueError(f"rms_norm: rows of {x.shape[-1]} elements exceed the supported {MAX_ROW_BLOCK}")
-    check_float("norm_weight", norm_weight)
-    check_shape("norm_weight", norm_weight, [x.shape[-1]])
-    if residual is not None:
-        check_float("residual", residual)
-        check_same_shape("residual", residual, "x", x)
-        check_same_dtype("residual", residual, "x", x)
-    check_same_device(x=x, residual=residual, norm_weight=norm_weight)
+    check_norm_inputs(x, norm_weight, residual, weight_name="norm_weight")
     _check_linear("x", x, x.shape[-1], weight, bias)
 
 

@@ -252,23 +252,25 @@ class _RMSNormFunction(torch.autograd.Function):
         return dh, None, dweight, None
 
 
-def _check(x, weight, residual=None):
+def check_norm_inputs(x, weight, residual=None, weight_name: str = "weight") -> None:
+    """The norm's arguments (also where the FP8 fused layers take them, whose `weight_name` is
+    norm_weight), each error naming the argument."""
     check_float("x", x)
     check_rows("x", x)
     if x.shape[-1] > MAX_ROW_BLOCK:
         raise ValueError(f"rms_norm: rows of {x.shape[-1]} elements exceed the supported {MAX_ROW_BLOCK}")
-    check_float("weight", weight)
-    check_shape("weight", weight, [x.shape[-1]])
+    check_float(weight_name, weight)
+    check_shape(weight_name, weight, [x.shape[-1]])
     if residual is not None:
         check_float("residual", residual)
         check_same_shape("residual", residual, "x", x)
         check_same_dtype("residual", residual, "x", x)
-    check_same_device(x=x, weight=weight, residual=residual)
+    check_same_device(**{"x": x, weight_name: weight, "residual": residual})
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """RMSNorm over the last dimension of x (any leading dims); output in x's dtype."""
-    _check(x, weight)
+    check_norm_inputs(x, weight)
     return _RMSNormFunction.apply(x, None, weight, eps)
 
 
@@ -276,7 +278,7 @@ def add_rms_norm(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(rms_norm(x + residual), x + residual) in one pass; the sum is rounded to x's dtype."""
-    _check(x, weight, residual)
+    check_norm_inputs(x, weight, residual)
     return _RMSNormFunction.apply(x, residual, weight, eps)
 
 
