@@ -4,10 +4,12 @@ training and the generation benchmarks on tiny models. Speed is measured on the 
 these runs only show that the scripts a GPU session runs work end to end."""
 
 import importlib.util
+import json
 import math
 import os
 import subprocess
 import sys
+from xml.etree import ElementTree
 
 import pytest
 
@@ -196,3 +198,60 @@ def test_fine_tuning_benchmark_runs_on_cpu():
                                              "evaluate (ligerzoo eval, validation loss), chat"]
     assert all(float(row["tokens/s"].replace(",", "")) > 0 for row in rows)
     assert "chat / text:" in result.stdout and "masked / unmasked chat:" in result.stdout
+
+
+def test_float8_convergence_corpus_train_and_compare_on_cpu(tmp_path):
+    """The three parts a GPU session runs, at toy size: a corpus of the text files under a folder,
+    bf16 and FP8 rowwise trained on it (the first attempt stopped by its time limit and started
+    again), their curves plotted and their final losses tabled."""
+    source = tmp_path / "site"
+    (source / "package" / "__pycache__").mkdir(parents=True)
+    lines = [f"def function_{i}(value):\n    return value * {i}  # scaled\n" for i in range(300)]
+    (source / "package" / "module.py").write_text("".join(lines))
+    (source / "package" / "README.md").write_text("# package\n\nIt scales values. " * 200)
+    (source / "notes.txt").write_text("Ünïcode notes, one per line.\n" * 300)
+    (source / "package" / "__pycache__" / "module.txt").write_text("cached, never read")
+    (source / "empty.rst").write_text("\n\n")
+    (source / "table.txt").write_bytes(b"\x00\x01binary")
+    (source / "data.json").write_text('{"not": "a text file of the corpus"}')
+    corpus = tmp_path / "corpus.jsonl"
+    result = run_script("float8_convergence.py", "corpus", str(corpus), "--root", str(source))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "3 files" in result.stdout and "1 not UTF-8 text, 1 empty" in result.stdout
+    texts = [json.loads(line)["text"] for line in corpus.read_text().splitlines()]
+    assert texts[0].startswith("Ünïcode") and texts[1].startswith("# package") and texts[2].startswith("def ")
+
+    def train(recipe, *args):
+        command = [sys.executable, str(ROOT / "benchmarks" / "float8_convergence.py"), "train", recipe,
+                   str(tmp_path / recipe), "--data", str(corpus), "--device", "cpu", "--shape", "tiny",
+                   "--seq", "64", "--batch", "4", "--steps", "6", *args]
+        return subprocess.Popen(command, cwd=ROOT, env=CPU_ENVIRONMENT, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+
+    early = train("off", "--time-limit", "32")  # stopped 2 s in, before its first step
+    output, _ = early.communicate(timeout=120)
+    assert early.returncode == 3, output[-3000:]
+    assert "stopped: 30 s before the time limit" in output and "run the same command again" in output
+    runs = [train("off"), train("rowwise")]  # side by side: each is mostly one core compiling
+    for run in runs:
+        output, _ = run.communicate(timeout=300)
+        assert run.returncode == 0, output[-6000:]
+        assert "6 steps, loss" in output
+
+    svg = tmp_path / "curves.svg"
+    result = run_script("float8_convergence.py", "compare", str(tmp_path / "off"), str(tmp_path / "rowwise"),
+                        "--out", str(svg), "--last", "3")
+    assert result.returncode == 0, result.stderr[-3000:]
+    namespace = {"svg": "http://www.w3.org/2000/svg"}
+    tree = ElementTree.parse(svg)
+    for index, label in ((1, "off"), (2, "rowwise")):
+        group = tree.find(f".//svg:g[@id='run-{index}']", namespace)
+        assert group.find("svg:title", namespace).text == label
+        assert len(group.findall("svg:path", namespace)) == 2  # the raw losses and their average
+    rows = table_rows(result.stdout, "| run |")
+    assert [row["run"] for row in rows] == ["off", "rowwise", "rowwise / off"]
+    final = "final loss (mean of the last 3 steps to 6)"
+    assert all(row["steps"] == "6" for row in rows[:2])
+    # Six steps of the same model on the same rows: FP8 rowwise within a percent of bf16.
+    ratio = float(rows[1][final]) / float(rows[0][final])
+    assert abs(ratio - 1) < 0.01 and rows[2][final].endswith("within 1.5%: yes)")
