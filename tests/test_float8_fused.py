@@ -187,14 +187,16 @@ def test_fullgraph_compile_gives_the_same_results(backend, monkeypatch):
     cast: emulate_precision_casts makes it round as written (on the GPU the Triton kernels are
     scheduled as they are)."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # a triton_op is traced through the PyTorch path here
-    monkeypatch.setattr(torch._inductor.config, "emulate_precision_casts", True)
     torch._dynamo.reset()
     k, inner, n = 64, 64, 48
     inputs = (*norm_inputs(k=k, bias=False)[:3], tensor(2 * inner, k, scale=k**-0.5, seed=20),
               tensor(2 * inner, seed=21), tensor(k, inner, scale=inner**-0.5, seed=22), None,
               tensor(n, k, scale=k**-0.5, seed=23))
     expected = outputs_and_grads(chain, *inputs)
-    got = outputs_and_grads(torch.compile(chain, fullgraph=True, backend=backend), *inputs)
+    # config.patch, not monkeypatch: pytest 9.2's undo deletes a config module's entry, which
+    # breaks every later compile in the session.
+    with torch._inductor.config.patch(emulate_precision_casts=True):
+        got = outputs_and_grads(torch.compile(chain, fullgraph=True, backend=backend), *inputs)
     names = ["y", "x + residual", "dx", "dresidual", "dnorm_weight", "dw13", "db13", "dw2", "db2", "dwq"]
     if backend == "aot_eager" or not got[0].is_cuda:
         bias_grads = [names.index("db13")] if backend == "inductor" else []

@@ -90,12 +90,12 @@ def test_fused_producers_give_the_bits_of_the_fp8_layers_behind_the_plain_ones(f
     _, model = model_pair("rowwise", family)
     module = importlib.import_module("ligerzoo.kernels.float8_fused")
     calls = []
-    for name in ("_rms_norm_forward_float8", "_swiglu_packed_forward_float8"):
+    for name in ("rms_norm_forward_float8", "swiglu_packed_forward_float8"):
         launcher = getattr(module, name)
         monkeypatch.setattr(module, name, lambda *args, f=launcher, n=name: calls.append(n) or f(*args))
     fused_loss, fused_grads = loss_and_grads(model)
     norms, swiglus = (2, 0) if family == "mixtral" else (4, 2)  # in 2 layers
-    assert calls.count("_rms_norm_forward_float8") == norms and calls.count("_swiglu_packed_forward_float8") == swiglus
+    assert calls.count("rms_norm_forward_float8") == norms and calls.count("swiglu_packed_forward_float8") == swiglus
     monkeypatch.setattr(Float8Block, "forward", Block.forward)
     loss, grads = loss_and_grads(model)
     assert torch.equal(fused_loss, loss)
