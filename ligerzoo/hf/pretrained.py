@@ -81,10 +81,11 @@ def from_pretrained(
     dtype = _resolve_dtype(dtype, config_dict, headers)
 
     model = build_model(config, device="meta", dtype=dtype)
-    _check_tensors(model, headers, directory)  # on meta: nothing allocated yet
+    names = tensor_map(config)
+    _check_tensors(model, names, headers, directory)  # on meta: nothing allocated yet
     model.to_empty(device=device or "cpu")
     model.reset_buffers()
-    _copy_tensors(model, files)
+    _copy_tensors(model, names, files)
     return model.eval()
 
 
@@ -154,9 +155,8 @@ def _resolve_dtype(dtype, config_dict: dict, headers: dict) -> torch.dtype:
     return dtype
 
 
-def _check_tensors(model: Transformer, headers: dict, directory: Path) -> None:
+def _check_tensors(model: Transformer, names: dict, headers: dict, directory: Path) -> None:
     """Raise one CheckpointError listing every missing, unexpected and mis-shaped tensor."""
-    names = tensor_map(model.config)
     optional = optional_names(model.config)
     params = dict(model.named_parameters())
     _check_map_covers_parameters(model, names, params)
@@ -192,9 +192,8 @@ def _check_map_covers_parameters(model, names: dict, params: dict) -> None:
                            f"{', '.join(wrong)}")
 
 
-def _copy_tensors(model: Transformer, files: list[Path]) -> None:
+def _copy_tensors(model: Transformer, names: dict, files: list[Path]) -> None:
     """Stream every mapped tensor into its parameter region, cast and moved on the copy."""
-    names = tensor_map(model.config)
     params = dict(model.named_parameters())
     with torch.no_grad():
         for path in files:
