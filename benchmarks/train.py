@@ -13,7 +13,7 @@ activation checkpointing, each block compiled) with float32 master weights (FSDP
 to bf16 for compute), and again with bfloat16 ones (`--train.master_dtype bfloat16`, no FSDP on
 one GPU unless `--gpus` asks for the same wrapping everywhere), which is what the Hugging Face runs keep: bf16 parameters and AdamW state;
 and with the blocks' products in FP8 (`--train.float8 rowwise` / `tensorwise`: the ligerzoo-fp8-* peers,
-float32 master weights; their MFU counts the same FLOPs against the same bf16 peak). Prints a
+with either master dtype; their MFU counts the same FLOPs against the same bf16 peak). Prints a
 markdown table: median tokens/s over the timed steps, MFU against the spec peak, and peak memory
 (torch.cuda.max_memory_allocated from the model's construction on).
 """
@@ -39,8 +39,8 @@ from ligerzoo.training.parallel import MULTICAST_OFF, apply_fsdp, init_distribut
 
 # The shapes' names on the command line (multi_gpu.sh and RESULTS.md use them), from the presets.
 SHAPES = {"llama-1b": LLAMA_3_2_1B, "llama-8b": LLAMA_3_1_8B, "mixtral-2l": MIXTRAL_8X7B_2_LAYERS, "tiny": TINY_LLAMA}
-PEERS = ("ligerzoo", "ligerzoo-bf16-master", "ligerzoo-fp8-rowwise", "ligerzoo-fp8-tensorwise", "hf", "hf-compiled",
-         "hf-liger")
+PEERS = ("ligerzoo", "ligerzoo-bf16-master", "ligerzoo-fp8-rowwise", "ligerzoo-fp8-tensorwise",
+         "ligerzoo-fp8-rowwise-bf16-master", "ligerzoo-fp8-tensorwise-bf16-master", "hf", "hf-compiled", "hf-liger")
 UNTIMED_STEPS = 4
 
 
@@ -190,7 +190,7 @@ def run_one(peer: str, shape: str, seq: int, batch: int, checkpointing: str, ste
     rank, world_size, device = init_distributed()
     torch.manual_seed(rank)  # each rank its own tokens, as a data-parallel run has
     if peer.startswith("ligerzoo"):
-        float8 = peer.removeprefix("ligerzoo-fp8-") if peer.startswith("ligerzoo-fp8-") else "off"
+        float8 = peer.removeprefix("ligerzoo-fp8-").removesuffix("-bf16-master") if "-fp8-" in peer else "off"
         model = ligerzoo_model(shape, checkpointing, device, bf16_master=peer.endswith("bf16-master"),
                                 always_shard=shard, fsdp=fsdp, float8=float8)
     else:

@@ -351,9 +351,11 @@ def test_non_finite_input_gives_non_finite_rows():
 
 @pytest.mark.parametrize("recipe,backend", [("rowwise", "aot_eager"), ("tensorwise", "aot_eager"),
                                             ("rowwise", "inductor")])
-def test_fullgraph_compile_gives_the_same_results(recipe, backend):
+def test_fullgraph_compile_gives_the_same_results(recipe, backend, monkeypatch):
     """No graph break, no branch on values, and the same bits (the bias gradient's float32 sum
     may be ordered differently by Inductor: one rounding of dtype)."""
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "0")  # the column casts' triton_ops traced through the PyTorch path
     torch._dynamo.reset()
     x, weight, b, dy = make_layer(torch.bfloat16)
     expected = run_layer(float8_linear, x, weight, b, dy, recipe=recipe)

@@ -61,6 +61,7 @@ import torch
 import torch.nn.functional as F
 
 from ligerzoo.kernels.float8 import E4M3, E5M2, Float8Rows, quantize_rows, quantize_tensor, scaled_mm
+from ligerzoo.kernels.float8_columns import quantize_columns, quantize_rows_and_columns
 
 RECIPES = ("rowwise", "tensorwise")
 # The output gradient's format (float8.py says why): activations and weights are e4m3 in both.
@@ -82,7 +83,8 @@ def _cast_transposed(t: torch.Tensor, cast: Float8Rows | None, fp8_dtype: torch.
                      recipe: str) -> Float8Rows:
     """t^T [C, R] cast along R. Tensorwise: the bytes of t's own cast (given, or made) transposed."""
     if recipe == "rowwise":
-        return quantize_rows(t.t(), fp8_dtype)
+        # A cast has no gradient (float8.py's casts detach too); e4m3, the rowwise recipe's format.
+        return Float8Rows(*quantize_columns(t.detach()))
     cast = cast if cast is not None else quantize_tensor(t, fp8_dtype)
     return Float8Rows(cast.data.t().contiguous(), cast.scale)
 
@@ -127,21 +129,32 @@ def float8_backward_products(dy: torch.Tensor, x_cast: Float8Rows | None,
     no dW. weight: W [N, K], whose columns are cast here, or their cast W^T [K, N] along N
     (`Float8Weight.cols`), or None: no dx. bias_grad: whether to return db.
     """
-    grad_dtype = GRAD_DTYPE[recipe]
     dx = dw = db = None
-    needs_dy_cast = weight is not None or (x_cast is not None and recipe == "tensorwise")
-    dy_cast = _cast(dy, grad_dtype, recipe) if needs_dy_cast else None
-    if weight is not None:
-        wt_cast = weight if isinstance(weight, Float8Rows) else _cast_transposed(weight, None, E4M3, recipe)
-        dx = _product(dy_cast, wt_cast, dy.dtype)
-    if x_cast is not None:
-        dyt_cast = _cast_transposed(dy, dy_cast, grad_dtype, recipe)
-        if recipe == "rowwise":
+    needs_dx, needs_dw = weight is not None, x_cast is not None
+    if recipe == "rowwise":
+        dy_cast = dyt_cast = None
+        if needs_dx and needs_dw:
+            dy_data, dy_scale, dyt_data, dyt_scale = quantize_rows_and_columns(dy)
+            dy_cast, dyt_cast = Float8Rows(dy_data, dy_scale), Float8Rows(dyt_data, dyt_scale)
+        elif needs_dx:
+            dy_cast = quantize_rows(dy, GRAD_DTYPE[recipe])
+        elif needs_dw:
+            dyt_cast = Float8Rows(*quantize_columns(dy))
+        if needs_dx:
+            wt_cast = weight if isinstance(weight, Float8Rows) else Float8Rows(*quantize_columns(weight))
+            dx = _product(dy_cast, wt_cast, dy.dtype)
+        if needs_dw:
             # x's forward cast, exact in float32, cast again along M (module docstring).
-            xt_cast = quantize_rows((x_cast.data.float() * x_cast.scale).t(), E4M3)
-        else:
-            xt_cast = Float8Rows(x_cast.data.t().contiguous(), x_cast.scale)
-        dw = _product(dyt_cast, xt_cast, dy.dtype)
+            dw = _product(dyt_cast, Float8Rows(*quantize_columns(x_cast.data, x_cast.scale)), dy.dtype)
+    else:
+        grad_dtype = GRAD_DTYPE[recipe]
+        dy_cast = quantize_tensor(dy, grad_dtype) if needs_dx or needs_dw else None
+        if needs_dx:
+            wt_cast = weight if isinstance(weight, Float8Rows) else _cast_transposed(weight, None, E4M3, recipe)
+            dx = _product(dy_cast, wt_cast, dy.dtype)
+        if needs_dw:
+            dyt_cast = _cast_transposed(dy, dy_cast, grad_dtype, recipe)
+            dw = _product(dyt_cast, Float8Rows(x_cast.data.t().contiguous(), x_cast.scale), dy.dtype)
     if bias_grad:
         db = dy.sum(0, dtype=torch.float32).to(dy.dtype)
     return dx, dw, db
