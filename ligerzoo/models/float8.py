@@ -4,7 +4,8 @@
 forward, input-gradient and weight-gradient products, e4m3 operands with float32 scales, outputs
 in the input's dtype). It holds the very parameters of the layer it replaces under the same
 names, in their own dtype: the optimizer, the checkpoints, FSDP and the Hugging Face export see
-no difference. FP8 is a compute format only.
+no difference (FSDP2 gathers rowwise weights as FP8 rows, below, and they still see none). FP8 is
+a compute format only.
 
 What is converted: each block's attention projections (wqkv, wo) and dense MLP (w13, w2): the
 products that are most of a step's work. The embedding, the output head and its fused loss stay
@@ -17,6 +18,10 @@ attention norm with wqkv, the FFN norm with w13, SwiGLU with w2; wo, whose input
 attention, casts it itself (`Float8Linear`). Under "tensorwise" the blocks keep their forward and
 each Float8Linear casts its input: one scale for a whole tensor needs the tensor's amax before
 any element is cast, which a row-per-program producer cannot know in its one pass.
+
+Under FSDP2 the rowwise layers' weights are all-gathered as their FP8 rows (float8_gather.py:
+each rank casts its own rows, half the bytes of bf16 on the wire); Float8Linear multiplies by the
+gathered rows as they are, and a Float8Block whose weights came so runs Block's forward.
 """
 
 import torch
@@ -26,6 +31,7 @@ from ligerzoo.kernels.float8_fused import add_rms_norm_linear, rms_norm_linear, 
 from ligerzoo.kernels.float8_linear import RECIPES, float8_linear
 from ligerzoo.models.attention import AttentionMask
 from ligerzoo.models.cache import LayerCache
+from ligerzoo.models.float8_gather import Float8GatheredWeight, gathered_float8_linear
 from ligerzoo.models.transformer import MLP, Attention, Block, Transformer
 
 
@@ -45,6 +51,8 @@ class Float8Linear(nn.Linear):
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.weight, Float8GatheredWeight):  # FSDP2 gathered its FP8 rows: cast already
+            return gathered_float8_linear(x, self.weight, self.bias)
         return float8_linear(x, self.weight, self.bias, self.recipe)
 
     def extra_repr(self) -> str:
@@ -64,6 +72,12 @@ class Float8Block(nn.Module):
     def forward(self, x, residual, cos, sin, mask: AttentionMask, cache: LayerCache | None = None):
         """As `Block.forward`."""
         norm, wqkv = self.attention_norm, self.attention.wqkv
+        if isinstance(wqkv.weight, Float8GatheredWeight):
+            # FSDP2 gathered the weights as FP8 rows (float8_gather.py), which the fused functions
+            # would cast again: Block's forward runs the producers, then each Float8Linear
+            # multiplies by the rows as they are. The same bits (float8_fused.py's contract), for
+            # the producers' outputs written in bf16 and cast apart.
+            return Block.forward(self, x, residual, cos, sin, mask, cache)
         if residual is None:
             qkv, residual = rms_norm_linear(x, norm.weight, norm.eps, wqkv.weight, wqkv.bias), x
         else:

@@ -1,0 +1,231 @@
+"""FSDP2 all-gathers the rowwise FP8 layers' weights as FP8 rows: half the bytes of bf16.
+
+Under `--train.float8 rowwise` each Float8Linear casts its weight W [N, K] along K for the forward
+(`quantize_rows(W)`: e4m3 data and one float32 power-of-two scale a row, kernels/float8.py). FSDP2
+shards W along N, by rows, and a row's cast reads that row alone; so each rank casts the rows of
+its own shard before the all-gather, and the gathered e4m3 rows and scales are, bit for bit, the
+cast of the gathered weight. The shard is first converted to the compute dtype (the mixed
+precision policy's param_dtype: float32 master weights go to bf16, then to FP8), so the bits are
+those of today's path, which casts the bf16 weight FSDP gathered. Bytes an element on the wire:
+1 + 4/K (the data, and a float32 scale a row of K) against 2 for bf16: 0.5 + 2/K of them.
+
+The backward's input gradient reads W's columns cast along N, across shards: they are taken from
+the gathered rows, dequantized exactly (a power-of-two scale) and cast again
+(`quantize_columns(data, scale)`). That is the cast of bf16 W's columns wherever a value lies in
+both casts' normal range, because multiplying by a power of two does not move where a 3-bit
+mantissa rounds; they differ only for values under 2**-14 of their row's or column's largest (FP8
+subnormals), by at most the column cast's subnormal spacing: float8_linear.py's argument for x.
+
+Two tensor subclasses carry it:
+    Float8ShardedWeight   the sharded parameter's local tensor: the master weight's rows (any
+                          dtype) wrapped, with FSDP2's all-gather extension hooks. Every op but
+                          those FSDP2 uses to shard and pad it runs on the plain tensor inside and
+                          returns plain tensors: AdamW, gradient clipping and the optimizer state
+                          see the parameter as before (and `plain_state_dict` unwraps the model's
+                          state dict for checkpoints and the export).
+    Float8GatheredWeight  the unsharded parameter FSDP2 builds from the all-gather: W [N, K] with
+                          W's dtype and shape (param_dtype), holding the gathered e4m3 rows [N, K]
+                          and scales [N, 1]. Its gradient is a plain [N, K] tensor of that dtype,
+                          which FSDP2 reduce-scatters as it would bf16 W's. It is a traceable
+                          wrapper subclass (__tensor_flatten__ / __tensor_unflatten__), so a
+                          compiled block takes it as an input with no graph break.
+`Float8Linear` recognises a gathered weight and multiplies by its rows as they are
+(`gathered_float8_linear`); anything else done with it (an op of a shape the FP8 product cannot
+take) sees W dequantized: the values the gathered FP8 rows hold, not the bf16 ones.
+
+A `Float8Block` whose weights were gathered so runs `Block.forward`: the norms and SwiGLU, then
+each Float8Linear, the same bits as its fused path (kernels/float8_fused.py's contract), for each
+producer's output written in bf16 and cast apart. The fused functions take the weight itself and
+cast it: given the gathered one, they would cast the rows again (the same values, the work done
+twice). When they take a cast weight (`weight_fp8`, W's rows; the backward's columns made from
+them), the block keeps its fused path here too. Compiled by Inductor on the CPU, where the
+producers are PyTorch ops that Inductor fuses with the cast after them, the bits match only with
+`torch._inductor.config.emulate_precision_casts` (without it a tiny model's first loss moved by
+1e-4 of itself; with it, the same bits); on the GPU the producers are Triton kernels, which
+write bf16 h as they do alone.
+
+FSDP2 frees the gathered data and scales after the forward and gathers them into the same
+buffers for the backward, so what the backward keeps of a weight is no memory, as with bf16.
+
+Not gathered in FP8 (gathered in the compute dtype as before): tensorwise weights, whose one
+scale needs the whole weight's amax, an all-reduce before any rank could cast (torchao does it
+once a step after the optimizer, for every weight at once; it is not done here); and weights whose
+rows do not split evenly over the ranks (FSDP2 requires every all-gather input of a padded shard to
+have the padded shard's shape, which the scales [rows, 1] do not).
+"""
+
+import torch
+import torch.nn.functional as F
+import torch.utils._pytree as pytree
+
+from ligerzoo.kernels.float8 import E4M3, Float8Rows, quantize_rows
+from ligerzoo.kernels.float8_columns import quantize_columns
+from ligerzoo.kernels.float8_linear import float8_backward_products, float8_forward_product, takes_fp8_product
+
+aten = torch.ops.aten
+RECIPE = "rowwise"  # a scale per row is what a rank can compute from its rows alone
+
+# The ops FSDP2 applies to a parameter while sharding, padding and moving it: their results stay
+# sharded weights (the local tensor FSDP2 keeps, and calls the hooks on). Any other op returns plain
+# tensors: the optimizer's and the state dict's.
+_KEPT_OPS = {aten.detach.default, aten.alias.default, aten.empty_like.default, aten.new_zeros.default,
+             aten.slice.Tensor, aten.narrow.default, aten.copy_.default, aten.view.default,
+             aten.as_strided.default, aten.split.Tensor, aten.split_with_sizes.default,
+             aten.chunk.default, aten._to_copy.default, aten._pin_memory.default, aten.clone.default}
+
+
+def _wrapper(cls, like: torch.Tensor, dtype: torch.dtype, requires_grad: bool) -> torch.Tensor:
+    return torch.Tensor._make_wrapper_subclass(cls, like.size(), strides=like.stride(), dtype=dtype,
+                                               device=like.device, requires_grad=requires_grad)
+
+
+class Float8ShardedWeight(torch.Tensor):
+    """A weight's local rows under FSDP2, all-gathered as their FP8 rows (module docstring)."""
+
+    @staticmethod
+    def __new__(cls, tensor: torch.Tensor):
+        return _wrapper(cls, tensor, tensor.dtype, tensor.requires_grad)
+
+    def __init__(self, tensor: torch.Tensor):
+        self._tensor = tensor
+
+    def __repr__(self):
+        return f"Float8ShardedWeight({self._tensor!r})"
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        args, kwargs = pytree.tree_map_only(cls, lambda t: t._tensor, (args, kwargs or {}))
+        out = func(*args, **kwargs)
+        if func not in _KEPT_OPS:
+            return out
+        return pytree.tree_map_only(torch.Tensor, cls, out)
+
+    def __tensor_flatten__(self):
+        return ["_tensor"], None
+
+    @staticmethod
+    def __tensor_unflatten__(inner_tensors, metadata, outer_size, outer_stride):
+        return Float8ShardedWeight(inner_tensors["_tensor"])
+
+    def fsdp_pre_all_gather(self, mesh, outer_size, outer_stride, module, mp_policy):
+        """(this shard's e4m3 rows, their float32 scales [rows, 1]) to gather; no metadata."""
+        compute = self._tensor.to(mp_policy.param_dtype or self.dtype)  # bf16 first: today's bits
+        rows = quantize_rows(compute, E4M3)
+        return (rows.data, rows.scale), None
+
+    def fsdp_post_all_gather(self, all_gather_outputs, metadata, param_dtype, *, out=None):
+        """The gathered rows and scales as W [N, K] of param_dtype; FSDP2 frees and refills both."""
+        data, scale = all_gather_outputs
+        if out is not None:  # the same buffers, gathered into again: out holds them already
+            return
+        return Float8GatheredWeight(data, scale, param_dtype), (data, scale)
+
+
+class Float8GatheredWeight(torch.Tensor):
+    """W [N, K] (dtype: the compute dtype) as its e4m3 rows [N, K] and float32 scales [N, 1]."""
+
+    @staticmethod
+    def __new__(cls, rows: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype):
+        return _wrapper(cls, rows, dtype, requires_grad=False)
+
+    def __init__(self, rows: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype):
+        self.rows, self.scale = rows, scale
+
+    def __repr__(self):
+        return f"Float8GatheredWeight(shape={tuple(self.shape)}, dtype={self.dtype})"
+
+    def dequantize(self) -> torch.Tensor:
+        """W's values as the FP8 rows hold them, in W's dtype (exact: a power-of-two scale)."""
+        return (self.rows.float() * self.scale).to(self.dtype)
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        weight = args[0]
+        if func in (aten.detach.default, aten.alias.default):
+            return cls(weight.rows, weight.scale, weight.dtype)
+        if func is aten.as_strided.default and _is_whole(weight, *args[1:], **kwargs):
+            return cls(weight.rows, weight.scale, weight.dtype)  # FSDP2's view of the whole weight
+        args, kwargs = pytree.tree_map_only(cls, lambda t: t.dequantize(), (args, kwargs))
+        return func(*args, **kwargs)
+
+    def __tensor_flatten__(self):
+        return ["rows", "scale"], self.dtype
+
+    @staticmethod
+    def __tensor_unflatten__(inner_tensors, dtype, outer_size, outer_stride):
+        return Float8GatheredWeight(inner_tensors["rows"], inner_tensors["scale"], dtype)
+
+
+def _is_whole(weight: torch.Tensor, size, stride, storage_offset=0) -> bool:
+    return tuple(size) == tuple(weight.shape) and tuple(stride) == weight.stride() and not storage_offset
+
+
+class _GatheredFloat8LinearFunction(torch.autograd.Function):
+    """x [M, K], weight W [N, K] (a Float8GatheredWeight: its gradient's shape and dtype), bias [N]
+    or None, W's gathered rows: w_data [N, K] e4m3 and w_scale [N, 1]."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, w_data, w_scale):
+        x_cast = quantize_rows(x, E4M3)
+        y = float8_forward_product(x_cast, weight, bias, RECIPE, Float8Rows(w_data, w_scale))
+        needs_dx, needs_dw = ctx.needs_input_grad[:2]
+        # The gathered rows, not W's columns: FSDP2 frees them after the forward and gathers them
+        # again for the backward, so keeping them costs nothing; the columns come from them there.
+        ctx.save_for_backward(*(x_cast if needs_dw else (None, None)),
+                              *((w_data, w_scale) if needs_dx else (None, None)))
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x_data, x_scale, w_data, w_scale = ctx.saved_tensors
+        x_cast = Float8Rows(x_data, x_scale) if x_data is not None else None
+        w_cols = Float8Rows(*quantize_columns(w_data, w_scale)) if w_data is not None else None
+        dx, dw, db = float8_backward_products(dy, x_cast, w_cols, RECIPE,
+                                              bias_grad=ctx.has_bias and ctx.needs_input_grad[2])
+        return dx, dw, db, None, None
+
+
+def gathered_float8_linear(x: torch.Tensor, weight: Float8GatheredWeight,
+                           bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`float8_linear(x, weight, bias, "rowwise")` for a weight FSDP2 gathered as FP8 rows, which
+    it multiplies by as they are: the same bits as float8_linear given the gathered bf16 weight.
+
+    x: [..., K] in weight's dtype; bias: [N]. Shapes the FP8 product cannot take run `F.linear`
+    with the dequantized weight."""
+    if not isinstance(weight, Float8GatheredWeight):
+        raise TypeError(f"weight is a {type(weight).__name__}, expected a Float8GatheredWeight "
+                        f"(FSDP2's all-gather of a Float8ShardedWeight)")
+    if x.dim() == 0 or x.shape[-1] != weight.shape[1] or x.dtype != weight.dtype:
+        raise ValueError(f"x is {x.dtype} {tuple(x.shape)} and weight {weight.dtype} {tuple(weight.shape)}: "
+                         f"expected x [..., K] and weight [N, K] of one dtype")
+    *lead, k = x.shape
+    n = weight.shape[0]
+    m = x.numel() // k if k else 0
+    if not takes_fp8_product(m, k, n):
+        return F.linear(x, weight, bias)
+    y = _GatheredFloat8LinearFunction.apply(x.reshape(m, k), weight, bias, weight.rows, weight.scale)
+    return y.reshape(*lead, n)
+
+
+def gathers_in_float8(weight: torch.Tensor, world_size: int) -> bool:
+    """Whether W [N, K] can be all-gathered as FP8 rows over world_size ranks: its rows split
+    evenly (module docstring)."""
+    return weight.dim() == 2 and weight.shape[0] % world_size == 0
+
+
+def plain_state_dict_hook(module, state_dict, prefix, local_metadata) -> None:
+    """A module state-dict hook: each sharded weight's entry as the plain tensor inside it (a
+    DTensor of it under FSDP2), sharing its memory, so checkpoints and the export see what they
+    saw before."""
+    from torch.distributed.tensor import DTensor
+
+    for name, value in state_dict.items():
+        if not name.startswith(prefix):
+            continue
+        if isinstance(value, DTensor) and isinstance(value._local_tensor, Float8ShardedWeight):
+            state_dict[name] = DTensor.from_local(value._local_tensor._tensor, value.device_mesh, value.placements,
+                                                  run_check=False, shape=value.shape, stride=value.stride())
+        elif isinstance(value, Float8ShardedWeight):
+            state_dict[name] = value._tensor
