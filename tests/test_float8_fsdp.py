@@ -243,6 +243,7 @@ def test_compiled_blocks_take_the_gathered_weight_with_no_graph_break(tmp_path):
 @pytest.mark.parametrize("recipe, world_size, expected", [
     ("rowwise", 2, [f"{layer}.weight" for layer in LAYERS]),
     ("rowwise", 3, []),  # 128, 64, 256 and 64 rows: none splits evenly over 3 ranks
+    ("rowwise", 1, []),  # one rank: no bytes to save, and the fused path stays
     ("tensorwise", 2, []),  # one scale a tensor needs the whole weight's amax (float8_gather.py)
     ("off", 2, []),
 ])

@@ -47,11 +47,13 @@ write bf16 h as they do alone.
 FSDP2 frees the gathered data and scales after the forward and gathers them into the same
 buffers for the backward, so what the backward keeps of a weight is no memory, as with bf16.
 
-Not gathered in FP8 (gathered in the compute dtype as before): tensorwise weights, whose one
-scale needs the whole weight's amax, an all-reduce before any rank could cast (torchao does it
-once a step after the optimizer, for every weight at once; it is not done here); and weights whose
-rows do not split evenly over the ranks (FSDP2 requires every all-gather input of a padded shard to
-have the padded shard's shape, which the scales [rows, 1] do not).
+Not gathered in FP8 (gathered in the compute dtype as before): one rank's weights (sharded only
+to cast float32 master weights: nothing crosses a wire, and its blocks keep the fused path);
+tensorwise weights, whose one scale needs the whole weight's amax, an all-reduce before any rank
+could cast (torchao does it once a step after the optimizer, for every weight at once; it is not
+done here); and weights whose rows do not split evenly over the ranks (FSDP2 requires every
+all-gather input of a padded shard to have the padded shard's shape, which the scales [rows, 1]
+do not).
 """
 
 import torch
@@ -210,9 +212,10 @@ def gathered_float8_linear(x: torch.Tensor, weight: Float8GatheredWeight,
 
 
 def gathers_in_float8(weight: torch.Tensor, world_size: int) -> bool:
-    """Whether W [N, K] can be all-gathered as FP8 rows over world_size ranks: its rows split
-    evenly (module docstring)."""
-    return weight.dim() == 2 and weight.shape[0] % world_size == 0
+    """Whether W [N, K] is all-gathered as FP8 rows over world_size ranks: several of them (one
+    rank sends nothing, and its Float8Block keeps the fused path), and W's rows split evenly
+    (module docstring)."""
+    return world_size > 1 and weight.dim() == 2 and weight.shape[0] % world_size == 0
 
 
 def plain_state_dict_hook(module, state_dict, prefix, local_metadata) -> None:

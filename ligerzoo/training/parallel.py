@@ -3,7 +3,7 @@
 FSDP is applied after blocks.py has replaced each block's forward, so that its hooks see the
 final modules. Parameter names are kept, so the export maps them to Hugging Face names. The
 weights of rowwise FP8 layers are all-gathered as FP8 rows, half the bytes of bf16
-(models/float8_gather.py); a process left unsharded keeps its weights as they are.
+(models/float8_gather.py) when there are several ranks.
 """
 
 import os
