@@ -35,12 +35,8 @@ from ligerzoo.kernels._utils import interpreting, kernel_op, launch, runs_triton
 from ligerzoo.kernels.float8 import E4M3, quantize_rows
 from ligerzoo.kernels.float8_rows import cast_e4m3, power_of_two_scales
 
-# Tiles of 128 x 128: a row of a tile is 256 bytes of a bf16 input, and the cast stores 128-byte
-# rows in both layouts (a tile's columns become rows of the transposed output); 16,384 elements
-# over 8 warps is 64 registers a thread. The amax pass merges two atomics per 128 elements.
-TILE_ROWS = 128
-TILE_COLS = 128
-NUM_WARPS = 8
+# Square tiles: a tile is stored transposed, so its rows and columns are both a store's width.
+_TILE = 64
 
 
 @triton.jit
@@ -58,12 +54,12 @@ def _load_tile(t_ptr, t_scale_ptr, rows, cols, row_mask, col_mask, t_row_stride,
 def _amax_kernel(
     t_ptr, t_scale_ptr, row_amax_ptr, col_amax_ptr,
     n_rows, n_cols, t_row_stride,
-    SCALED: tl.constexpr, ROWS: tl.constexpr, TILE_R: tl.constexpr, TILE_C: tl.constexpr,
+    SCALED: tl.constexpr, ROWS: tl.constexpr, TILE: tl.constexpr,
 ):
-    """One program per TILE_R x TILE_C tile: its columns' (and, ROWS, its rows') largest |v| as float32
+    """One program per TILE x TILE tile: its columns' (and, ROWS, its rows') largest |v| as float32
     bits, merged into col_amax_ptr [C] (row_amax_ptr [R]) by atomic max; both start at 0."""
-    rows = tl.program_id(0) * TILE_R + tl.arange(0, TILE_R)
-    cols = tl.program_id(1) * TILE_C + tl.arange(0, TILE_C)
+    rows = tl.program_id(0) * TILE + tl.arange(0, TILE)
+    cols = tl.program_id(1) * TILE + tl.arange(0, TILE)
     row_mask, col_mask = rows < n_rows, cols < n_cols
     bits = _load_tile(t_ptr, t_scale_ptr, rows, cols, row_mask, col_mask, t_row_stride, SCALED).to(tl.int32, bitcast=True)
     bits = bits & 0x7FFFFFFF
@@ -77,15 +73,14 @@ def _cast_kernel(
     t_ptr, t_scale_ptr, row_amax_ptr, col_amax_ptr,
     rows_ptr, rows_scale_ptr, cols_ptr, cols_scale_ptr,
     n_rows, n_cols, t_row_stride,
-    SCALED: tl.constexpr, ROWS: tl.constexpr, EMULATE_FLOAT8: tl.constexpr,
-    TILE_R: tl.constexpr, TILE_C: tl.constexpr,
+    SCALED: tl.constexpr, ROWS: tl.constexpr, EMULATE_FLOAT8: tl.constexpr, TILE: tl.constexpr,
 ):
     """One program per tile: cast with its columns' scales and stored transposed to cols_ptr
     ([C, R] e4m3; cols_scale_ptr [C] float32); ROWS: also cast with its rows' scales to rows_ptr
     ([R, C]; rows_scale_ptr [R]). The first tile of a column (row) writes its scale."""
     tile_row, tile_col = tl.program_id(0), tl.program_id(1)
-    rows = tile_row * TILE_R + tl.arange(0, TILE_R)
-    cols = tile_col * TILE_C + tl.arange(0, TILE_C)
+    rows = tile_row * TILE + tl.arange(0, TILE)
+    cols = tile_col * TILE + tl.arange(0, TILE)
     row_mask, col_mask = rows < n_rows, cols < n_cols
     mask = row_mask[:, None] & col_mask[None, :]
     v = _load_tile(t_ptr, t_scale_ptr, rows, cols, row_mask, col_mask, t_row_stride, SCALED)
@@ -143,16 +138,15 @@ def _launch(t: torch.Tensor, scale: torch.Tensor | None, rows: bool) -> list[tor
         row_amax = torch.zeros(n_rows, dtype=torch.int32, device=device)
         rows_data = torch.empty((n_rows, n_cols), dtype=E4M3, device=device)
         rows_scale = torch.empty((n_rows, 1), dtype=torch.float32, device=device)
-    grid = (triton.cdiv(n_rows, TILE_ROWS), triton.cdiv(n_cols, TILE_COLS))
+    grid = (triton.cdiv(n_rows, _TILE), triton.cdiv(n_cols, _TILE))
     t_scale = scale if scale is not None else t
     launch(_amax_kernel)[grid](
         t, t_scale, row_amax, col_amax, n_rows, n_cols, t.stride(0),
-        SCALED=scale is not None, ROWS=rows, TILE_R=TILE_ROWS, TILE_C=TILE_COLS, num_warps=NUM_WARPS,
+        SCALED=scale is not None, ROWS=rows, TILE=_TILE, num_warps=4,
     )
     launch(_cast_kernel)[grid](
         t, t_scale, row_amax, col_amax, rows_data, rows_scale, cols, cols_scale, n_rows, n_cols, t.stride(0),
-        SCALED=scale is not None, ROWS=rows, EMULATE_FLOAT8=interpreting(), TILE_R=TILE_ROWS, TILE_C=TILE_COLS,
-        num_warps=NUM_WARPS,
+        SCALED=scale is not None, ROWS=rows, EMULATE_FLOAT8=interpreting(), TILE=_TILE, num_warps=4,
     )
     return [rows_data, rows_scale, cols, cols_scale] if rows else [cols, cols_scale]
 
