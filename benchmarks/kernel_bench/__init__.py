@@ -6,10 +6,20 @@ time, ceilings), graphs.py (GPU time by CUDA-graph replay), run.py (one kernel e
 report.py (the markdown tables).
 """
 
-from . import add_rms_norm, cross_entropy, float8_outputs, linear_cross_entropy, rms_norm, rope, swiglu
+from . import (
+    add_rms_norm,
+    cross_entropy,
+    float8_columns,
+    float8_outputs,
+    linear_cross_entropy,
+    rms_norm,
+    rope,
+    swiglu,
+)
 from .case import Case
 
-CASE_MODULES = (rms_norm, add_rms_norm, swiglu, rope, cross_entropy, linear_cross_entropy, float8_outputs)
+CASE_MODULES = (rms_norm, add_rms_norm, swiglu, rope, cross_entropy, linear_cross_entropy, float8_outputs,
+                float8_columns)
 
 
 def build_cases(small: bool) -> list[Case]:
