@@ -182,7 +182,9 @@ def _in_child(run: dict, device: str, gpus: int | None = None) -> dict:
     lines = done.stderr.strip().splitlines() or ["no output"]
     ranks = [line for line in lines if line.startswith("[rank")]
     print("\n".join((ranks or lines)[-40:]), file=sys.stderr)
-    return {"error": (ranks or lines)[-1][:200]}
+    # The exception's own line, not a warning printed after it (NCCL's about the process group).
+    raised = [line for line in ranks or lines if "Error:" in line or "Exception:" in line]
+    return {"error": (raised or ranks or lines)[-1][:200]}
 
 
 def run_one(peer: str, shape: str, seq: int, batch: int, checkpointing: str, steps: int, shard: bool, fsdp: dict,
