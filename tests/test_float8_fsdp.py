@@ -6,11 +6,13 @@ their PyTorch path (TRITON_INTERPRET=0); compiled blocks use the aot_eager backe
 what Inductor would (Dynamo, then AOTAutograd taking the subclass apart) without generating code.
 """
 
+import contextlib
 import functools
 import gc
 import os
 import shutil
 import socket
+from unittest import mock
 
 import pytest
 import torch
@@ -22,6 +24,7 @@ from test_train import losses, run_train
 from ligerzoo.hf.pretrained import from_pretrained
 from ligerzoo.kernels.float8 import E4M3, quantize_rows
 from ligerzoo.models import ModelConfig, build_model
+from ligerzoo.models import float8 as float8_models
 from ligerzoo.models.float8 import Float8Linear, convert_to_float8
 from ligerzoo.models.float8_gather import Float8GatheredWeight, Float8ShardedWeight
 from ligerzoo.training.parallel import gather_in_float8
@@ -156,10 +159,29 @@ def test_fp8_all_gather_sends_half_the_bytes_of_bf16_plus_the_scales(tmp_path):
 # (b) training: FP8 against bf16 all-gather, (e) compiled
 
 
+FUSED = ("rms_norm_linear", "add_rms_norm_linear", "swiglu_linear")
+
+
+@contextlib.contextmanager
+def _recording_fused_calls(record: bool):
+    """A list of Float8Block's calls to the fused functions, each (name, the type of its
+    weight_fp8); left empty unless `record` (compiled, Dynamo would trace the recording)."""
+    calls = []
+    with contextlib.ExitStack() as stack:
+        for name in FUSED if record else ():
+            def recorded(*args, _fused=getattr(float8_models, name), _name=name, **kwargs):
+                calls.append((_name, type(kwargs.get("weight_fp8")).__name__))
+                return _fused(*args, **kwargs)
+
+            stack.enter_context(mock.patch.object(float8_models, name, recorded))
+        yield calls
+
+
 def _train(fp8_gather: bool, compile: bool, steps: int):
     """A tiny rowwise FP8 model sharded under the bf16 policy, trained `steps` steps: (losses,
     gradient norms, first step's gradients, the type of wqkv's weight inside the block's
-    forward, Dynamo's graph breaks, the bytes the first forward left for the backward)."""
+    forward, Dynamo's graph breaks, the bytes the first forward left for the backward, the
+    blocks' calls to the fused functions in the last forward (eager only))."""
     from torch.distributed.fsdp import fully_shard
 
     from ligerzoo.training.blocks import prepare_blocks
@@ -185,7 +207,8 @@ def _train(fp8_gather: bool, compile: bool, steps: int):
     for step in range(steps):
         ids = torch.randint(0, CONFIG["vocab_size"], (2, 32), generator=generator)
         saved = []
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        with (torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t),
+              _recording_fused_calls(not compile) as calls):
             loss = model(ids, labels=ids).loss
         if step == 0:  # what the backward keeps in memory: gathered weights are freed by now
             storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in saved}
@@ -202,7 +225,7 @@ def _train(fp8_gather: bool, compile: bool, steps: int):
         step_losses.append(total.item())
         norms.append(norm.full_tensor().item())
     breaks = sum(torch._dynamo.utils.counters["graph_break"].values())
-    return step_losses, norms, grads, seen[0], breaks, kept
+    return step_losses, norms, grads, seen[0], breaks, kept, calls
 
 
 def _compare_gathers(steps: int, compile: bool):
@@ -210,9 +233,16 @@ def _compare_gathers(steps: int, compile: bool):
 
 
 def test_training_with_fp8_all_gather_matches_bf16_all_gather(tmp_path):
-    (losses_fp8, norms_fp8, grads_fp8, seen, _, kept_fp8), (losses_bf16, norms_bf16, grads_bf16, seen_bf16, _,
-                                                             kept_bf16) = spawn(_compare_gathers, tmp_path, 4, False)
+    (losses_fp8, norms_fp8, grads_fp8, seen, _, kept_fp8, calls_fp8), \
+        (losses_bf16, norms_bf16, grads_bf16, seen_bf16, _, kept_bf16, calls_bf16) = \
+        spawn(_compare_gathers, tmp_path, 4, False)
     assert seen == "Float8GatheredWeight" and seen_bf16 == "Parameter"
+    # Each block keeps its fused path, handed the gathered rows (the last step's forward): the
+    # first block's attention norm has no residual to add.
+    fused = [("rms_norm_linear",), ("add_rms_norm_linear",), ("swiglu_linear",),
+             ("add_rms_norm_linear",), ("add_rms_norm_linear",), ("swiglu_linear",)]
+    assert calls_fp8 == [(*call, "Float8Rows") for call in fused]
+    assert calls_bf16 == [(*call, "NoneType") for call in fused]
     # The backward keeps the gathered rows, whose buffers FSDP2 frees after the forward and fills
     # again before the backward, as it does the bf16 weights: nothing more is kept.
     assert kept_fp8 == kept_bf16
@@ -228,7 +258,8 @@ def test_training_with_fp8_all_gather_matches_bf16_all_gather(tmp_path):
 
 
 def test_compiled_blocks_take_the_gathered_weight_with_no_graph_break(tmp_path):
-    (losses_fp8, norms_fp8, _, seen, breaks, _), (losses_bf16, *_) = spawn(_compare_gathers, tmp_path, 2, True)
+    (losses_fp8, norms_fp8, _, seen, breaks, *_), (losses_bf16, *_) = spawn(_compare_gathers, tmp_path, 2,
+                                                                              True)
     # fullgraph=True would raise at a break; the counter says none was even attempted.
     assert seen == "Float8GatheredWeight" and breaks == 0
     assert all(map(torch.isfinite, torch.tensor(losses_fp8 + norms_fp8)))

@@ -2,7 +2,9 @@
 composition they replace: the producer's public op, then float8_linear given the FP8 rows of its
 output. Every output and gradient is the same bits: the producer's FP8 launcher writes
 quantize_rows of its plain output bit for bit (tests/test_float8_kernels.py), and the rest is
-float8_linear.py's products and the producer's own backward, on the same operands in the same order."""
+float8_linear.py's products and the producer's own backward, on the same operands in the same order.
+Given W's rows already cast (weight_fp8): the same bits as float8_linear given those rows and W's
+columns made from them, which are those of casting W itself where no value of W is an FP8 subnormal."""
 
 import pytest
 import torch
@@ -10,9 +12,19 @@ import torch._inductor.config
 import torch.nn.functional as F
 from conftest import DEVICE
 
-from ligerzoo.kernels import (add_rms_norm, add_rms_norm_linear, float8_linear, quantize_rows, rms_norm,
-                              rms_norm_linear, swiglu_linear, swiglu_packed)
-from ligerzoo.kernels.float8 import E4M3
+from ligerzoo.kernels import (
+    add_rms_norm,
+    add_rms_norm_linear,
+    float8_linear,
+    quantize_rows,
+    rms_norm,
+    rms_norm_linear,
+    swiglu_linear,
+    swiglu_packed,
+)
+from ligerzoo.kernels.float8 import E4M3, E5M2, Float8Rows, quantize_tensor
+from ligerzoo.kernels.float8_columns import quantize_columns
+from ligerzoo.kernels.float8_linear import Float8Weight
 
 EPS = 1e-6
 
@@ -59,28 +71,30 @@ def assert_same_bits(got, expected, names):
 # The fused Functions and what they replace.
 
 
-def fused_norm(x, residual, norm_weight, weight, bias):
+def fused_norm(x, residual, norm_weight, weight, bias, weight_fp8=None):
     if residual is None:
-        return rms_norm_linear(x, norm_weight, EPS, weight, bias)
-    return add_rms_norm_linear(x, residual, norm_weight, EPS, weight, bias)
+        return rms_norm_linear(x, norm_weight, EPS, weight, bias, weight_fp8=weight_fp8)
+    return add_rms_norm_linear(x, residual, norm_weight, EPS, weight, bias, weight_fp8=weight_fp8)
 
 
-def composed_norm(x, residual, norm_weight, weight, bias):
+def composed_norm(x, residual, norm_weight, weight, bias, weight_fp8=None):
+    """weight_fp8: a Float8Weight, as float8_linear takes it."""
     if residual is None:
         h = rms_norm(x, norm_weight, EPS)
-        return float8_linear(h, weight, bias, x_fp8=quantize_rows(h))
+        return float8_linear(h, weight, bias, x_fp8=quantize_rows(h), weight_fp8=weight_fp8)
     h, summed = add_rms_norm(x, residual, norm_weight, EPS)
-    return float8_linear(h, weight, bias, x_fp8=quantize_rows(h)), summed
+    return float8_linear(h, weight, bias, x_fp8=quantize_rows(h), weight_fp8=weight_fp8), summed
 
 
-def fused_swiglu(gate_up, weight, bias, in_place_backward=False):
+def fused_swiglu(gate_up, weight, bias, in_place_backward=False, weight_fp8=None):
     # A copy of the leaf: the in-place backward overwrites the tensor it is given.
-    return swiglu_linear(gate_up.clone(), weight, bias, in_place_backward=in_place_backward)
+    return swiglu_linear(gate_up.clone(), weight, bias, in_place_backward=in_place_backward,
+                         weight_fp8=weight_fp8)
 
 
-def composed_swiglu(gate_up, weight, bias):
+def composed_swiglu(gate_up, weight, bias, weight_fp8=None):
     h = swiglu_packed(gate_up.clone())
-    return float8_linear(h, weight, bias, x_fp8=quantize_rows(h))
+    return float8_linear(h, weight, bias, x_fp8=quantize_rows(h), weight_fp8=weight_fp8)
 
 
 NORM_NAMES = ["y", "x + residual", "dx", "dresidual", "dnorm_weight", "dweight", "dbias"]
@@ -233,3 +247,154 @@ def test_errors_say_what_was_wrong():
         swiglu_linear(gate_up[..., :-1], weight)
     with pytest.raises(ValueError, match=r"weight must have shape \[N, 64\] to multiply gate_up's output"):
         swiglu_linear(gate_up, weight.t())
+
+
+# ---------------------------------------------------------------------------------------------
+# weight_fp8: W's rows cast already (as FSDP2 gathers them, ligerzoo/models/float8_gather.py)
+
+FUSED = ["rms_norm_linear", "add_rms_norm_linear", "swiglu_linear"]
+
+
+def weight_without_subnormals(n, k, seed):
+    """W [N, K] whose magnitudes lie within a factor 16 of one another: no value is under 2**-14 of
+    its row's or its column's largest, so none is an FP8 subnormal in either cast."""
+    g = torch.Generator().manual_seed(seed)
+    sign = torch.randint(0, 2, (n, k), generator=g) * 2 - 1
+    return (sign * 2 ** -(4 * torch.rand(n, k, generator=g)) * k**-0.5).to(DEVICE, torch.bfloat16)
+
+
+def weight_with_subnormals(n, k, seed):
+    """W [N, K] whose every fifth row has an outlier 2**16 times its others: those are FP8
+    subnormals in their row's cast and normal numbers in their column's."""
+    w = tensor(n, k, scale=k**-0.5, seed=seed)
+    w[::5, 0] *= 2.0**16
+    return w
+
+
+def case(name, weight=None, lead=(2, 32), k=64, n=48):
+    """(the fused function's test wrapper, its inputs, the names of its outputs and gradients,
+    the weight's index among the inputs) for `name`, with `weight` if given."""
+    if name == "swiglu_linear":
+        gate_up, w, bias = swiglu_inputs(lead=lead, k=k, n=n)
+        names = ["y", "dgate_up", "dweight", "dbias"]
+        return fused_swiglu, [gate_up, w if weight is None else weight, bias], names, 1
+    with_residual = name == "add_rms_norm_linear"
+    x, residual, norm_weight, w, bias = norm_inputs(lead=lead, k=k, n=n, residual=with_residual)
+    names = NORM_NAMES if residual is not None else [n for n in NORM_NAMES if n != "x + residual"]
+    return fused_norm, [x, residual, norm_weight, w if weight is None else weight, bias], names, 3
+
+
+@pytest.mark.parametrize("name", FUSED)
+def test_given_weight_rows_the_fused_functions_give_the_same_bits(kernel_path, name):
+    """The forward multiplies by the same rows, and dW reads no W. dx (and the norm's gradients)
+    read W's columns made from the rows: W's columns cast, wherever a value lies in both casts'
+    normal range (a power-of-two scale does not move where a 3-bit mantissa rounds, and the
+    product's power-of-two scales are exact), so on a W with no value elsewhere every output and
+    gradient is the same bits. A Gaussian W mostly gives them too, but not for certain: a value
+    under 2**-14 of its row's largest may round otherwise (the next test)."""
+    fn, inputs, names, w_index = case(name, weight_without_subnormals(48, 64, seed=4))
+    got = outputs_and_grads(lambda *t: fn(*t, weight_fp8=quantize_rows(t[w_index])), *inputs)
+    assert_same_bits(got, outputs_and_grads(fn, *inputs), names)
+
+
+@pytest.mark.parametrize("name", FUSED)
+def test_given_weight_rows_dx_reads_the_columns_made_from_them(kernel_path, name):
+    """Where W's columns made from its rows are not W's columns cast (FP8 subnormals), every output
+    and gradient is float8_linear's given the rows and those columns, bit for bit; the forward and
+    dW are still the fused function's casting W itself."""
+    weight = weight_with_subnormals(48, 64, seed=4)
+    rows = quantize_rows(weight)
+    given = Float8Weight(rows, Float8Rows(*quantize_columns(rows.data, rows.scale)))
+    fn, inputs, names, _ = case(name, weight)
+    composed = composed_swiglu if fn is fused_swiglu else composed_norm
+    got = outputs_and_grads(lambda *t: fn(*t, weight_fp8=rows), *inputs)
+    assert_same_bits(got, outputs_and_grads(lambda *t: composed(*t, weight_fp8=given), *inputs), names)
+    casting = outputs_and_grads(fn, *inputs)
+    same = [i for i, n in enumerate(names) if n in ("y", "x + residual", "dweight", "dbias")]
+    assert_same_bits([got[i] for i in same], [casting[i] for i in same], [names[i] for i in same])
+    dinput = names.index("dgate_up" if fn is fused_swiglu else "dx")
+    assert not torch.equal(got[dinput], casting[dinput])  # the columns do differ here
+
+
+@pytest.mark.parametrize("name", FUSED)
+@pytest.mark.parametrize("lead", [(2, 32), (5, 3)], ids=["fp8", "exact"])
+def test_given_weight_rows_the_weights_values_are_not_read(name, lead):
+    """A weight of NaNs beside its rows gives what the weight itself does: outputs and gradients
+    (dW too), in FP8 and in the exact fallback."""
+    fn, inputs, names, w_index = case(name, lead=lead)
+    rows = quantize_rows(inputs[w_index])
+    expected = outputs_and_grads(lambda *t: fn(*t, weight_fp8=rows), *inputs)
+    inputs[w_index] = torch.full_like(inputs[w_index], float("nan"))
+    assert_same_bits(outputs_and_grads(lambda *t: fn(*t, weight_fp8=rows), *inputs), expected, names)
+
+
+@pytest.mark.parametrize("lead,k,n", [((5, 3), 64, 48), ((32,), 40, 48), ((32,), 64, 24), ((0,), 64, 48)])
+def test_given_weight_rows_shapes_the_fp8_product_cannot_take_multiply_by_their_values(lead, k, n):
+    """The exact fallback multiplies by the rows' values (dequantized exactly), not W's; W gets
+    the gradient those values would."""
+
+    def exact_norm(x, residual, norm_weight, weight, bias):
+        h, summed = add_rms_norm(x, residual, norm_weight, EPS)
+        return F.linear(h, weight, bias), summed
+
+    def exact_swiglu(gate_up, weight, bias):
+        return F.linear(swiglu_packed(gate_up.clone()), weight, bias)
+
+    for name, exact in [("add_rms_norm_linear", exact_norm), ("swiglu_linear", exact_swiglu)]:
+        fn, inputs, names, w_index = case(name, lead=lead, k=k, n=n)
+        rows = quantize_rows(inputs[w_index])
+        values = (rows.data.float() * rows.scale).to(torch.bfloat16)
+        assert not torch.equal(values, inputs[w_index])  # W itself would give other bits
+        got = outputs_and_grads(lambda *t: fn(*t, weight_fp8=rows), *inputs)
+        inputs[w_index] = values  # as a leaf: its gradient is what W's must be
+        assert_same_bits(got, outputs_and_grads(exact, *inputs), names)
+
+
+def test_given_weight_rows_the_backward_saves_them_not_the_weight():
+    """W's rows (1 byte an element and 4 a row; under FSDP2 the gathered buffers, freed and
+    filled again) take the place of the parameter among what the backward keeps."""
+    bf16 = torch.bfloat16
+    m, k, n = 64, 64, 48
+    x, _, norm_weight, weight, _ = norm_inputs(residual=False, bias=False)
+    rows = quantize_rows(weight)
+    expected = [(bf16, (m, k)), (bf16, (k,)), (torch.float32, (m,)), (E4M3, (n, k)), (torch.float32, (n, 1)),
+                (E4M3, (m, k)), (torch.float32, (m, 1))]  # x, norm, rstd, W's rows, h's rows
+    got = saved(lambda x, nw, w: rms_norm_linear(x, nw, EPS, w, weight_fp8=rows), x, norm_weight, weight)
+    assert got == sorted(expected, key=str)
+    gate_up, weight, _ = swiglu_inputs(bias=False)
+    rows = quantize_rows(weight)
+    expected = [(bf16, (m, 2 * k)), (E4M3, (n, k)), (torch.float32, (n, 1)),
+                (E4M3, (m, k)), (torch.float32, (m, 1))]  # gate_up, W's rows, h's rows
+    got = saved(lambda g, w: swiglu_linear(g, w, weight_fp8=rows), gate_up, weight)
+    assert got == sorted(expected, key=str)
+
+
+def test_weight_fp8_errors_say_what_was_wrong():
+    x, residual, norm_weight, weight, _ = norm_inputs()
+    rows = quantize_rows(weight)
+    with pytest.raises(TypeError, match=r"weight_fp8 must be a Float8Rows, quantize_rows\(weight\), got a "
+                                        r"tuple"):
+        rms_norm_linear(x, norm_weight, EPS, weight, weight_fp8=tuple(rows))
+    with pytest.raises(ValueError, match=r"weight_fp8.data must be torch.float8_e4m3fn of weight's shape "
+                                         r"\[48, 64\], contiguous, got torch.float8_e5m2 \[48, 64\], "
+                                         r"contiguous"):
+        add_rms_norm_linear(x, residual, norm_weight, EPS, weight, weight_fp8=quantize_rows(weight, E5M2))
+    with pytest.raises(ValueError, match=r"got torch.float8_e4m3fn \[32, 64\], contiguous"):
+        rms_norm_linear(x, norm_weight, EPS, weight, weight_fp8=quantize_rows(weight[:32]))
+    transposed = Float8Rows(quantize_rows(weight.t().contiguous()).data.t(), rows.scale)  # [48, 64], strided
+    with pytest.raises(ValueError, match=r"got torch.float8_e4m3fn \[48, 64\], not contiguous"):
+        rms_norm_linear(x, norm_weight, EPS, weight, weight_fp8=transposed)
+    with pytest.raises(ValueError, match=r"weight_fp8.scale must be torch.float32 of shape \[48, 1\], one "
+                                         r"per row of weight, got torch.float32 \[\]"):
+        rms_norm_linear(x, norm_weight, EPS, weight, weight_fp8=quantize_tensor(weight))
+    with pytest.raises(ValueError, match=r"got torch.float64 \[48, 1\]"):
+        rms_norm_linear(x, norm_weight, EPS, weight, weight_fp8=Float8Rows(rows.data, rows.scale.double()))
+    with pytest.raises(ValueError, match=r"tensors must be on one device: weight on \S+, "
+                                         r"weight_fp8.data on meta"):
+        rms_norm_linear(x, norm_weight, EPS, weight, weight_fp8=Float8Rows(rows.data.to("meta"), rows.scale))
+    gate_up, weight, _ = swiglu_inputs()
+    with pytest.raises(ValueError, match=r"weight_fp8.data must be .* got torch.float8_e4m3fn \[64, 48\]"):
+        swiglu_linear(gate_up, weight, weight_fp8=quantize_rows(weight.t()))
+    # Checked for shapes the FP8 product cannot take too, which read the rows' values.
+    with pytest.raises(ValueError, match=r"weight_fp8.scale must be torch.float32 of shape \[48, 1\]"):
+        swiglu_linear(gate_up[:3], weight, weight_fp8=quantize_tensor(weight))

@@ -20,8 +20,9 @@ each Float8Linear casts its input: one scale for a whole tensor needs the tensor
 any element is cast, which a row-per-program producer cannot know in its one pass.
 
 Under FSDP2 the rowwise layers' weights are all-gathered as their FP8 rows (float8_gather.py:
-each rank casts its own rows, half the bytes of bf16 on the wire); Float8Linear multiplies by the
-gathered rows as they are, and a Float8Block whose weights came so runs Block's forward.
+each rank casts its own rows, half the bytes of bf16 on the wire); Float8Linear and the fused
+functions (`weight_fp8=`) multiply by the gathered rows as they are, so a Float8Block keeps its
+fused path.
 """
 
 import torch
@@ -31,7 +32,7 @@ from ligerzoo.kernels.float8_fused import add_rms_norm_linear, rms_norm_linear, 
 from ligerzoo.kernels.float8_linear import RECIPES, float8_linear
 from ligerzoo.models.attention import AttentionMask
 from ligerzoo.models.cache import LayerCache
-from ligerzoo.models.float8_gather import Float8GatheredWeight, gathered_float8_linear
+from ligerzoo.models.float8_gather import Float8GatheredWeight, gathered_float8_linear, gathered_rows
 from ligerzoo.models.transformer import MLP, Attention, Block, Transformer
 
 
@@ -61,8 +62,9 @@ class Float8Linear(nn.Linear):
 
 class Float8Block(nn.Module):
     """A Block's modules (so its parameters, under the same names) with a rowwise FP8 forward:
-    each norm and SwiGLU fused with the projection that reads its output. Mixtral's experts
-    take the FFN norm's output as in Block."""
+    each norm and SwiGLU fused with the projection that reads its output, given the projection's
+    FP8 rows where FSDP2 gathered them so (`gathered_rows`). Mixtral's experts take the FFN norm's
+    output as in Block."""
 
     def __init__(self, block: Block):
         super().__init__()
@@ -72,25 +74,26 @@ class Float8Block(nn.Module):
     def forward(self, x, residual, cos, sin, mask: AttentionMask, cache: LayerCache | None = None):
         """As `Block.forward`."""
         norm, wqkv = self.attention_norm, self.attention.wqkv
-        if isinstance(wqkv.weight, Float8GatheredWeight):
-            # FSDP2 gathered the weights as FP8 rows (float8_gather.py), which the fused functions
-            # would cast again: Block's forward runs the producers, then each Float8Linear
-            # multiplies by the rows as they are. The same bits (float8_fused.py's contract), for
-            # the producers' outputs written in bf16 and cast apart.
-            return Block.forward(self, x, residual, cos, sin, mask, cache)
+        rows = gathered_rows(wqkv.weight)
         if residual is None:
-            qkv, residual = rms_norm_linear(x, norm.weight, norm.eps, wqkv.weight, wqkv.bias), x
+            qkv = rms_norm_linear(x, norm.weight, norm.eps, wqkv.weight, wqkv.bias, weight_fp8=rows)
+            residual = x
         else:
-            qkv, residual = add_rms_norm_linear(x, residual, norm.weight, norm.eps, wqkv.weight, wqkv.bias)
+            qkv, residual = add_rms_norm_linear(x, residual, norm.weight, norm.eps, wqkv.weight, wqkv.bias,
+                                                weight_fp8=rows)
         h = self.attention.attend_qkv(qkv, cos, sin, mask, cache)
         norm, mlp = self.ffn_norm, self.feed_forward
         if not isinstance(mlp, MLP):
             h, residual = norm(h, residual)
             out, router_stats = mlp(h)
             return out, residual, router_stats
-        gate_up, residual = add_rms_norm_linear(h, residual, norm.weight, norm.eps, mlp.w13.weight, mlp.w13.bias)
+        w13, w2 = mlp.w13, mlp.w2
+        gate_up, residual = add_rms_norm_linear(h, residual, norm.weight, norm.eps, w13.weight, w13.bias,
+                                                weight_fp8=gathered_rows(w13.weight))
         # w13's output is read by nothing but SwiGLU: its gradient may take its memory.
-        return swiglu_linear(gate_up, mlp.w2.weight, mlp.w2.bias, in_place_backward=True), residual, None
+        out = swiglu_linear(gate_up, w2.weight, w2.bias, in_place_backward=True,
+                            weight_fp8=gathered_rows(w2.weight))
+        return out, residual, None
 
 
 def convert_to_float8(model: Transformer, recipe: str) -> list[str]:

@@ -33,22 +33,16 @@ Two tensor subclasses carry it:
 (`gathered_float8_linear`); anything else done with it (an op of a shape the FP8 product cannot
 take) sees W dequantized: the values the gathered FP8 rows hold, not the bf16 ones.
 
-A `Float8Block` whose weights were gathered so runs `Block.forward`: the norms and SwiGLU, then
-each Float8Linear, the same bits as its fused path (kernels/float8_fused.py's contract), for each
-producer's output written in bf16 and cast apart. The fused functions take the weight itself and
-cast it: given the gathered one, they would cast the rows again (the same values, the work done
-twice). When they take a cast weight (`weight_fp8`, W's rows; the backward's columns made from
-them), the block keeps its fused path here too. Compiled by Inductor on the CPU, where the
-producers are PyTorch ops that Inductor fuses with the cast after them, the bits match only with
-`torch._inductor.config.emulate_precision_casts` (without it a tiny model's first loss moved by
-1e-4 of itself; with it, the same bits); on the GPU the producers are Triton kernels, which
-write bf16 h as they do alone.
+A `Float8Block` keeps its fused path (kernels/float8_fused.py): it hands each gathered weight's
+rows to the fused functions as `weight_fp8` (`gathered_rows`), which multiply by them as they are
+and make W's columns from them in the backward, as Float8Linear does; the norms and SwiGLU still
+write only the FP8 rows of their outputs.
 
 FSDP2 frees the gathered data and scales after the forward and gathers them into the same
 buffers for the backward, so what the backward keeps of a weight is no memory, as with bf16.
 
 Not gathered in FP8 (gathered in the compute dtype as before): one rank's weights (sharded only
-to cast float32 master weights: nothing crosses a wire, and its blocks keep the fused path);
+to cast float32 master weights: nothing crosses a wire, so there are no bytes to save);
 tensorwise weights, whose one scale needs the whole weight's amax, an all-reduce before any rank
 could cast (torchao does it once a step after the optimizer, for every weight at once; it is not
 done here); and weights whose rows do not split evenly over the ranks (FSDP2 requires every
@@ -211,10 +205,17 @@ def gathered_float8_linear(x: torch.Tensor, weight: Float8GatheredWeight,
     return y.reshape(*lead, n)
 
 
+def gathered_rows(weight: torch.Tensor) -> Float8Rows | None:
+    """The FP8 rows FSDP2 gathered for `weight` (a Float8GatheredWeight), as the fused functions'
+    `weight_fp8` takes them; None for any other weight, which they cast themselves."""
+    if isinstance(weight, Float8GatheredWeight):
+        return Float8Rows(weight.rows, weight.scale)
+    return None
+
+
 def gathers_in_float8(weight: torch.Tensor, world_size: int) -> bool:
     """Whether W [N, K] is all-gathered as FP8 rows over world_size ranks: several of them (one
-    rank sends nothing, and its Float8Block keeps the fused path), and W's rows split evenly
-    (module docstring)."""
+    rank sends nothing), and W's rows split evenly (module docstring)."""
     return world_size > 1 and weight.dim() == 2 and weight.shape[0] % world_size == 0
 
 
