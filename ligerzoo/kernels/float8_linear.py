@@ -38,11 +38,14 @@ multiple of 16) run the whole layer as the plain product in x's dtype (`F.linear
 one-token decode step, a tiny test model. The choice is made from shapes, so it traces without a branch on
 values.
 
-The casts here are PyTorch, and cost what issue 23 says separate casts cost. On the H100 (torch
-2.11), forward and backward of one layer over 16,384 tokens, compiled: w13 (K 2048, N 16384)
-bf16 4.15 ms, rowwise 4.76, tensorwise 3.20; w2 (K 8192, N 2048) 2.24, 2.80, 2.06; the rowwise
-forward product alone 0.90 and 0.40 ms (1,217 and 1,387 TFLOP/s). Eager, rowwise takes 14.3 and
-8.5 ms. The gain comes when the kernels that produce the operands write them in FP8.
+Where the casts run: the forward's (x, unless given, and W along K) and tensorwise's are PyTorch
+ops, which Inductor fuses into a kernel or two; rowwise, the backward's transposed casts (dy along
+both dimensions, W's columns, x's saved rows along M) are float8_columns.py's Triton passes, which
+took 0.71 ms for gate/up's dy [16384, 16384] where compiled PyTorch took 1.79 (H100). Measured
+before those kernels, compiled, forward and backward of one layer over 16,384 tokens: w13 (K
+2048, N 16384) bf16 4.15 ms, rowwise 4.76, tensorwise 3.20; w2 (K 8192, N 2048) 2.24, 2.80, 2.06;
+the rowwise forward product alone 0.90 and 0.40 ms (1,217 and 1,387 TFLOP/s): casts by separate
+passes eat the products' gain, which is why the kernels that produce an operand write it in FP8.
 
 An activation already in FP8 (`x_fp8`): the norm and SwiGLU kernels will write their output's FP8
 cast in the pass that computes it. float8_linear takes it beside x itself, the output in its own
