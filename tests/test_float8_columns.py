@@ -7,6 +7,8 @@ import torch
 from conftest import DEVICE, DTYPES
 from test_float8_kernels import assert_rows_equal, spread
 
+from ligerzoo.kernels import float8_columns
+from ligerzoo.kernels._utils import interpreting
 from ligerzoo.kernels.float8 import E4M3, Float8Rows, quantize_rows
 from ligerzoo.kernels.float8_columns import quantize_columns, quantize_rows_and_columns
 
@@ -80,6 +82,16 @@ def test_errors_say_what_was_wrong():
     with pytest.raises(ValueError, match=r"scale is torch.float32 \(8,\)"):
         quantize_columns(rows.data, rows.scale.reshape(8))
     assert rows.data.dtype == E4M3
+
+
+def test_too_many_column_tiles_is_refused(monkeypatch):
+    """CUDA grids take at most 65,535 blocks along their second dimension, the column tiles: past
+    that the launch would fail, so the launcher says why first (shown with 1-column tiles)."""
+    if DEVICE.type == "cpu" and not interpreting():
+        pytest.skip("the PyTorch path has no grid")
+    monkeypatch.setattr(float8_columns, "_TILE", 1)
+    with pytest.raises(ValueError, match="t has 65536 columns: the kernels take at most 65535"):
+        quantize_columns(torch.ones(1, 65536, device=DEVICE))
 
 
 def test_compiles_as_one_graph_with_the_same_bits(monkeypatch):

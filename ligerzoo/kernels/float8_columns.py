@@ -37,6 +37,8 @@ from ligerzoo.kernels.float8_rows import cast_e4m3, power_of_two_scales
 
 # Square tiles: a tile is stored transposed, so its rows and columns are both a store's width.
 _TILE = 64
+# CUDA's limit on a grid's second dimension, which runs over the column tiles.
+_MAX_GRID_Y = 65535
 
 
 @triton.jit
@@ -125,6 +127,9 @@ def _launch(t: torch.Tensor, scale: torch.Tensor | None, rows: bool) -> list[tor
     _check(t, scale)
     if not runs_triton(t):
         return _reference(t, scale, rows)
+    if triton.cdiv(t.shape[1], _TILE) > _MAX_GRID_Y:
+        raise ValueError(f"t has {t.shape[1]} columns: the kernels take at most {_MAX_GRID_Y * _TILE} "
+                         f"(a grid of {_MAX_GRID_Y} column tiles)")
     if t.stride(1) != 1:
         t = t.contiguous()
     n_rows, n_cols = t.shape
