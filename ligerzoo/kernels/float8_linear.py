@@ -144,7 +144,7 @@ def float8_backward_products(dy: torch.Tensor, x_cast: Float8Rows | None,
         elif needs_dw:
             dyt_cast = Float8Rows(*quantize_columns(dy))
         if needs_dx:
-            wt_cast = weight if isinstance(weight, Float8Rows) else Float8Rows(*quantize_columns(weight))
+            wt_cast = weight if isinstance(weight, Float8Rows) else _cast_transposed(weight, None, E4M3, recipe)
             dx = _product(dy_cast, wt_cast, dy.dtype)
         if needs_dw:
             # x's forward cast, exact in float32, cast again along M (module docstring).
