@@ -134,8 +134,8 @@ def float8_backward_products(dy: torch.Tensor, x_cast: Float8Rows | None,
     """
     dx = dw = db = None
     needs_dx, needs_dw = weight is not None, x_cast is not None
+    dy_cast = dyt_cast = xt_cast = None
     if recipe == "rowwise":
-        dy_cast = dyt_cast = None
         if needs_dx and needs_dw:
             dy_data, dy_scale, dyt_data, dyt_scale = quantize_rows_and_columns(dy)
             dy_cast, dyt_cast = Float8Rows(dy_data, dy_scale), Float8Rows(dyt_data, dyt_scale)
@@ -143,21 +143,20 @@ def float8_backward_products(dy: torch.Tensor, x_cast: Float8Rows | None,
             dy_cast = quantize_rows(dy, GRAD_DTYPE[recipe])
         elif needs_dw:
             dyt_cast = Float8Rows(*quantize_columns(dy))
-        if needs_dx:
-            wt_cast = weight if isinstance(weight, Float8Rows) else _cast_transposed(weight, None, E4M3, recipe)
-            dx = _product(dy_cast, wt_cast, dy.dtype)
         if needs_dw:
             # x's forward cast, exact in float32, cast again along M (module docstring).
-            dw = _product(dyt_cast, Float8Rows(*quantize_columns(x_cast.data, x_cast.scale)), dy.dtype)
+            xt_cast = Float8Rows(*quantize_columns(x_cast.data, x_cast.scale))
     else:
         grad_dtype = GRAD_DTYPE[recipe]
         dy_cast = quantize_tensor(dy, grad_dtype) if needs_dx or needs_dw else None
-        if needs_dx:
-            wt_cast = weight if isinstance(weight, Float8Rows) else _cast_transposed(weight, None, E4M3, recipe)
-            dx = _product(dy_cast, wt_cast, dy.dtype)
         if needs_dw:
             dyt_cast = _cast_transposed(dy, dy_cast, grad_dtype, recipe)
-            dw = _product(dyt_cast, Float8Rows(x_cast.data.t().contiguous(), x_cast.scale), dy.dtype)
+            xt_cast = Float8Rows(x_cast.data.t().contiguous(), x_cast.scale)
+    if needs_dx:
+        wt_cast = weight if isinstance(weight, Float8Rows) else _cast_transposed(weight, None, E4M3, recipe)
+        dx = _product(dy_cast, wt_cast, dy.dtype)
+    if needs_dw:
+        dw = _product(dyt_cast, xt_cast, dy.dtype)
     if bias_grad:
         db = dy.sum(0, dtype=torch.float32).to(dy.dtype)
     return dx, dw, db
