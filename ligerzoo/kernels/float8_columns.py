@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ligerzoo.kernels._utils import interpreting, kernel_op, launch, runs_triton
+from ligerzoo.kernels._utils import check_same_device, interpreting, kernel_op, launch, runs_triton
 from ligerzoo.kernels.float8 import E4M3, quantize_rows
 from ligerzoo.kernels.float8_rows import cast_e4m3, power_of_two_scales
 
@@ -112,8 +112,7 @@ def _check(t: torch.Tensor, scale: torch.Tensor | None) -> None:
     if scale.dtype != torch.float32 or tuple(scale.shape) != (t.shape[0], 1):
         raise ValueError(f"scale is {scale.dtype} {tuple(scale.shape)}: expected torch.float32 "
                          f"({t.shape[0]}, 1), one per row of t")
-    if scale.device != t.device:
-        raise ValueError(f"scale is on {scale.device} and t on {t.device}: expected one device")
+    check_same_device(t=t, scale=scale)
 
 
 def _reference(t: torch.Tensor, scale: torch.Tensor | None, rows: bool) -> list[torch.Tensor]:
