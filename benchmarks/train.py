@@ -33,7 +33,7 @@ from device_timeline import describe, device_timeline  # beside this script
 
 from ligerzoo.models import ModelConfig, build_model
 from ligerzoo.models.presets import LLAMA_3_1_8B, LLAMA_3_2_1B, MIXTRAL_8X7B_2_LAYERS, TINY_LLAMA
-from ligerzoo.training.blocks import prepare_blocks
+from ligerzoo.training.blocks import CHECKPOINTING_MODES, prepare_blocks
 from ligerzoo.training.metrics import flops_per_token, peak_flops
 from ligerzoo.training.parallel import MULTICAST_OFF, apply_fsdp, init_distributed, shard_blocks
 
@@ -83,7 +83,7 @@ def main() -> None:
     parser.add_argument("--shape", choices=sorted(SHAPES), default="llama-1b")
     parser.add_argument("--seq", type=int, default=4096)
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--checkpointing", nargs="+", choices=("off", "full", "selective"), default=["full", "off"])
+    parser.add_argument("--checkpointing", nargs="+", choices=CHECKPOINTING_MODES, default=["full", "off"])
     parser.add_argument("--peers", nargs="+", choices=PEERS, default=list(PEERS))
     parser.add_argument("--steps", type=int, default=12, help=f"steps per run; the first {UNTIMED_STEPS} are not timed")
     parser.add_argument("--profile", metavar="DIR", help="also profile 2 steps of each run: the top CUDA "
@@ -135,8 +135,8 @@ def main() -> None:
     failed = 0
     for checkpointing in args.checkpointing:
         for peer in args.peers:
-            if peer.startswith("hf") and checkpointing == "selective":
-                continue  # transformers has no selective checkpointing
+            if peer.startswith("hf") and checkpointing not in ("off", "full"):
+                continue  # transformers checkpoints whole layers only
             per_gpu_at_fewest = None
             for gpus in args.gpus or [1]:
                 run = dict(peer=peer, shape=args.shape, seq=args.seq, batch=args.batch,

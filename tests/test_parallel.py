@@ -87,3 +87,30 @@ def test_compiled_full_checkpointing_keeps_only_each_blocks_input():
     assert per_block["full"] < per_block["selective"] < per_block["off"]
     # The input, the rotary tables and the mask's few integers; not one activation more.
     assert block_input <= per_block["full"] < 2 * block_input
+
+
+def attention_forwards_in_backward(model, input_ids) -> int:
+    model(input_ids, labels=input_ids).loss.backward()  # compiles
+    loss = model(input_ids, labels=input_ids).loss
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        loss.backward()
+    return sum(event.name.startswith("aten::_scaled_dot_product") and "backward" not in event.name
+               and not (event.cpu_parent and event.cpu_parent.name.startswith("aten::_scaled_dot_product"))
+               for event in prof.events())
+
+
+def test_compiled_keep_attention_checkpointing_keeps_attentions_output():
+    """keep-attention recomputes what full checkpointing does but attention: its output and
+    log-sum-exp are kept (as well as the block's input), so the backward runs no attention forward."""
+    input_ids = torch.randint(0, 128, (2, 32))
+    reference_loss, kept = backward_matmuls(tiny_model("off", compile=False), input_ids)
+    loss, recomputed = backward_matmuls(tiny_model("keep-attention", compile=True), input_ids)
+    assert torch.allclose(loss, reference_loss, rtol=1e-5)
+    assert recomputed - kept == LAYERS * (LINEARS_PER_BLOCK - 1)
+    assert attention_forwards_in_backward(tiny_model("full", compile=True), input_ids) == LAYERS
+    assert attention_forwards_in_backward(tiny_model("keep-attention", compile=True), input_ids) == 0
+    one, two = (saved_bytes_in_forward(tiny_model("keep-attention", compile=True, layers=layers), input_ids)
+                for layers in (1, 2))
+    block_input = attention_output = input_ids.numel() * 64 * 4  # float32; 4 heads x 16
+    log_sum_exp = input_ids.numel() * 4 * 4  # float32, a query a head
+    assert block_input + attention_output + log_sum_exp <= two - one < 2 * block_input + attention_output

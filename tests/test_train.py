@@ -123,7 +123,7 @@ def test_fsdp_prefetch_and_keeping_blocks_gathered_give_the_same_losses(referenc
         assert loss == pytest.approx(reference[step], rel=1e-5), step
 
 
-@pytest.mark.parametrize("mode", ["full", "selective"])
+@pytest.mark.parametrize("mode", ["full", "keep-attention", "selective"])
 def test_activation_checkpointing_gives_the_same_losses(reference_run, tmp_path, mode):
     """Recomputing activations (all of them, or only the elementwise ones) changes memory, not
     the numbers: the losses equal those of the run that keeps everything."""
@@ -134,7 +134,7 @@ def test_activation_checkpointing_gives_the_same_losses(reference_run, tmp_path,
         assert loss == pytest.approx(reference[step], rel=1e-5), step
 
 
-@pytest.mark.parametrize("mode", ["full", "selective"])
+@pytest.mark.parametrize("mode", ["full", "keep-attention", "selective"])
 def test_compiled_checkpointed_blocks_give_the_same_losses(reference_run, tmp_path, mode):
     """Each block compiled with fullgraph=True, inside or around its checkpointing: a block that
     torch.compile cannot trace fails the run (torch >= 2.12 also fails one it skipped, which would

@@ -37,6 +37,7 @@ from ligerzoo.kernels.float8_rows import cast_e4m3, power_of_two_scales
 
 # Square tiles: a tile is stored transposed, so its rows and columns are both a store's width.
 _TILE = 64
+_NUM_WARPS = 4
 # CUDA's limit on a grid's second dimension, which runs over the column tiles.
 _MAX_GRID_Y = 65535
 
@@ -146,11 +147,11 @@ def _launch(t: torch.Tensor, scale: torch.Tensor | None, rows: bool) -> list[tor
     t_scale = scale if scale is not None else t
     launch(_amax_kernel)[grid](
         t, t_scale, row_amax, col_amax, n_rows, n_cols, t.stride(0),
-        SCALED=scale is not None, ROWS=rows, TILE=_TILE, num_warps=4,
+        SCALED=scale is not None, ROWS=rows, TILE=_TILE, num_warps=_NUM_WARPS,
     )
     launch(_cast_kernel)[grid](
         t, t_scale, row_amax, col_amax, rows_data, rows_scale, cols, cols_scale, n_rows, n_cols, t.stride(0),
-        SCALED=scale is not None, ROWS=rows, EMULATE_FLOAT8=interpreting(), TILE=_TILE, num_warps=4,
+        SCALED=scale is not None, ROWS=rows, EMULATE_FLOAT8=interpreting(), TILE=_TILE, num_warps=_NUM_WARPS,
     )
     return [rows_data, rows_scale, cols, cols_scale] if rows else [cols, cols_scale]
 

@@ -15,28 +15,49 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 from ligerzoo.models.float8 import convert_to_float8
 
 
-def _saved_by_selective_recompute() -> set:
-    """The ops whose outputs selective activation checkpointing keeps: the matmuls (FP8 ones too)
-    and attention, which are expensive to recompute. Everything else a block does (norms, RoPE,
-    SwiGLU, residual adds, FP8 casts: elementwise work) is cheap to redo and costly to keep."""
+@functools.cache
+def _attention_ops() -> frozenset:
+    """The attention kernels a block may call (SDPA's backends, flex_attention)."""
     aten = torch.ops.aten
-    names = ["mm", "addmm", "bmm", "_grouped_mm", "_scaled_mm", "_scaled_dot_product_flash_attention",
-             "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
-             "_scaled_dot_product_flash_attention_for_cpu", "_flash_attention_forward",
-             "_efficient_attention_forward"]
+    names = ["_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+             "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu",
+             "_flash_attention_forward", "_efficient_attention_forward"]
     ops = {getattr(aten, name).default for name in names if hasattr(aten, name)}
-    ops.add(torch.ops.higher_order.flex_attention)
-    return ops
+    return frozenset(ops | {torch.ops.higher_order.flex_attention})
 
 
-def _selective_policy(saved_ops):
-    def policy(ctx, op, *args, **kwargs):
-        return CheckpointPolicy.MUST_SAVE if op in saved_ops else CheckpointPolicy.PREFER_RECOMPUTE
-    return policy
+@functools.cache
+def _matmul_ops() -> frozenset:
+    aten = torch.ops.aten
+    return frozenset(getattr(aten, name).default for name in ("mm", "addmm", "bmm", "_grouped_mm", "_scaled_mm")
+                     if hasattr(aten, name))
 
 
+# One function a mode, not closures of one function: torch.compile tells the policies apart by
+# their code, so two closures of the same code would share one compiled block.
 def _recompute_everything(ctx, op, *args, **kwargs):
     return CheckpointPolicy.MUST_RECOMPUTE
+
+
+def _keep_attention(ctx, op, *args, **kwargs):
+    """Attention's output (and its log-sum-exp) kept, everything else recomputed: the backward of
+    block i runs once the blocks after it hold gradients instead of checkpoints, so what it keeps
+    adds to the peak only where it outweighs them (benchmarks/train.py measures it)."""
+    return CheckpointPolicy.MUST_SAVE if op in _attention_ops() else CheckpointPolicy.MUST_RECOMPUTE
+
+
+def _keep_matmuls_and_attention(ctx, op, *args, **kwargs):
+    """The matmuls (FP8 ones too) and attention kept, expensive to recompute; everything else a
+    block does (norms, RoPE, SwiGLU, residual adds, FP8 casts: elementwise work) is cheap to redo
+    and costly to keep."""
+    if op in _matmul_ops() or op in _attention_ops():
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+_POLICIES = {"full": _recompute_everything, "keep-attention": _keep_attention,
+             "selective": _keep_matmuls_and_attention}
+CHECKPOINTING_MODES = ("off", *_POLICIES)
 
 
 def prepare_blocks(model, activation_checkpointing: str = "off", compile: bool = False,
@@ -44,8 +65,9 @@ def prepare_blocks(model, activation_checkpointing: str = "off", compile: bool =
     """FP8, activation checkpointing and torch.compile, block by block.
 
     activation_checkpointing: "off"; "full", recompute each block's activations in the backward
-    instead of keeping them; "selective", recompute only the cheap elementwise ones, keeping
-    matmul and attention outputs. compile: compile each block on its own (the blocks are
+    instead of keeping them; "keep-attention", the same but keeping attention's output, so its
+    forward runs once; "selective", recompute only the cheap elementwise ones, keeping matmul and
+    attention outputs. compile: compile each block on its own (the blocks are
     identical, so one graph serves them all). float8: "off", or the recipe ("rowwise",
     "tensorwise") of the FP8 products of the blocks' linear layers (models/float8.py).
 
@@ -57,12 +79,14 @@ def prepare_blocks(model, activation_checkpointing: str = "off", compile: bool =
     """
     if float8 != "off":
         convert_to_float8(model, float8)
+    if activation_checkpointing not in CHECKPOINTING_MODES:
+        raise ValueError(f"activation_checkpointing is {activation_checkpointing!r}: expected one of "
+                         f"{', '.join(CHECKPOINTING_MODES)}")
     options = {"use_reentrant": False}
-    if activation_checkpointing == "selective":
-        policy = _selective_policy(_saved_by_selective_recompute())
-        options["context_fn"] = functools.partial(create_selective_checkpoint_contexts, policy)
-    elif activation_checkpointing == "full" and compile:
-        options["context_fn"] = functools.partial(create_selective_checkpoint_contexts, _recompute_everything)
+    # Eager, full checkpointing is the plain checkpoint: the whole block runs again.
+    if activation_checkpointing != "off" and (compile or activation_checkpointing != "full"):
+        options["context_fn"] = functools.partial(create_selective_checkpoint_contexts,
+                                                 _POLICIES[activation_checkpointing])
     for block in model.layers:
         forward = block.forward
         if activation_checkpointing != "off":

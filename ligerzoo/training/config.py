@@ -58,7 +58,7 @@ class TrainSection:
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.95)
     max_grad_norm: float = 1.0
-    activation_checkpointing: str = "off"  # off | full | selective (recompute only elementwise work)
+    activation_checkpointing: str = "off"  # off | full | keep-attention | selective (blocks.py)
     compile: bool = False
     # off | rowwise | tensorwise: the blocks' linear layers multiply in FP8 (models/float8.py);
     # weights, optimizer state, checkpoints and the export keep their dtype.
@@ -162,8 +162,8 @@ def config_problems(config: Config) -> list[str]:
             "two numbers in [0, 1), as --train.betas 0.9,0.95")
     require(0 < train.max_grad_norm, "train.max_grad_norm", "a positive gradient norm to clip at (inf: no "
             "clipping); 0 would zero every update")
-    require(train.activation_checkpointing in ("off", "full", "selective"), "train.activation_checkpointing",
-            "'off', 'full' or 'selective'")
+    require(train.activation_checkpointing in ("off", "full", "keep-attention", "selective"),
+            "train.activation_checkpointing", "'off', 'full', 'keep-attention' or 'selective'")
     require(train.float8 in ("off", "rowwise", "tensorwise"), "train.float8", "'off', 'rowwise' or 'tensorwise'")
     for name in ("dtype", "master_dtype"):
         require(getattr(train, name) in ("float32", "bfloat16", "float16"), f"train.{name}",
