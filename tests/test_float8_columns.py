@@ -16,7 +16,9 @@ pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:Runtim
                                         "ignore:overflow encountered:RuntimeWarning")
 
 # One element; a tile exactly; partial tiles along either dimension and both; several tiles.
-SHAPES = [(1, 1), (64, 64), (65, 130), (130, 7), (3, 200), (200, 129)]
+TILE = float8_columns._TILE
+SHAPES = [(1, 1), (TILE, TILE), (TILE + 1, 2 * TILE + 2), (2 * TILE + 2, 7), (3, 3 * TILE + 8),
+          (2 * TILE + 8, TILE + 1)]
 
 
 def special_lines(t: torch.Tensor) -> torch.Tensor:
