@@ -15,6 +15,7 @@ from ligerzoo.kernels.float8 import (
     FP8_MAX,
     Float8Rows,
     emulated_scaled_mm,
+    has_scaled_mm,
     quantize_rows,
     quantize_tensor,
     scaled_mm,
@@ -147,6 +148,8 @@ def test_emulated_scaled_mm_agrees_with_torch_scaled_mm(a_dtype, b_dtype, out_dt
     so the results are the same bits. Tensor-wise it sums in another order (measured: float32
     results a few units apart, bfloat16 ones 3 in 819,200 one unit apart): both within the
     float32 sums' bound of the exact product, K 2**-24 sum |a||b|, plus the output's rounding."""
+    if not has_scaled_mm(DEVICE, rowwise, out_dtype):
+        pytest.skip("this torch's CPU _scaled_mm takes one scale a tensor only (torch 2.11)")
     m, k, n = 48, 1024, 32
     a, b_t = random_operand(m, k, a_dtype), random_operand(n, k, b_dtype)
     scale_a, scale_b = (power_of_two_scale(m, 1), power_of_two_scale(1, n)) if rowwise else \
@@ -361,8 +364,15 @@ def test_fullgraph_compile_gives_the_same_results(recipe, backend, monkeypatch):
     expected = run_layer(float8_linear, x, weight, b, dy, recipe=recipe)
     compiled = torch.compile(float8_linear, fullgraph=True, backend=backend)
     got = run_layer(compiled, x, weight, b, dy, recipe=recipe)
+    fused_bias = backend == "inductor" and not has_scaled_mm(DEVICE, recipe == "rowwise", torch.bfloat16)
+    if fused_bias:
+        # The emulated product is plain ops, and Inductor adds the bias to its float32 result
+        # before the one rounding to bf16 (torch 2.11's CPU _scaled_mm takes no row scales): y
+        # differs from eager's product-rounded-then-added by the product's rounding at most.
+        error = (got[0].float() - expected[0].float()).abs()
+        assert (error <= 2.0**-7 * (expected[0].float().abs() + b.float().abs())).all()
     for what, g, e in zip(("y", "dx", "dW"), got, expected):
-        assert torch.equal(g, e), what
+        assert (what == "y" and fused_bias) or torch.equal(g, e), what
     torch.testing.assert_close(got[3], expected[3], rtol=2.0**-8, atol=0)
 
     def with_casts(x, weight, b):
@@ -371,7 +381,7 @@ def test_fullgraph_compile_gives_the_same_results(recipe, backend, monkeypatch):
 
     got = run_layer(torch.compile(with_casts, fullgraph=True, backend=backend), x, weight, b, dy)
     for what, g, e in zip(("y", "dx", "dW"), got, expected):
-        assert torch.equal(g, e), f"{what} with casts given"
+        assert (what == "y" and fused_bias) or torch.equal(g, e), f"{what} with casts given"
 
 
 def test_float8_linear_errors_say_what_was_wrong():

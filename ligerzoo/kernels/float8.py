@@ -168,15 +168,28 @@ def emulated_scaled_mm(a, b, scale_a, scale_b, out_dtype: torch.dtype) -> torch.
     return ((a.float() @ b.float()) * scale_a * scale_b).to(out_dtype)
 
 
+def _cpu_scaled_mm_takes_row_scales() -> bool:
+    """Whether this torch's CPU `_scaled_mm` takes a scale a row: torch 2.11's (oneDNN) takes one
+    scale a tensor only and fails an internal assert otherwise. Probed once, on 16 x 16 ones."""
+    ones = torch.ones(16, 16).to(torch.float8_e4m3fn)
+    scale = torch.ones(16, 1)
+    try:
+        torch._scaled_mm(ones, ones.t(), scale, scale.t(), out_dtype=torch.bfloat16)
+    except RuntimeError:
+        return False
+    return True
+
+
 _CPU_HAS_SCALED_MM = torch._C._dispatch_has_kernel_for_dispatch_key("aten::_scaled_mm", "CPU")
+_CPU_SCALED_MM_ROWWISE = _CPU_HAS_SCALED_MM and _cpu_scaled_mm_takes_row_scales()
 
 
 def has_scaled_mm(device: torch.device, rowwise: bool, out_dtype: torch.dtype) -> bool:
     """Whether `torch._scaled_mm` runs this product here: the CPU where this torch has its
-    kernel; NVIDIA GPUs from sm89 (Ada) tensor-wise and from sm90 (Hopper) row-wise, where the
+    kernel (and, rowwise, where that kernel takes row scales); NVIDIA GPUs from sm89 (Ada) tensor-wise and from sm90 (Hopper) row-wise, where the
     row-wise kernel writes bfloat16 only. ROCm's FP8 formats differ (fnuz), so it emulates."""
     if device.type == "cpu":
-        return _CPU_HAS_SCALED_MM
+        return _CPU_SCALED_MM_ROWWISE if rowwise else _CPU_HAS_SCALED_MM
     if device.type != "cuda" or torch.version.hip is not None:
         return False
     props = torch.cuda.get_device_properties(device)
