@@ -114,3 +114,13 @@ def test_compiled_keep_attention_checkpointing_keeps_attentions_output():
     block_input = attention_output = input_ids.numel() * 64 * 4  # float32; 4 heads x 16
     log_sum_exp = input_ids.numel() * 4 * 4  # float32, a query a head
     assert block_input + attention_output + log_sum_exp <= two - one < 2 * block_input + attention_output
+
+
+def test_unknown_checkpointing_mode_is_refused_before_the_model_changes():
+    model = build_model(ModelConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                    num_attention_heads=4, num_key_value_heads=2))
+    forward = model.layers[0].forward
+    with pytest.raises(ValueError, match="activation_checkpointing is 'attention': expected one of off, full, "
+                                         "keep-attention, selective"):
+        prepare_blocks(model, "attention", float8="rowwise")
+    assert model.layers[0].forward == forward and type(model.layers[0].attention.wqkv) is torch.nn.Linear

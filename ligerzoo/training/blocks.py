@@ -77,11 +77,11 @@ def prepare_blocks(model, activation_checkpointing: str = "off", compile: bool =
     feeds the residual stream): a quarter of a Llama block's forward GEMM work, 5% of the
     Llama-3.2-1B step on an H100. Eager, the whole block runs again.
     """
-    if float8 != "off":
-        convert_to_float8(model, float8)
     if activation_checkpointing not in CHECKPOINTING_MODES:
         raise ValueError(f"activation_checkpointing is {activation_checkpointing!r}: expected one of "
                          f"{', '.join(CHECKPOINTING_MODES)}")
+    if float8 != "off":
+        convert_to_float8(model, float8)
     options = {"use_reentrant": False}
     # Eager, full checkpointing is the plain checkpoint: the whole block runs again.
     if activation_checkpointing != "off" and (compile or activation_checkpointing != "full"):
