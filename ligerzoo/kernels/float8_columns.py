@@ -36,8 +36,8 @@ from ligerzoo.kernels.float8 import E4M3, quantize_rows
 from ligerzoo.kernels.float8_rows import cast_e4m3, power_of_two_scales
 
 # Square tiles: a tile is stored transposed, so its rows and columns are both a store's width.
-# On an H100, 128 x 128 with 4 warps took 1.27 ms for one Llama-3.2-1B block's casts, 64 x 64 1.44,
-# 128 x 128 with 8 warps 1.41 (benchmarks/RESULTS.md).
+# On an H100, 128 x 128 with 4 warps took 1.27 ms for about one Llama-3.2-1B block's casts, 64 x 64
+# 1.44, 128 x 128 with 8 warps 1.41 (benchmarks/RESULTS.md).
 _TILE = 128
 _NUM_WARPS = 4
 # CUDA's limit on a grid's second dimension, which runs over the column tiles.
