@@ -106,13 +106,15 @@ def _gather_one_layer(fp8: bool, n=64, k=48):
         gather_in_float8(container, WORLD_SIZE)
     fully_shard(container, mesh=_mesh(), mp_policy=_bf16_policy())
     sent = []
-    all_gather = dist.all_gather_single
+    # The collective FSDP2 calls: all_gather_single in torch 2.13, all_gather_into_tensor in 2.11.
+    name = "all_gather_single" if hasattr(dist, "all_gather_single") else "all_gather_into_tensor"
+    all_gather = getattr(dist, name)
 
     def counting(output_tensor, input_tensor, *args, **kwargs):
         sent.append((str(input_tensor.dtype), input_tensor.numel() * input_tensor.element_size()))
         return all_gather(output_tensor, input_tensor, *args, **kwargs)
 
-    dist.all_gather_single = counting
+    setattr(dist, name, counting)
     results = []
     try:
         for _ in range(2):
@@ -130,7 +132,7 @@ def _gather_one_layer(fp8: bool, n=64, k=48):
             with torch.no_grad():
                 layer.weight.mul_(2)
     finally:
-        dist.all_gather_single = all_gather
+        setattr(dist, name, all_gather)
     return results
 
 

@@ -22,7 +22,7 @@ from ligerzoo.kernels import (
     swiglu_linear,
     swiglu_packed,
 )
-from ligerzoo.kernels.float8 import E4M3, E5M2, Float8Rows, quantize_tensor
+from ligerzoo.kernels.float8 import E4M3, E5M2, Float8Rows, has_scaled_mm, quantize_tensor
 from ligerzoo.kernels.float8_columns import quantize_columns
 from ligerzoo.kernels.float8_linear import Float8Weight
 
@@ -212,7 +212,11 @@ def test_fullgraph_compile_gives_the_same_results(backend, monkeypatch):
     with torch._inductor.config.patch(emulate_precision_casts=True):
         got = outputs_and_grads(torch.compile(chain, fullgraph=True, backend=backend), *inputs)
     names = ["y", "x + residual", "dx", "dresidual", "dnorm_weight", "dw13", "db13", "dw2", "db2", "dwq"]
-    if backend == "aot_eager" or not got[0].is_cuda:
+    # torch 2.11's CPU emulates the rowwise product (its _scaled_mm takes no row scales), and
+    # Inductor adds the bias to the emulated product before its rounding: gate/up one bf16 unit
+    # apart moves FP8 values downstream, as on the GPU, by up to a step of their own.
+    emulated = not got[0].is_cuda and not has_scaled_mm(got[0].device, True, torch.bfloat16)
+    if backend == "aot_eager" or not (got[0].is_cuda or emulated):
         bias_grads = [names.index("db13")] if backend == "inductor" else []
         for i in bias_grads:
             torch.testing.assert_close(got[i], expected[i], rtol=2.0**-8, atol=0)
@@ -227,7 +231,7 @@ def test_fullgraph_compile_gives_the_same_results(backend, monkeypatch):
                 assert g is None, name
                 continue
             error = (g.float() - e.float()).norm() / e.float().norm()
-            assert error < 2.0**-5, (name, error)
+            assert error < (2.0**-4 if emulated else 2.0**-5), (name, error)
 
 
 def test_errors_say_what_was_wrong():
