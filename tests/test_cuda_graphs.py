@@ -98,4 +98,6 @@ def test_a_decoder_that_cannot_be_captured_generates_the_same_tokens(fake_cuda, 
     monkeypatch.setattr(Decoder, "__init__", capturing)
     with pytest.warns(UserWarning, match="the decode step could not be captured") as warned:
         assert generate(model, prompt, max_new_tokens=6) == expected
-    assert warned[0].filename.endswith("generation.py")  # the warning points at generate's step call
+    # The warning points at generate's step call (torch 2.11's interpreter may warn first, apart).
+    ours = [w for w in warned if "could not be captured" in str(w.message)]
+    assert len(ours) == 1 and ours[0].filename.endswith("generation.py")
