@@ -186,8 +186,9 @@ _CPU_SCALED_MM_ROWWISE = _CPU_HAS_SCALED_MM and _cpu_scaled_mm_takes_row_scales(
 
 def has_scaled_mm(device: torch.device, rowwise: bool, out_dtype: torch.dtype) -> bool:
     """Whether `torch._scaled_mm` runs this product here: the CPU where this torch has its
-    kernel (and, rowwise, where that kernel takes row scales); NVIDIA GPUs from sm89 (Ada) tensor-wise and from sm90 (Hopper) row-wise, where the
-    row-wise kernel writes bfloat16 only. ROCm's FP8 formats differ (fnuz), so it emulates."""
+    kernel (row-wise, where that kernel takes row scales); NVIDIA GPUs from sm89 (Ada) tensor-wise
+    and from sm90 (Hopper) row-wise, where the row-wise kernel writes bfloat16 only. ROCm's FP8
+    formats differ (fnuz), so it emulates."""
     if device.type == "cpu":
         return _CPU_SCALED_MM_ROWWISE if rowwise else _CPU_HAS_SCALED_MM
     if device.type != "cuda" or torch.version.hip is not None:
