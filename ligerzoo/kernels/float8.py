@@ -67,6 +67,11 @@ class Float8Rows(NamedTuple):
     data: torch.Tensor
     scale: torch.Tensor
 
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """data.float() * scale in `dtype`: exact in float32 (a power-of-two scale), and in any
+        float dtype whose range holds the values."""
+        return (self.data.float() * self.scale).to(dtype)
+
 
 def quantizing_exponent(amax: torch.Tensor, fp8_dtype: torch.dtype) -> torch.Tensor:
     """floor(log2(FP8_MAX / max(amax, AMAX_FLOOR))) exactly, as int32; amax float32.

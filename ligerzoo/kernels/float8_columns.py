@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from ligerzoo.kernels._utils import check_same_device, interpreting, kernel_op, launch, runs_triton
-from ligerzoo.kernels.float8 import E4M3, quantize_rows
+from ligerzoo.kernels.float8 import E4M3, Float8Rows, quantize_rows
 from ligerzoo.kernels.float8_rows import cast_e4m3, power_of_two_scales
 
 # Square tiles: a tile is stored transposed, so its rows and columns are both a store's width.
@@ -120,7 +120,7 @@ def _check(t: torch.Tensor, scale: torch.Tensor | None) -> None:
 
 def _reference(t: torch.Tensor, scale: torch.Tensor | None, rows: bool) -> list[torch.Tensor]:
     """The definition in PyTorch (float8.py's casts): the path where the kernels do not run."""
-    values = t.float() * scale if scale is not None else t
+    values = Float8Rows(t, scale).dequantize() if scale is not None else t
     out = list(quantize_rows(values.t()))
     return [*quantize_rows(values), *out] if rows else out
 

@@ -83,6 +83,10 @@ RECIPE = "rowwise"  # a scale per row is what a row-per-program producer can com
 # w_data [N, K] e4m3 and w_scale [N, 1]: weight_fp8's rows, or None (the Functions cast weight).
 
 
+def _given_rows(w_data, w_scale) -> Float8Rows | None:
+    return Float8Rows(w_data, w_scale) if w_data is not None else None
+
+
 def _saved_weight(weight, w_data, w_scale) -> tuple:
     """What dh reads of W, saved: the given rows (data, scale), or the parameter (no memory)."""
     return (w_data, w_scale) if w_data is not None else (weight, None)
@@ -103,8 +107,8 @@ class _RMSNormLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, residual, norm_weight, eps, weight, bias, w_data, w_scale):
         h_data, h_scale, summed, rstd = rms_norm_forward_float8(x, residual, norm_weight, eps)
-        w_cast = Float8Rows(w_data, w_scale) if w_data is not None else None
-        y = float8_forward_product(Float8Rows(h_data, h_scale), weight, bias, RECIPE, w_cast=w_cast)
+        y = float8_forward_product(Float8Rows(h_data, h_scale), weight, bias, RECIPE,
+                                   w_cast=_given_rows(w_data, w_scale))
         needs_dh, needs_dw = any(ctx.needs_input_grad[:3]), ctx.needs_input_grad[4]
         # The norm's input: x, or the sum (an output, alive anyway as the residual stream).
         norm_input = x if residual is None else summed
@@ -134,8 +138,8 @@ class _SwiGLULinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate_up, weight, bias, w_data, w_scale, in_place_backward):
         h_data, h_scale = swiglu_packed_forward_float8(gate_up)
-        w_cast = Float8Rows(w_data, w_scale) if w_data is not None else None
-        y = float8_forward_product(Float8Rows(h_data, h_scale), weight, bias, RECIPE, w_cast=w_cast)
+        y = float8_forward_product(Float8Rows(h_data, h_scale), weight, bias, RECIPE,
+                                   w_cast=_given_rows(w_data, w_scale))
         needs_dgate_up, needs_dw = ctx.needs_input_grad[:2]
         ctx.save_for_backward(*(gate_up, *_saved_weight(weight, w_data, w_scale)) if needs_dgate_up
                               else (None,) * 3,
@@ -168,7 +172,7 @@ class _DequantizedWeightFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, weight, w_data, w_scale):
-        return (w_data.float() * w_scale).to(weight.dtype)
+        return Float8Rows(w_data, w_scale).dequantize(weight.dtype)
 
     @staticmethod
     def backward(ctx, grad):

@@ -132,7 +132,7 @@ class Float8GatheredWeight(torch.Tensor):
 
     def dequantize(self) -> torch.Tensor:
         """W's values as the FP8 rows hold them, in W's dtype (exact: a power-of-two scale)."""
-        return (self.rows.float() * self.scale).to(self.dtype)
+        return Float8Rows(self.rows, self.scale).dequantize(self.dtype)
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
