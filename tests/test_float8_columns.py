@@ -16,7 +16,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:Runtim
                                         "ignore:overflow encountered:RuntimeWarning")
 
 # One element; a tile exactly; partial tiles along either dimension and both; several tiles.
-TILE = float8_columns._TILE
+TILE = float8_columns.TILE
 SHAPES = [(1, 1), (TILE, TILE), (TILE + 1, 2 * TILE + 2), (2 * TILE + 2, 7), (3, 3 * TILE + 8),
           (2 * TILE + 8, TILE + 1)]
 
@@ -91,7 +91,7 @@ def test_too_many_column_tiles_is_refused(monkeypatch):
     that the launch would fail, so the launcher says why first (shown with 1-column tiles)."""
     if DEVICE.type == "cpu" and not interpreting():
         pytest.skip("the PyTorch path has no grid")
-    monkeypatch.setattr(float8_columns, "_TILE", 1)
+    monkeypatch.setattr(float8_columns, "TILE", 1)
     with pytest.raises(ValueError, match="t has 65536 columns: the kernels take at most 65535"):
         quantize_columns(torch.ones(1, 65536, device=DEVICE))
 

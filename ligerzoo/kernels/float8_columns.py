@@ -38,14 +38,14 @@ from ligerzoo.kernels.float8_rows import cast_e4m3, power_of_two_scales
 # Square tiles: a tile is stored transposed, so its rows and columns are both a store's width.
 # On an H100, 128 x 128 with 4 warps took 1.27 ms for about one Llama-3.2-1B block's casts, 64 x 64
 # 1.44, 128 x 128 with 8 warps 1.41 (benchmarks/RESULTS.md).
-_TILE = 128
-_NUM_WARPS = 4
+TILE = 128
+NUM_WARPS = 4
 # CUDA's limit on a grid's second dimension, which runs over the column tiles.
 _MAX_GRID_Y = 65535
 
 
 @triton.jit
-def _load_tile(t_ptr, t_scale_ptr, rows, cols, row_mask, col_mask, t_row_stride, SCALED: tl.constexpr):
+def load_tile(t_ptr, t_scale_ptr, rows, cols, row_mask, col_mask, t_row_stride, SCALED: tl.constexpr):
     """The tile as float32 (masked lanes 0); SCALED: FP8 data times its rows' scales."""
     mask = row_mask[:, None] & col_mask[None, :]
     v = tl.load(t_ptr + rows.to(tl.int64)[:, None] * t_row_stride + cols[None, :], mask=mask, other=0.0)
@@ -66,7 +66,7 @@ def _amax_kernel(
     rows = tl.program_id(0) * TILE + tl.arange(0, TILE)
     cols = tl.program_id(1) * TILE + tl.arange(0, TILE)
     row_mask, col_mask = rows < n_rows, cols < n_cols
-    bits = _load_tile(t_ptr, t_scale_ptr, rows, cols, row_mask, col_mask, t_row_stride, SCALED).to(tl.int32, bitcast=True)
+    bits = load_tile(t_ptr, t_scale_ptr, rows, cols, row_mask, col_mask, t_row_stride, SCALED).to(tl.int32, bitcast=True)
     bits = bits & 0x7FFFFFFF
     tl.atomic_max(col_amax_ptr + cols, tl.max(bits, axis=0), mask=col_mask)
     if ROWS:
@@ -88,7 +88,7 @@ def _cast_kernel(
     cols = tile_col * TILE + tl.arange(0, TILE)
     row_mask, col_mask = rows < n_rows, cols < n_cols
     mask = row_mask[:, None] & col_mask[None, :]
-    v = _load_tile(t_ptr, t_scale_ptr, rows, cols, row_mask, col_mask, t_row_stride, SCALED)
+    v = load_tile(t_ptr, t_scale_ptr, rows, cols, row_mask, col_mask, t_row_stride, SCALED)
     quantize, dequantize = power_of_two_scales(tl.load(col_amax_ptr + cols, mask=col_mask, other=0))
     cast = cast_e4m3(v, quantize[None, :], EMULATE_FLOAT8)
     tl.store(cols_ptr + cols.to(tl.int64)[:, None] * n_rows + rows[None, :], tl.trans(cast),
@@ -103,7 +103,8 @@ def _cast_kernel(
             tl.store(rows_scale_ptr + rows, dequantize, mask=row_mask)
 
 
-def _check(t: torch.Tensor, scale: torch.Tensor | None) -> None:
+def check_operand(t: torch.Tensor, scale: torch.Tensor | None) -> None:
+    """t [R, C] in a float dtype, or e4m3 rows with their scale [R, 1]."""
     if t.dim() != 2 or 0 in t.shape:
         raise ValueError(f"t has shape {tuple(t.shape)}: expected a non-empty [R, C] matrix")
     if scale is None:
@@ -118,6 +119,14 @@ def _check(t: torch.Tensor, scale: torch.Tensor | None) -> None:
     check_same_device(t=t, scale=scale)
 
 
+def tile_grid(t: torch.Tensor) -> tuple[int, int]:
+    """The grid of one program a TILE x TILE tile of t [R, C]: (row tiles, column tiles)."""
+    if triton.cdiv(t.shape[1], TILE) > _MAX_GRID_Y:
+        raise ValueError(f"t has {t.shape[1]} columns: the kernels take at most {_MAX_GRID_Y * TILE} "
+                         f"(a grid of {_MAX_GRID_Y} column tiles)")
+    return triton.cdiv(t.shape[0], TILE), triton.cdiv(t.shape[1], TILE)
+
+
 def _reference(t: torch.Tensor, scale: torch.Tensor | None, rows: bool) -> list[torch.Tensor]:
     """The definition in PyTorch (float8.py's casts): the path where the kernels do not run."""
     values = Float8Rows(t, scale).dequantize() if scale is not None else t
@@ -126,12 +135,9 @@ def _reference(t: torch.Tensor, scale: torch.Tensor | None, rows: bool) -> list[
 
 
 def _launch(t: torch.Tensor, scale: torch.Tensor | None, rows: bool) -> list[torch.Tensor]:
-    _check(t, scale)
+    check_operand(t, scale)
     if not runs_triton(t):
         return _reference(t, scale, rows)
-    if triton.cdiv(t.shape[1], _TILE) > _MAX_GRID_Y:
-        raise ValueError(f"t has {t.shape[1]} columns: the kernels take at most {_MAX_GRID_Y * _TILE} "
-                         f"(a grid of {_MAX_GRID_Y} column tiles)")
     if t.stride(1) != 1:
         t = t.contiguous()
     n_rows, n_cols = t.shape
@@ -145,15 +151,15 @@ def _launch(t: torch.Tensor, scale: torch.Tensor | None, rows: bool) -> list[tor
         row_amax = torch.zeros(n_rows, dtype=torch.int32, device=device)
         rows_data = torch.empty((n_rows, n_cols), dtype=E4M3, device=device)
         rows_scale = torch.empty((n_rows, 1), dtype=torch.float32, device=device)
-    grid = (triton.cdiv(n_rows, _TILE), triton.cdiv(n_cols, _TILE))
+    grid = tile_grid(t)
     t_scale = scale if scale is not None else t
     launch(_amax_kernel)[grid](
         t, t_scale, row_amax, col_amax, n_rows, n_cols, t.stride(0),
-        SCALED=scale is not None, ROWS=rows, TILE=_TILE, num_warps=_NUM_WARPS,
+        SCALED=scale is not None, ROWS=rows, TILE=TILE, num_warps=NUM_WARPS,
     )
     launch(_cast_kernel)[grid](
         t, t_scale, row_amax, col_amax, rows_data, rows_scale, cols, cols_scale, n_rows, n_cols, t.stride(0),
-        SCALED=scale is not None, ROWS=rows, EMULATE_FLOAT8=interpreting(), TILE=_TILE, num_warps=_NUM_WARPS,
+        SCALED=scale is not None, ROWS=rows, EMULATE_FLOAT8=interpreting(), TILE=TILE, num_warps=NUM_WARPS,
     )
     return [rows_data, rows_scale, cols, cols_scale] if rows else [cols, cols_scale]
 

@@ -8,9 +8,10 @@ no difference (FSDP2 gathers rowwise weights as FP8 rows, below, and they still 
 a compute format only.
 
 What is converted: each block's attention projections (wqkv, wo) and dense MLP (w13, w2): the
-products that are most of a step's work. The embedding, the output head and its fused loss stay
-in the parameters' dtype, as does Mixtral's router (a tiny product whose softmax decides the
-routing) and its experts (grouped products).
+products that are most of a step's work; and Mixtral's experts, whose grouped products become
+`Float8MoE`'s (kernels/float8_grouped.py: rowwise under either recipe, the scales torch's grouped
+FP8 product takes). The embedding, the output head and its fused loss stay in the parameters'
+dtype, as does Mixtral's router (a tiny product whose softmax decides the routing).
 
 Under "rowwise" each block also becomes a `Float8Block`: the same modules, whose forward hands
 each projection's input over as the FP8 rows its producer writes (kernels/float8_fused.py): the
@@ -22,18 +23,20 @@ any element is cast, which a row-per-program producer cannot know in its one pas
 Under FSDP2 the rowwise layers' weights are all-gathered as their FP8 rows (float8_gather.py:
 each rank casts its own rows, half the bytes of bf16 on the wire); Float8Linear and the fused
 functions (`weight_fp8=`) multiply by the gathered rows as they are, so a Float8Block keeps its
-fused path.
+fused path. The experts' stacked weights are gathered in their own dtype and cast after.
 """
 
 import torch
 from torch import nn
 
+from ligerzoo.kernels import swiglu_packed
 from ligerzoo.kernels.float8_fused import add_rms_norm_linear, rms_norm_linear, swiglu_linear
+from ligerzoo.kernels.float8_grouped import GROUP_ALIGNMENT, float8_grouped_linear
 from ligerzoo.kernels.float8_linear import RECIPES, float8_linear
 from ligerzoo.models.attention import AttentionMask
 from ligerzoo.models.cache import LayerCache
 from ligerzoo.models.float8_gather import Float8GatheredWeight, gathered_float8_linear, gathered_rows
-from ligerzoo.models.transformer import MLP, Attention, Block, Transformer
+from ligerzoo.models.transformer import MLP, Attention, Block, MoE, Transformer
 
 
 class Float8Linear(nn.Linear):
@@ -58,6 +61,43 @@ class Float8Linear(nn.Linear):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, recipe={self.recipe}"
+
+
+class Float8MoE(MoE):
+    """Mixtral's MoE with its experts' products in FP8 (`float8_grouped_linear`).
+
+    The grouped FP8 product contracts each expert's tokens in 16-byte steps, so each expert's run
+    of rows starts at a multiple of GROUP_ALIGNMENT: the rows are copied into a buffer where each
+    run is followed by zero rows up to the next multiple, and the last run takes every row left
+    (a size fixed by the shapes, so nothing waits for the routing's counts). A zero row stays zero
+    through the experts and gives no gradient. Shapes the FP8 product cannot take (a hidden or
+    inner size not a multiple of 16) run the experts as MoE does."""
+
+    @classmethod
+    def from_moe(cls, moe: MoE) -> "Float8MoE":
+        """The same modules and parameters (not copies), now multiplied in FP8."""
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer.n_experts, layer.top_k = moe.n_experts, moe.top_k
+        layer.router, layer.w13, layer.w2 = moe.router, moe.w13, moe.w2
+        return layer
+
+    def experts(self, rows: torch.Tensor, expert_of_row: torch.Tensor, run_ends: torch.Tensor) -> torch.Tensor:
+        if self.w13.shape[1] % 32 or self.w13.shape[2] % 16:
+            return super().experts(rows, expert_of_row, run_ends)
+        n_rows, n_experts = rows.shape[0], self.n_experts
+        counts = torch.diff(run_ends, prepend=run_ends.new_zeros(1))
+        aligned_counts = (counts + GROUP_ALIGNMENT - 1) // GROUP_ALIGNMENT * GROUP_ALIGNMENT
+        aligned_ends = aligned_counts.cumsum(0)
+        # Where each row goes: its run's aligned start plus its place in the run.
+        shift = (aligned_ends - aligned_counts) - (run_ends - counts)
+        slots = torch.arange(n_rows, device=rows.device) + shift[expert_of_row]
+        total = -(-(n_rows + (GROUP_ALIGNMENT - 1) * n_experts) // GROUP_ALIGNMENT) * GROUP_ALIGNMENT
+        group_ends = torch.cat([aligned_ends[:-1], aligned_ends.new_full((1,), total)]).to(torch.int32)
+        padded = rows.new_zeros(total, rows.shape[1]).index_copy(0, slots, rows)
+        gate_up = float8_grouped_linear(padded, self.w13, group_ends)
+        hidden_rows = swiglu_packed(gate_up, in_place_backward=True)  # gate_up is read by nothing else
+        return float8_grouped_linear(hidden_rows, self.w2, group_ends)[slots]
 
 
 class Float8Block(nn.Module):
@@ -98,16 +138,20 @@ class Float8Block(nn.Module):
 
 def convert_to_float8(model: Transformer, recipe: str) -> list[str]:
     """Swap the linear layers of every block of `model` (or of anything with `.layers`, such as a
-    Medusa model's trunk) for Float8Linear, and under "rowwise" each block for a Float8Block, in
-    place; returns the converted layers' names."""
+    Medusa model's trunk) for Float8Linear, Mixtral's MoE layers for Float8MoE, and under
+    "rowwise" each block for a Float8Block, in place; returns the converted layers' names."""
     converted = []
     for index, block in enumerate(model.layers):
-        for path, parent in block.named_modules():
+        for path, parent in list(block.named_modules()):
             if isinstance(parent, (Attention, MLP)):
                 for name, child in list(parent.named_children()):
                     if type(child) is nn.Linear:
                         setattr(parent, name, Float8Linear.from_linear(child, recipe))
                         converted.append(f"layers.{index}.{path}.{name}")
+            elif type(parent) is MoE:
+                owner, _, name = path.rpartition(".")
+                setattr(block.get_submodule(owner), name, Float8MoE.from_moe(parent))
+                converted.append(f"layers.{index}.{path}")
         if recipe == "rowwise":
             model.layers[index] = Float8Block(block)
     return converted

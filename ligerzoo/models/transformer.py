@@ -113,16 +113,20 @@ class MoE(nn.Module):
 
         expert_of_row, order = experts.reshape(-1).sort(stable=True)  # [N k] assignments by expert
         run_ends = torch.searchsorted(expert_of_row, torch.arange(1, self.n_experts + 1, device=x.device))
-        offsets = run_ends.to(torch.int32)
-        rows = x[order // self.top_k]  # [N k, H]
-        gate_up = torch._grouped_mm(rows, self.w13.transpose(1, 2), offs=offsets)
-        hidden_rows = swiglu_packed(gate_up, in_place_backward=True)  # gate_up is read by nothing else
-        out_rows = torch._grouped_mm(hidden_rows, self.w2.transpose(1, 2), offs=offsets)
+        out_rows = self.experts(x[order // self.top_k], expert_of_row, run_ends)  # [N k, H]
         out = out_rows[order.argsort()].view(-1, self.top_k, shape[-1])  # back to [N, k, H]
         out = (out * weights.unsqueeze(-1)).sum(dim=1).to(x.dtype)
 
         counts = torch.diff(run_ends, prepend=run_ends.new_zeros(1)).float()
         return out.view(shape), torch.stack([counts, probs.sum(dim=0)])
+
+    def experts(self, rows: torch.Tensor, expert_of_row: torch.Tensor, run_ends: torch.Tensor) -> torch.Tensor:
+        """Each expert's SwiGLU MLP over its run of rows [N k, H], sorted by expert
+        (expert_of_row [N k]); run_ends [E] ends each run."""
+        offsets = run_ends.to(torch.int32)
+        gate_up = torch._grouped_mm(rows, self.w13.transpose(1, 2), offs=offsets)
+        hidden_rows = swiglu_packed(gate_up, in_place_backward=True)  # gate_up is read by nothing else
+        return torch._grouped_mm(hidden_rows, self.w2.transpose(1, 2), offs=offsets)
 
 
 class Block(nn.Module):
