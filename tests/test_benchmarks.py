@@ -178,11 +178,13 @@ def test_kernel_benchmark_dry_run():
     assert [(row["kernel"], row["direction"]) for row in rows] == [(k, d) for k in kernels for d in directions]
     assert all(row["ligerzoo wall (eager)"].endswith(" ms") for row in rows)
     assert not any("BAD" in row["rel err ligerzoo (worst tensor)"] for row in rows)
-    # The FP8 column casts: each output of both peers the definition's bits.
+    # The FP8 column casts (5 dense operands, 4 of the experts'): each output of both peers the
+    # definition's bits.
     casts = [cells for cells in (line.split(" | ") for line in result.stdout.splitlines() if line.startswith("| "))
              if "→FP8 columns" in cells[0] or "→FP8 rows+columns" in cells[0]]
     per_peer = [cells for cells in casts if cells[3] in ("eager", "ligerzoo")]  # the "every peer" table
-    assert len(per_peer) == 10 and {cells[3] for cells in per_peer} == {"eager", "ligerzoo"}, casts
+    assert len(per_peer) == 2 * (5 + 4) and {cells[3] for cells in per_peer} == {"eager", "ligerzoo"}, casts
+    assert sum("per expert" in cells[0] for cells in per_peer) == 2 * 4
     for cells in per_peer:
         errors = [part.split()[-1] for part in cells[-2].split(", ")]
         assert all(error == "0.0e+00" for error in errors), cells

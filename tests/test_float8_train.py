@@ -10,7 +10,7 @@ import torch
 from test_train import losses, run_train
 
 from ligerzoo.models import ModelConfig, build_model
-from ligerzoo.models.float8 import Float8Block, Float8Linear, convert_to_float8
+from ligerzoo.models.float8 import Float8Block, Float8Linear, Float8MoE, convert_to_float8
 from ligerzoo.models.transformer import Block
 from ligerzoo.training.blocks import prepare_blocks
 
@@ -51,11 +51,11 @@ def test_conversion_keeps_every_parameter_and_its_name(recipe):
     assert list(model.state_dict()) == list(build_model(ModelConfig(**CONFIG)).state_dict())
 
 
-def test_mixtral_keeps_its_router_and_experts_exact():
+def test_mixtral_keeps_its_router_exact_and_runs_its_experts_in_fp8():
     _, model = model_pair("rowwise", "mixtral")
     block = model.layers[0]
     assert isinstance(block.attention.wqkv, Float8Linear) and isinstance(block.attention.wo, Float8Linear)
-    assert type(block.feed_forward.router) is torch.nn.Linear
+    assert type(block.feed_forward) is Float8MoE and type(block.feed_forward.router) is torch.nn.Linear
 
 
 def loss_and_grads(model):
@@ -85,7 +85,7 @@ def test_fp8_loss_and_gradients_are_near_the_exact_ones_and_not_equal(recipe, mo
 @pytest.mark.parametrize("family", ["llama with biases", "mixtral"])
 def test_fused_producers_give_the_bits_of_the_fp8_layers_behind_the_plain_ones(family, monkeypatch):
     """A rowwise block's norms and SwiGLU write the FP8 rows their projections read (Mixtral's
-    experts stay exact, so only its attention norm does); loss and every gradient are those of the
+    experts cast their own rows, so only its attention norm does); loss and every gradient are those of the
     same Float8Linear layers behind the plain norms and SwiGLU (Block.forward on the same modules)."""
     _, model = model_pair("rowwise", family)
     module = importlib.import_module("ligerzoo.kernels.float8_fused")

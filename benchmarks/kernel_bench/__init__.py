@@ -10,6 +10,7 @@ from . import (
     add_rms_norm,
     cross_entropy,
     float8_columns,
+    float8_group_columns,
     float8_outputs,
     linear_cross_entropy,
     rms_norm,
@@ -19,7 +20,7 @@ from . import (
 from .case import Case
 
 CASE_MODULES = (rms_norm, add_rms_norm, swiglu, rope, cross_entropy, linear_cross_entropy, float8_outputs,
-                float8_columns)
+                float8_columns, float8_group_columns)
 
 
 def build_cases(small: bool) -> list[Case]:
