@@ -184,9 +184,13 @@ MIXTRAL = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden
                num_experts_per_tok=2)
 
 
+# The H100's grouped products (bf16 and FP8) write bfloat16 only.
+MOE_DTYPE = BF16 if DEVICE.type == "cuda" else torch.float32
+
+
 def moe_pair(**changes):
     torch.manual_seed(0)
-    moe = MoE(ModelConfig(**{**MIXTRAL, **changes})).to(DEVICE)
+    moe = MoE(ModelConfig(**{**MIXTRAL, **changes})).to(DEVICE, MOE_DTYPE)
     for p in moe.parameters():
         torch.nn.init.normal_(p, std=p.shape[-1] ** -0.5)
     return moe, Float8MoE.from_moe(moe)
@@ -197,7 +201,7 @@ def test_fp8_moe_routes_as_the_exact_one_with_fp8_products(monkeypatch):
     runs padded to GROUP_ALIGNMENT; output and every gradient within FP8's error of the exact MoE."""
     moe, fp8_moe = moe_pair()
     assert fp8_moe.w13 is moe.w13 and fp8_moe.router is moe.router
-    x = torch.randn(2, 37, MIXTRAL["hidden_size"], device=DEVICE, requires_grad=True)  # 74 rows: ragged runs
+    x = torch.randn(2, 37, MIXTRAL["hidden_size"], device=DEVICE, dtype=MOE_DTYPE, requires_grad=True)  # ragged runs
     module = importlib.import_module("ligerzoo.kernels.float8_grouped")
     products, ends_seen = [], []
     original = module.scaled_grouped_mm
@@ -225,14 +229,14 @@ def test_fp8_moe_routes_as_the_exact_one_with_fp8_products(monkeypatch):
     # relative error is the larger (as the dense layers' test bounds it, tests/test_float8_train.py).
     bounds = {"out": 0.1, "x": 0.1, "router": 0.15, "w13": 0.1, "w2": 0.1}  # two FP8 products in a row
     for name, got, expected in zip(bounds, (fp8_out, *fp8_grads), (out, *grads)):
-        error = ((got - expected).norm() / expected.norm()).item()
+        error = ((got.double() - expected.double()).norm() / expected.double().norm()).item()
         assert 0 < error < bounds[name], (name, error)
 
 
 def test_fp8_moe_falls_back_where_the_product_cannot_run():
     """A hidden size not a multiple of 16: the exact experts, the same bits."""
     moe, fp8_moe = moe_pair(hidden_size=40, num_attention_heads=4, num_key_value_heads=2)
-    x = torch.randn(30, 40, device=DEVICE)
+    x = torch.randn(30, 40, device=DEVICE, dtype=MOE_DTYPE)
     assert torch.equal(fp8_moe(x)[0], moe(x)[0])
 
 

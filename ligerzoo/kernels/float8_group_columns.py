@@ -25,11 +25,14 @@ import torch
 import triton
 import triton.language as tl
 
+from ligerzoo.kernels import float8
 from ligerzoo.kernels._utils import check_same_device, interpreting, kernel_op, launch, runs_triton
-from ligerzoo.kernels.float8 import E4M3, Float8Rows, power_of_two_scales
+from ligerzoo.kernels.float8 import E4M3, Float8Rows
 from ligerzoo.kernels.float8_columns import NUM_WARPS, TILE, check_operand, load_tile, tile_grid
-from ligerzoo.kernels.float8_rows import cast_e4m3
-from ligerzoo.kernels.float8_rows import power_of_two_scales as power_of_two_scales_from_bits
+
+# Inductor copies a user kernel's helpers by their own names: no aliases (float8.py's
+# power_of_two_scales, the PyTorch one, is called through its module).
+from ligerzoo.kernels.float8_rows import cast_e4m3, power_of_two_scales
 
 
 @triton.jit
@@ -81,14 +84,14 @@ def _group_cast_kernel(
     v = load_tile(t_ptr, t_scale_ptr, rows, cols, row_mask, col_mask, t_row_stride, SCALED)
     amax_bits = tl.load(amax_ptr + group[:, None] * n_cols + cols[None, :],
                         mask=in_group[:, None] & col_mask[None, :], other=0)
-    quantize, _ = power_of_two_scales_from_bits(amax_bits)
+    quantize = power_of_two_scales(amax_bits)[0]
     cast = cast_e4m3(tl.where(in_group[:, None], v, 0.0), quantize, EMULATE_FLOAT8)
     tl.store(out_ptr + cols.to(tl.int64)[:, None] * n_rows + rows[None, :], tl.trans(cast),
              mask=col_mask[:, None] & row_mask[None, :])
     if tile_row == 0:
         for g in range(n_groups):
-            _, dequantize = power_of_two_scales_from_bits(tl.load(amax_ptr + g * n_cols + cols, mask=col_mask, other=0))
-            tl.store(out_scale_ptr + g * n_cols + cols, dequantize, mask=col_mask)
+            group_amax_bits = tl.load(amax_ptr + g * n_cols + cols, mask=col_mask, other=0)
+            tl.store(out_scale_ptr + g * n_cols + cols, power_of_two_scales(group_amax_bits)[1], mask=col_mask)
 
 
 def _check_groups(t: torch.Tensor, group_ends: torch.Tensor) -> None:
@@ -110,7 +113,7 @@ def _reference(t: torch.Tensor, scale: torch.Tensor | None, group_ends: torch.Te
     # Row n_groups gathers the rows in no group (zeros). scatter_reduce's amax propagates NaN.
     amax = values.new_zeros(n_groups + 1, n_cols).scatter_reduce_(
         0, group[:, None].expand(-1, n_cols), values.abs(), "amax")
-    quantize, dequantize = power_of_two_scales(amax, E4M3)
+    quantize, dequantize = float8.power_of_two_scales(amax, E4M3)
     data = (values * quantize[group]).clamp(-448.0, 448.0).to(E4M3)
     return data.t().contiguous(), dequantize[:n_groups].contiguous()
 
