@@ -9,6 +9,7 @@ import pytest
 import torch
 from test_train import losses, run_train
 
+from ligerzoo.hf.pretrained import save_pretrained
 from ligerzoo.models import ModelConfig, build_model
 from ligerzoo.models.float8 import Float8Block, Float8Linear, Float8MoE, convert_to_float8
 from ligerzoo.models.transformer import Block
@@ -156,6 +157,23 @@ def test_a_tiny_model_trained_in_fp8_tracks_the_exact_run(tmp_path):
     mean_fp8 = sum(fp8[s] for s in late) / len(late)
     assert mean_fp8 == pytest.approx(mean_exact, rel=0.03), (mean_fp8, mean_exact)
     assert any(fp8[s] != exact[s] for s in late)  # FP8 was in the products
+
+
+def test_a_tiny_mixtral_trains_in_fp8_on_two_ranks_as_it_does_exactly(tmp_path):
+    """Mixtral's experts in FP8 (Float8MoE) under FSDP2 over 2 ranks, its 4 experts' weights
+    sharded across them, compiled blocks, a checkpoint and the export: the loss tracks the exact run."""
+    torch.manual_seed(0)
+    save_pretrained(build_model(ModelConfig(**{**CONFIG, "vocab_size": 320}, model_type="mixtral",
+                                            num_local_experts=4, num_experts_per_tok=2)), tmp_path / "base")
+    steps = ["--model.name", str(tmp_path / "base"), "--data.tokenizer", "bytes", "--max_steps", "20",
+             "--checkpoint_every", "10"]
+    run_train(tmp_path / "exact", *steps)
+    run_train(tmp_path / "fp8", *steps, "--train.float8", "rowwise")
+    exact, fp8 = losses(tmp_path / "exact"), losses(tmp_path / "fp8")
+    assert list(fp8) == list(exact) == list(range(1, 21))
+    assert exact[20] < exact[1] - 1.5  # it learns
+    assert fp8[20] == pytest.approx(exact[20], rel=0.03) and fp8[20] != exact[20]
+    assert (tmp_path / "fp8" / "hf" / "model.safetensors").exists()
 
 
 def test_a_run_resumes_with_fp8_switched_on(tmp_path):
