@@ -60,8 +60,9 @@ class TrainSection:
     max_grad_norm: float = 1.0
     activation_checkpointing: str = "off"  # off | full | keep-attention | selective (blocks.py)
     compile: bool = False
-    # off | rowwise | tensorwise: the blocks' linear layers multiply in FP8 (models/float8.py);
-    # weights, optimizer state, checkpoints and the export keep their dtype.
+    # off | rowwise | tensorwise: the blocks' linear layers (and Mixtral's experts, rowwise under
+    # either) multiply in FP8 (models/float8.py); weights, optimizer state, checkpoints and the
+    # export keep their dtype.
     float8: str = "off"
     dtype: str = "bfloat16"  # parameter and compute dtype on the GPU (CPU runs in float32)
     # The sharded weights AdamW updates, and its state, on the GPU: float32 (master weights, 16
