@@ -143,6 +143,8 @@ def test_errors_say_what_was_wrong():
         float8_grouped_linear(x, w, group_ends([16, 8, 8]))
     with pytest.raises(ValueError, match="x is torch.float32 and weight torch.bfloat16"):
         float8_grouped_linear(x, w.bfloat16(), ends)
+    with pytest.raises(ValueError, match="M, N and K must be multiples of 16"):
+        float8_grouped_linear(x[:24], w, group_ends([16, 8]))
     xq, wq = quantize_rows(x), quantize_rows(w)
     with pytest.raises(ValueError, match="the contracted and output widths must be multiples of 16"):
         scaled_grouped_mm(xq.data[:, :24], wq.data[:, :, :24].transpose(1, 2), xq.scale.view(-1),

@@ -27,7 +27,7 @@ are powers of two) and multiplied in float32, one rounding to the output dtype.
 
 import torch
 
-from ligerzoo.kernels.float8 import E4M3, Float8Rows, quantize_rows
+from ligerzoo.kernels.float8 import E4M3, quantize_rows
 from ligerzoo.kernels.float8_group_columns import quantize_group_columns
 
 GROUP_ALIGNMENT = 16
@@ -117,17 +117,12 @@ def scaled_grouped_mm(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, s
     return emulated_scaled_grouped_mm(a, b, scale_a, scale_b, group_ends, out_dtype)
 
 
-def _forward_product(x_cast: Float8Rows, weight: torch.Tensor, group_ends: torch.Tensor) -> torch.Tensor:
-    w_cast = quantize_rows(weight)  # [E, N, K] along K
-    return scaled_grouped_mm(x_cast.data, w_cast.data.transpose(1, 2), x_cast.scale.view(-1),
-                             w_cast.scale.squeeze(-1), group_ends, weight.dtype)
-
-
 class _Float8GroupedFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, group_ends):
-        x_cast = quantize_rows(x)
-        y = _forward_product(x_cast, weight, group_ends)
+        x_cast, w_cast = quantize_rows(x), quantize_rows(weight)  # [M, K] and [E, N, K] along K
+        y = scaled_grouped_mm(x_cast.data, w_cast.data.transpose(1, 2), x_cast.scale.view(-1),
+                              w_cast.scale.squeeze(-1), group_ends, weight.dtype)
         ctx.save_for_backward(*x_cast, weight, group_ends)
         return y
 
@@ -160,6 +155,8 @@ def float8_grouped_linear(x: torch.Tensor, weight: torch.Tensor, group_ends: tor
                          f"weight [E, N, K]")
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16) or weight.dtype != x.dtype:
         raise ValueError(f"x is {x.dtype} and weight {weight.dtype}: expected one float dtype for both")
+    if any(d % 16 for d in (*x.shape, weight.shape[1])):
+        raise ValueError(f"x {tuple(x.shape)} and weight {tuple(weight.shape)}: M, N and K must be multiples of 16")
     if group_ends.shape != (weight.shape[0],):
         raise ValueError(f"group_ends has shape {tuple(group_ends.shape)}, expected ({weight.shape[0]},): "
                          f"one end an expert")
