@@ -114,16 +114,19 @@ def test_prepare_blocks_converts_before_checkpointing_and_compile():
     assert all(p.grad is not None for p in model.parameters())
 
 
-@pytest.mark.parametrize("checkpointing", ["full", "keep-attention"])
-def test_fp8_blocks_recomputed_compute_what_they_did(checkpointing):
+@pytest.mark.parametrize("checkpointing,family", [("full", "llama"), ("keep-attention", "llama"),
+                                                   ("full", "mixtral")])
+def test_fp8_blocks_recomputed_compute_what_they_did(checkpointing, family):
     """Rowwise FP8 blocks compiled with each checkpointing mode give the loss and gradients of the
     same blocks compiled without it: what is recomputed is recomputed to the same bits, and what
-    keep-attention keeps (attention's output) is what the backward would have read."""
+    keep-attention keeps (attention's output) is what the backward would have read. Mixtral's FP8
+    experts (their routing and padding) too."""
+    extra = dict(model_type="mixtral", num_local_experts=4, num_experts_per_tok=2) if family == "mixtral" else {}
     results = []
     for mode in ("off", checkpointing):
         torch._dynamo.reset()
         torch.manual_seed(0)
-        model = build_model(ModelConfig(**CONFIG))
+        model = build_model(ModelConfig(**CONFIG, **extra))
         prepare_blocks(model, activation_checkpointing=mode, compile=True, float8="rowwise")
         results.append(loss_and_grads(model))
     (loss, grads), (recomputed_loss, recomputed_grads) = results
