@@ -179,7 +179,10 @@ def _recording_fused_calls(record: bool):
         yield calls
 
 
-def _train(fp8_gather: bool, compile: bool, steps: int):
+MIXTRAL = dict(model_type="mixtral", num_local_experts=4, num_experts_per_tok=2)
+
+
+def _train(fp8_gather: bool, compile: bool, steps: int, family: str = "llama"):
     """A tiny rowwise FP8 model sharded under the bf16 policy, trained `steps` steps: (losses,
     gradient norms, first step's gradients, the type of wqkv's weight inside the block's
     forward, Dynamo's graph breaks, the bytes the first forward left for the backward, the
@@ -191,7 +194,7 @@ def _train(fp8_gather: bool, compile: bool, steps: int):
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     torch.manual_seed(0)
-    model = build_model(ModelConfig(**CONFIG))
+    model = build_model(ModelConfig(**CONFIG, **(MIXTRAL if family == "mixtral" else {})))
     if compile:
         torch.compile = functools.partial(torch.compile, backend="aot_eager")
     prepare_blocks(model, "off", compile, "rowwise")
@@ -202,7 +205,9 @@ def _train(fp8_gather: bool, compile: bool, steps: int):
         fully_shard(block, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
     seen = []
-    model.layers[0].register_forward_pre_hook(lambda block, args: seen.append(type(block.attention.wqkv.weight).__name__))
+    watched = "feed_forward.w13" if family == "mixtral" else "attention.wqkv.weight"
+    model.layers[0].register_forward_pre_hook(
+        lambda block, args: seen.append(type(block.get_parameter(watched)).__name__))
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     generator = torch.Generator().manual_seed(1 + dist.get_rank())
     step_losses, norms, grads = [], [], None
@@ -230,8 +235,8 @@ def _train(fp8_gather: bool, compile: bool, steps: int):
     return step_losses, norms, grads, seen[0], breaks, kept, calls
 
 
-def _compare_gathers(steps: int, compile: bool):
-    return _train(True, compile, steps), _train(False, compile, steps)
+def _compare_gathers(steps: int, compile: bool, family: str = "llama"):
+    return _train(True, compile, steps, family), _train(False, compile, steps, family)
 
 
 def test_training_with_fp8_all_gather_matches_bf16_all_gather(tmp_path):
@@ -259,9 +264,24 @@ def test_training_with_fp8_all_gather_matches_bf16_all_gather(tmp_path):
     assert norms_fp8 == pytest.approx(norms_bf16, rel=1e-2)
 
 
-def test_compiled_blocks_take_the_gathered_weight_with_no_graph_break(tmp_path):
+def test_mixtral_experts_train_with_fp8_all_gather_as_with_bf16_all_gather(tmp_path):
+    """The experts' stacked weights [4, N, K], sharded two experts a rank, gathered as FP8 rows and
+    multiplied by as they are (Float8MoE's weight_fp8): the first loss the same bits, the
+    gradients those of the bf16 all-gather but for FP8 subnormals."""
+    (losses_fp8, norms_fp8, grads_fp8, seen, *_), (losses_bf16, norms_bf16, grads_bf16, seen_bf16, *_) = \
+        spawn(_compare_gathers, tmp_path, 3, False, "mixtral")
+    assert seen == "Float8GatheredWeight" and seen_bf16 == "Parameter"
+    assert losses_fp8[0] == losses_bf16[0]
+    for name, grad in grads_bf16.items():
+        torch.testing.assert_close(grads_fp8[name], grad, rtol=2**-7, atol=1e-6, msg=name)
+    assert losses_fp8 == pytest.approx(losses_bf16, rel=1e-3)
+    assert norms_fp8 == pytest.approx(norms_bf16, rel=1e-2)
+
+
+@pytest.mark.parametrize("family", ["llama", "mixtral"])
+def test_compiled_blocks_take_the_gathered_weight_with_no_graph_break(tmp_path, family):
     (losses_fp8, norms_fp8, _, seen, breaks, *_), (losses_bf16, *_) = spawn(_compare_gathers, tmp_path, 2,
-                                                                              True)
+                                                                              True, family)
     # fullgraph=True would raise at a break; the counter says none was even attempted.
     assert seen == "Float8GatheredWeight" and breaks == 0
     assert all(map(torch.isfinite, torch.tensor(losses_fp8 + norms_fp8)))
@@ -287,6 +307,19 @@ def test_only_rowwise_weights_whose_rows_split_evenly_gather_in_fp8(recipe, worl
     assert gather_in_float8(model.layers[0], world_size) == expected
     gathered = [name for name, p in model.named_parameters() if type(p) is Float8ShardedWeight]
     assert gathered == [f"layers.0.{name}" for name in expected]
+
+
+@pytest.mark.parametrize("recipe", ["rowwise", "tensorwise"])
+def test_mixtral_experts_gather_in_fp8_under_either_recipe(recipe):
+    """The experts' products are rowwise under either recipe (models/float8.py), so their weights
+    gather as FP8 rows whenever their experts split evenly over the ranks."""
+    model = build_model(ModelConfig(**CONFIG, **MIXTRAL))
+    convert_to_float8(model, recipe)
+    attention = [f"attention.{name}.weight" for name in ("wqkv", "wo")] if recipe == "rowwise" else []
+    assert gather_in_float8(model.layers[0], 2) == [*attention, "feed_forward.w13", "feed_forward.w2"]
+    assert gather_in_float8(model.layers[1], 3) == []  # 4 experts over 3 ranks (and 128-row attention)
+    state = model.state_dict()
+    assert all(type(value) is torch.Tensor for value in state.values())
 
 
 def test_a_wrapped_blocks_parameters_and_state_dict_are_as_before():

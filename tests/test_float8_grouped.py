@@ -110,6 +110,27 @@ def test_zero_rows_stay_zero_and_give_no_gradient():
     assert torch.equal(w.grad, w_grad)
 
 
+def test_given_weight_rows_give_the_same_products():
+    """weight_fp8 (FSDP2's FP8 all-gather): the forward multiplies by the given rows, the same bits
+    as casting W; W^T for dx is made from them (the same values but for FP8 subnormals); dW does
+    not read W."""
+    ends = group_ends(COUNTS)
+    x = torch.randn(sum(COUNTS), 64, device=DEVICE, dtype=BF16, requires_grad=True)
+    w = torch.randn(len(COUNTS), 96, 64, device=DEVICE, dtype=BF16, requires_grad=True)
+    dy = torch.randn(sum(COUNTS), 96, device=DEVICE, dtype=BF16)
+    results = []
+    for given in (None, quantize_rows(w)):
+        x.grad = w.grad = None
+        y = float8_grouped_linear(x, w, ends, weight_fp8=given)
+        y.backward(dy)
+        results.append((y.detach(), x.grad, w.grad))
+    (y, dx, dw), (y_given, dx_given, dw_given) = results
+    assert torch.equal(y_given, y) and torch.equal(dw_given, dw)
+    torch.testing.assert_close(dx_given, dx, rtol=2**-7, atol=1e-6)
+    with pytest.raises(ValueError, match="weight_fp8 is torch.float8_e4m3fn"):
+        float8_grouped_linear(x, w, ends, weight_fp8=quantize_rows(w[:, :48]))
+
+
 def test_compiles_as_one_graph(monkeypatch):
     """On the CPU the kernels' PyTorch paths (an interpreted kernel cannot be traced)."""
     if not torch.cuda.is_available():

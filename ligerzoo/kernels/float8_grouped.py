@@ -27,7 +27,7 @@ are powers of two) and multiplied in float32, one rounding to the output dtype.
 
 import torch
 
-from ligerzoo.kernels.float8 import E4M3, quantize_rows
+from ligerzoo.kernels.float8 import E4M3, Float8Rows, quantize_rows
 from ligerzoo.kernels.float8_group_columns import quantize_group_columns
 
 GROUP_ALIGNMENT = 16
@@ -118,36 +118,51 @@ def scaled_grouped_mm(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, s
 
 
 class _Float8GroupedFunction(torch.autograd.Function):
+    """x [M, K], weight [E, N, K], group_ends [E]; w_data [E, N, K] and w_scale [E, N, 1]: the
+    weight's rows already cast (FSDP2 gathered them so, models/float8_gather.py), or None."""
+
     @staticmethod
-    def forward(ctx, x, weight, group_ends):
-        x_cast, w_cast = quantize_rows(x), quantize_rows(weight)  # [M, K] and [E, N, K] along K
+    def forward(ctx, x, weight, group_ends, w_data, w_scale):
+        x_cast = quantize_rows(x)  # [M, K] along K
+        w_cast = Float8Rows(w_data, w_scale) if w_data is not None else quantize_rows(weight)  # along K
         y = scaled_grouped_mm(x_cast.data, w_cast.data.transpose(1, 2), x_cast.scale.view(-1),
                               w_cast.scale.squeeze(-1), group_ends, weight.dtype)
-        ctx.save_for_backward(*x_cast, weight, group_ends)
+        # What the input gradient reads of W: the given rows (FSDP2 frees and regathers them, so
+        # keeping them costs what keeping the parameter does), or the parameter itself.
+        saved_weight = (w_data, w_scale) if w_data is not None else (weight, None)
+        ctx.save_for_backward(*x_cast, *saved_weight, group_ends)
+        ctx.weight_dtype = weight.dtype
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x_data, x_scale, weight, group_ends = ctx.saved_tensors
+        x_data, x_scale, w_saved, w_scale_saved, group_ends = ctx.saved_tensors
         dx = dw = None
         if ctx.needs_input_grad[0]:
             dy_cast = quantize_rows(dy)
-            wt_cast = quantize_rows(weight.transpose(1, 2))  # [E, K, N] along N
+            # W^T [E, K, N] along N; from given rows, their values (exact in float32) cast again,
+            # as float8_linear.py does for one weight's columns.
+            weight = Float8Rows(w_saved, w_scale_saved).dequantize() if w_scale_saved is not None else w_saved
+            wt_cast = quantize_rows(weight.transpose(1, 2))
             dx = scaled_grouped_mm(dy_cast.data, wt_cast.data.transpose(1, 2), dy_cast.scale.view(-1),
                                    wt_cast.scale.squeeze(-1), group_ends, dy.dtype)
         if ctx.needs_input_grad[1]:
             dyt_data, dyt_scale = quantize_group_columns(dy, group_ends)  # [N, M], [E, N]
             xt_data, xt_scale = quantize_group_columns(x_data, group_ends, x_scale)  # [K, M], [E, K]
             dw = scaled_grouped_mm(dyt_data, xt_data.t(), dyt_scale.view(-1), xt_scale.view(-1), group_ends,
-                                   dy.dtype).to(weight.dtype)
-        return dx, dw, None
+                                   dy.dtype).to(ctx.weight_dtype)
+        return dx, dw, None, None, None
 
 
-def float8_grouped_linear(x: torch.Tensor, weight: torch.Tensor, group_ends: torch.Tensor) -> torch.Tensor:
+def float8_grouped_linear(x: torch.Tensor, weight: torch.Tensor, group_ends: torch.Tensor, *,
+                          weight_fp8: Float8Rows | None = None) -> torch.Tensor:
     """Each group of rows of x [M, K] times its weight's transpose: y [M, N] in x's dtype, the
     three products in FP8 (module docstring). weight [E, N, K] in x's dtype; group_ends [E] int32,
     every group starting at a multiple of GROUP_ALIGNMENT rows, the last ending at M (values on the
     device, not checked: that would wait for them); M, N and K multiples of 16.
+    weight_fp8: `quantize_rows(weight)`, made already (FSDP2's FP8 all-gather): multiplied by as
+    it is, W^T made from it for the input gradient; `weight` then gives the gradient's dtype and
+    shape and receives it, and its values are not read.
 
     `torch._grouped_mm(x, weight.transpose(1, 2), offs=group_ends)` in FP8."""
     if x.dim() != 2 or weight.dim() != 3 or x.shape[1] != weight.shape[2]:
@@ -160,4 +175,11 @@ def float8_grouped_linear(x: torch.Tensor, weight: torch.Tensor, group_ends: tor
     if group_ends.shape != (weight.shape[0],):
         raise ValueError(f"group_ends has shape {tuple(group_ends.shape)}, expected ({weight.shape[0]},): "
                          f"one end an expert")
-    return _Float8GroupedFunction.apply(x, weight, group_ends)
+    w_data = w_scale = None
+    if weight_fp8 is not None:
+        w_data, w_scale = weight_fp8
+        if w_data.dtype != E4M3 or w_data.shape != weight.shape or w_scale.shape != (*weight.shape[:2], 1):
+            raise ValueError(f"weight_fp8 is {w_data.dtype} {tuple(w_data.shape)} with scales {tuple(w_scale.shape)}: "
+                             f"expected quantize_rows(weight), e4m3 {tuple(weight.shape)} and "
+                             f"{(*weight.shape[:2], 1)}")
+    return _Float8GroupedFunction.apply(x, weight, group_ends, w_data, w_scale)

@@ -23,7 +23,7 @@ any element is cast, which a row-per-program producer cannot know in its one pas
 Under FSDP2 the rowwise layers' weights are all-gathered as their FP8 rows (float8_gather.py:
 each rank casts its own rows, half the bytes of bf16 on the wire); Float8Linear and the fused
 functions (`weight_fp8=`) multiply by the gathered rows as they are, so a Float8Block keeps its
-fused path. The experts' stacked weights are gathered in their own dtype and cast after.
+fused path, and a Float8MoE hands its experts' gathered rows to the grouped product.
 """
 
 import torch
@@ -95,9 +95,10 @@ class Float8MoE(MoE):
         total = -(-(n_rows + (GROUP_ALIGNMENT - 1) * n_experts) // GROUP_ALIGNMENT) * GROUP_ALIGNMENT
         group_ends = torch.cat([aligned_ends[:-1], aligned_ends.new_full((1,), total)]).to(torch.int32)
         padded = rows.new_zeros(total, rows.shape[1]).index_copy(0, slots, rows)
-        gate_up = float8_grouped_linear(padded, self.w13, group_ends)
+        gate_up = float8_grouped_linear(padded, self.w13, group_ends, weight_fp8=gathered_rows(self.w13))
         hidden_rows = swiglu_packed(gate_up, in_place_backward=True)  # gate_up is read by nothing else
-        return float8_grouped_linear(hidden_rows, self.w2, group_ends)[slots]
+        out = float8_grouped_linear(hidden_rows, self.w2, group_ends, weight_fp8=gathered_rows(self.w2))
+        return out[slots]
 
 
 class Float8Block(nn.Module):

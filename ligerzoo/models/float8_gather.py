@@ -4,7 +4,8 @@ Under `--train.float8 rowwise` each Float8Linear casts its weight W [N, K] along
 (`quantize_rows(W)`: e4m3 data and one float32 power-of-two scale a row, kernels/float8.py). FSDP2
 shards W along N, by rows, and a row's cast reads that row alone; so each rank casts the rows of
 its own shard before the all-gather, and the gathered e4m3 rows and scales are, bit for bit, the
-cast of the gathered weight. The shard is first converted to the compute dtype (the mixed
+cast of the gathered weight. Mixtral's experts (Float8MoE, under either recipe) likewise: their
+stacked weights [E, N, K] are sharded by experts, each rank casts its experts' rows. The shard is first converted to the compute dtype (the mixed
 precision policy's param_dtype: float32 master weights go to bf16, then to FP8), so the bits are
 those of today's path, which casts the bf16 weight FSDP gathered. Bytes an element on the wire:
 1 + 4/K (the data, and a float32 scale a row of K) against 2 for bf16: 0.5 + 2/K of them.
@@ -25,12 +26,13 @@ Two tensor subclasses carry it:
                           state dict for checkpoints and the export).
     Float8GatheredWeight  the unsharded parameter FSDP2 builds from the all-gather: W [N, K] with
                           W's dtype and shape (param_dtype), holding the gathered e4m3 rows [N, K]
-                          and scales [N, 1]. Its gradient is a plain [N, K] tensor of that dtype,
+                          and scales [N, 1] (experts: [E, N, K] and [E, N, 1]). Its gradient is a plain [N, K] tensor of that dtype,
                           which FSDP2 reduce-scatters as it would bf16 W's. It is a traceable
                           wrapper subclass (__tensor_flatten__ / __tensor_unflatten__), so a
                           compiled block takes it as an input with no graph break.
 `Float8Linear` recognises a gathered weight and multiplies by its rows as they are
-(`gathered_float8_linear`); anything else done with it (an op of a shape the FP8 product cannot
+(`gathered_float8_linear`), as Float8MoE hands its experts' gathered rows to the grouped product
+(`weight_fp8=`, kernels/float8_grouped.py); anything else done with it (an op of a shape the FP8 product cannot
 take) sees W dequantized: the values the gathered FP8 rows hold, not the bf16 ones.
 
 A `Float8Block` keeps its fused path (kernels/float8_fused.py): it hands each gathered weight's
@@ -118,7 +120,8 @@ class Float8ShardedWeight(torch.Tensor):
 
 
 class Float8GatheredWeight(torch.Tensor):
-    """W [N, K] (dtype: the compute dtype) as its e4m3 rows [N, K] and float32 scales [N, 1]."""
+    """W [..., N, K] (dtype: the compute dtype) as its e4m3 rows [..., N, K] and float32 scales
+    [..., N, 1]."""
 
     @staticmethod
     def __new__(cls, rows: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype):
@@ -207,16 +210,18 @@ def gathered_float8_linear(x: torch.Tensor, weight: Float8GatheredWeight,
 
 def gathered_rows(weight: torch.Tensor) -> Float8Rows | None:
     """The FP8 rows FSDP2 gathered for `weight` (a Float8GatheredWeight), as the fused functions'
-    `weight_fp8` takes them; None for any other weight, which they cast themselves."""
+    and the grouped product's `weight_fp8` takes them; None for any other weight, which they cast
+    themselves."""
     if isinstance(weight, Float8GatheredWeight):
         return Float8Rows(weight.rows, weight.scale)
     return None
 
 
 def gathers_in_float8(weight: torch.Tensor, world_size: int) -> bool:
-    """Whether W [N, K] is all-gathered as FP8 rows over world_size ranks: several of them (one
-    rank sends nothing), and W's rows split evenly (module docstring)."""
-    return world_size > 1 and weight.dim() == 2 and weight.shape[0] % world_size == 0
+    """Whether W [N, K] (or experts' [E, N, K]) is all-gathered as FP8 rows over world_size ranks:
+    several of them (one rank sends nothing), and its first dimension, which FSDP2 shards, splits
+    evenly (module docstring)."""
+    return world_size > 1 and weight.dim() in (2, 3) and weight.shape[0] % world_size == 0
 
 
 def plain_state_dict_hook(module, state_dict, prefix, local_metadata) -> None:

@@ -15,7 +15,7 @@ from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from ligerzoo.models.float8 import Float8Linear
+from ligerzoo.models.float8 import Float8Linear, Float8MoE
 from ligerzoo.models.float8_gather import Float8ShardedWeight, gathers_in_float8, plain_state_dict_hook
 
 # No NVLink multicast (NVLS) in NCCL, symmetric memory or NVSHMEM: multicast objects can take a
@@ -112,14 +112,27 @@ def shard_blocks(model, blocks, device: torch.device, param_dtype: torch.dtype, 
 
 
 def gather_in_float8(block: nn.Module, world_size: int) -> list[str]:
-    """Make the rowwise FP8 layers' weights of `block` all-gathered by FSDP2 as FP8 rows
-    (models/float8_gather.py), before `fully_shard`; returns their names. The parameters keep
-    their names, dtypes and values, and the block's state dict holds the plain tensors."""
+    """Make the rowwise FP8 layers' weights of `block` (and its FP8 experts', rowwise under
+    either recipe) all-gathered by FSDP2 as FP8 rows (models/float8_gather.py), before
+    `fully_shard`; returns their names. The parameters keep their names, dtypes and values, and
+    the block's state dict holds the plain tensors."""
     names = []
     for name, layer in block.named_modules():
-        if isinstance(layer, Float8Linear) and layer.recipe == "rowwise" and gathers_in_float8(layer.weight, world_size):
-            weight = layer.weight
-            layer.weight = nn.Parameter(Float8ShardedWeight(weight.detach()), requires_grad=weight.requires_grad)
-            layer.register_state_dict_post_hook(plain_state_dict_hook)
-            names.append(f"{name}.weight")
+        if isinstance(layer, Float8Linear) and layer.recipe == "rowwise":
+            weights = ["weight"]
+        elif isinstance(layer, Float8MoE):
+            weights = ["w13", "w2"]
+        else:
+            continue
+        hooked = False
+        for attribute in weights:
+            weight = getattr(layer, attribute)
+            if not gathers_in_float8(weight, world_size):
+                continue
+            setattr(layer, attribute, nn.Parameter(Float8ShardedWeight(weight.detach()),
+                                                   requires_grad=weight.requires_grad))
+            if not hooked:
+                layer.register_state_dict_post_hook(plain_state_dict_hook)
+                hooked = True
+            names.append(f"{name}.{attribute}")
     return names
