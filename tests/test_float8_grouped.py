@@ -216,7 +216,7 @@ def moe_pair(**changes):
     moe = MoE(ModelConfig(**{**MIXTRAL, **changes})).to(DEVICE, MOE_DTYPE)
     for p in moe.parameters():
         torch.nn.init.normal_(p, std=p.shape[-1] ** -0.5)
-    return moe, Float8MoE.from_moe(moe)
+    return moe, Float8MoE(moe)
 
 
 def test_fp8_moe_routes_as_the_exact_one_with_fp8_products(monkeypatch):

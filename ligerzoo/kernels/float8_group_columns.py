@@ -27,7 +27,7 @@ import triton.language as tl
 
 from ligerzoo.kernels import float8
 from ligerzoo.kernels._utils import check_same_device, interpreting, kernel_op, launch, runs_triton
-from ligerzoo.kernels.float8 import E4M3, Float8Rows
+from ligerzoo.kernels.float8 import E4M3, FP8_MAX, Float8Rows
 from ligerzoo.kernels.float8_columns import NUM_WARPS, TILE, check_operand, load_tile, tile_grid
 
 # Inductor copies a user kernel's helpers by their own names: no aliases (float8.py's
@@ -114,7 +114,7 @@ def _reference(t: torch.Tensor, scale: torch.Tensor | None, group_ends: torch.Te
     amax = values.new_zeros(n_groups + 1, n_cols).scatter_reduce_(
         0, group[:, None].expand(-1, n_cols), values.abs(), "amax")
     quantize, dequantize = float8.power_of_two_scales(amax, E4M3)
-    data = (values * quantize[group]).clamp(-448.0, 448.0).to(E4M3)
+    data = (values * quantize[group]).clamp(-FP8_MAX[E4M3], FP8_MAX[E4M3]).to(E4M3)
     return data.t().contiguous(), dequantize[:n_groups].contiguous()
 
 

@@ -73,17 +73,15 @@ class Float8MoE(MoE):
     through the experts and gives no gradient. Shapes the FP8 product cannot take (a hidden or
     inner size not a multiple of 16) run the experts as MoE does."""
 
-    @classmethod
-    def from_moe(cls, moe: MoE) -> "Float8MoE":
-        """The same modules and parameters (not copies), now multiplied in FP8."""
-        layer = cls.__new__(cls)
-        nn.Module.__init__(layer)
-        layer.n_experts, layer.top_k = moe.n_experts, moe.top_k
-        layer.router, layer.w13, layer.w2 = moe.router, moe.w13, moe.w2
-        return layer
+    def __init__(self, moe: MoE):
+        """`moe`'s modules and parameters (not copies), now multiplied in FP8."""
+        nn.Module.__init__(self)  # not MoE's, which would make new parameters
+        self.n_experts, self.top_k = moe.n_experts, moe.top_k
+        self.router, self.w13, self.w2 = moe.router, moe.w13, moe.w2
 
     def experts(self, rows: torch.Tensor, expert_of_row: torch.Tensor, run_ends: torch.Tensor) -> torch.Tensor:
-        if self.w13.shape[1] % 32 or self.w13.shape[2] % 16:
+        _, hidden, inner = self.w2.shape
+        if hidden % 16 or inner % 16:
             return super().experts(rows, expert_of_row, run_ends)
         n_rows, n_experts = rows.shape[0], self.n_experts
         counts = torch.diff(run_ends, prepend=run_ends.new_zeros(1))
@@ -151,7 +149,7 @@ def convert_to_float8(model: Transformer, recipe: str) -> list[str]:
                         converted.append(f"layers.{index}.{path}.{name}")
             elif type(parent) is MoE:
                 owner, _, name = path.rpartition(".")
-                setattr(block.get_submodule(owner), name, Float8MoE.from_moe(parent))
+                setattr(block.get_submodule(owner), name, Float8MoE(parent))
                 converted.append(f"layers.{index}.{path}")
         if recipe == "rowwise":
             model.layers[index] = Float8Block(block)
