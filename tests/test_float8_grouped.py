@@ -263,6 +263,15 @@ def test_fp8_moe_falls_back_where_the_product_cannot_run():
     assert torch.equal(fp8_moe(x)[0], moe(x)[0])
 
 
+def test_fp8_moe_keeps_the_exact_experts_on_a_gpu_without_the_grouped_fp8_product(monkeypatch):
+    """Before Hopper torch has no grouped FP8 product: the experts stay exact (the same bits as
+    MoE), where the dense layers' FP8 is emulated."""
+    monkeypatch.setattr(importlib.import_module("ligerzoo.models.float8"), "runs_grouped_fp8", lambda device: False)
+    moe, fp8_moe = moe_pair()
+    x = torch.randn(30, MIXTRAL["hidden_size"], device=DEVICE, dtype=MOE_DTYPE)
+    assert torch.equal(fp8_moe(x)[0], moe(x)[0])
+
+
 def test_conversion_turns_each_moe_into_a_float8_moe():
     from ligerzoo.models import build_model
     model = build_model(ModelConfig(**MIXTRAL))

@@ -41,6 +41,13 @@ def has_scaled_grouped_mm(device: torch.device) -> bool:
     return (props.major, props.minor) >= (9, 0)
 
 
+def runs_grouped_fp8(device: torch.device) -> bool:
+    """Whether `scaled_grouped_mm` runs here: the kernel (CUDA from sm90) or the CPU's emulation.
+    Elsewhere (older GPUs, where the emulation's float32 products would be slower than bf16)
+    callers keep their exact grouped product."""
+    return device.type == "cpu" or has_scaled_grouped_mm(device)
+
+
 def _check_operands(a, b, scale_a, scale_b, group_ends) -> None:
     for name, t in (("a", a), ("b", b)):
         if t.dtype != E4M3:

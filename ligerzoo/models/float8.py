@@ -31,7 +31,7 @@ from torch import nn
 
 from ligerzoo.kernels import swiglu_packed
 from ligerzoo.kernels.float8_fused import add_rms_norm_linear, rms_norm_linear, swiglu_linear
-from ligerzoo.kernels.float8_grouped import GROUP_ALIGNMENT, float8_grouped_linear
+from ligerzoo.kernels.float8_grouped import GROUP_ALIGNMENT, float8_grouped_linear, runs_grouped_fp8
 from ligerzoo.kernels.float8_linear import RECIPES, float8_linear
 from ligerzoo.models.attention import AttentionMask
 from ligerzoo.models.cache import LayerCache
@@ -71,7 +71,8 @@ class Float8MoE(MoE):
     run is followed by zero rows up to the next multiple, and the last run takes every row left
     (a size fixed by the shapes, so nothing waits for the routing's counts). A zero row stays zero
     through the experts and gives no gradient. Shapes the FP8 product cannot take (a hidden or
-    inner size not a multiple of 16) run the experts as MoE does."""
+    inner size not a multiple of 16), and GPUs without torch's grouped FP8 product (before
+    Hopper), run the experts as MoE does."""
 
     def __init__(self, moe: MoE):
         """`moe`'s modules and parameters (not copies), now multiplied in FP8."""
@@ -81,7 +82,7 @@ class Float8MoE(MoE):
 
     def experts(self, rows: torch.Tensor, expert_of_row: torch.Tensor, run_ends: torch.Tensor) -> torch.Tensor:
         _, hidden, inner = self.w2.shape
-        if hidden % 16 or inner % 16:
+        if hidden % 16 or inner % 16 or not runs_grouped_fp8(rows.device):
             return super().experts(rows, expert_of_row, run_ends)
         n_rows, n_experts = rows.shape[0], self.n_experts
         counts = torch.diff(run_ends, prepend=run_ends.new_zeros(1))
