@@ -10,7 +10,11 @@ fused (kernels/float8_fused.py: the producer writes FP8 rows, the rowwise path o
 Prints the median ms of each (triton.testing.do_bench) at the Llama-3.2-1B shape, 16,384 tokens
 (--shape 8b: Llama-3.1-8B, 8,192 tokens).
 
-    python benchmarks/float8_layers.py [--shape 1b|8b]
+--shape mixtral: one Mixtral-8x7B layer's experts over 8,192 tokens routed top-2 (16,384 rows in 8
+uneven runs, each a multiple of 16 as Float8MoE pads them), gate/up, SwiGLU and down: bf16
+(`torch._grouped_mm`, MoE's path) and fp8 (`float8_grouped_linear`, Float8MoE's).
+
+    python benchmarks/float8_layers.py [--shape 1b|8b|mixtral]
     python benchmarks/float8_layers.py --dry-run     # CPU, tiny shapes: runs each once, no timing
 """
 
@@ -25,11 +29,16 @@ import triton.testing
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ligerzoo.kernels import add_rms_norm, add_rms_norm_linear, float8_linear, swiglu_linear, swiglu_packed
+from ligerzoo.kernels.float8_grouped import float8_grouped_linear
 
 EPS = 1e-5
 # tokens, hidden, intermediate, q/k/v width
 SHAPES = {"1b": (16384, 2048, 8192, (32 + 2 * 8) * 64), "8b": (8192, 4096, 14336, (32 + 2 * 8) * 128),
           "dry": (64, 64, 128, 96)}
+# Rows an expert (Mixtral-8x7B: hidden 4096, intermediate 14336), as benchmarks/kernel_bench's
+# per-expert casts take them.
+EXPERT_ROWS = {"mixtral": (2416, 1712, 2272, 1936, 2096, 1824, 2160, 1968), "dry": (32, 0, 48, 16)}
+EXPERT_SIZES = {"mixtral": (4096, 14336), "dry": (64, 128)}
 
 
 def layers(tokens, hidden, inner, qkv):
@@ -51,6 +60,21 @@ def layers(tokens, hidden, inner, qkv):
     }
 
 
+def expert_layers(rows, hidden, inner, device):
+    """As `layers`, for the experts: name -> (inputs' shapes, {way: fn})."""
+    ends = torch.tensor(rows, device=device).cumsum(0).to(torch.int32)
+
+    def bf16(x, w13, w2):
+        gate_up = torch._grouped_mm(x, w13.transpose(1, 2), offs=ends)
+        return torch._grouped_mm(swiglu_packed(gate_up), w2.transpose(1, 2), offs=ends)
+
+    def fp8(x, w13, w2):
+        return float8_grouped_linear(swiglu_packed(float8_grouped_linear(x, w13, ends)), w2, ends)
+
+    shapes = [(sum(rows), hidden), (len(rows), 2 * inner, hidden), (len(rows), hidden, inner)]
+    return {"experts": (shapes, {"bf16": bf16, "fp8": fp8})}
+
+
 def inputs(shapes, device):
     """bf16 leaves: weights [N, K] scaled by K**-0.5, everything else unit normal."""
     return [(torch.randn(shape, device=device) * (shape[-1] ** -0.5 if i == len(shapes) - 1 else 1.0))
@@ -59,15 +83,24 @@ def inputs(shapes, device):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shape", choices=["1b", "8b"], default="1b")
+    ap.add_argument("--shape", choices=["1b", "8b", "mixtral"], default="1b")
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, each way run once")
     args = ap.parse_args(argv)
     device = torch.device("cpu" if args.dry_run else "cuda")
-    tokens, hidden, inner, qkv = SHAPES["dry" if args.dry_run else args.shape]
-    print(f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, torch {torch.__version__}, "
-          f"{tokens} tokens, hidden {hidden}, intermediate {inner}: forward + backward, ms")
+    gpu = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    if args.shape == "mixtral":
+        size = "dry" if args.dry_run else "mixtral"
+        (hidden, inner), rows = EXPERT_SIZES[size], EXPERT_ROWS[size]
+        print(f"{gpu}, torch {torch.__version__}, {sum(rows)} rows in {len(rows)} experts, hidden {hidden}, "
+              f"intermediate {inner}: forward + backward, ms")
+        cases = expert_layers(rows, hidden, inner, device)
+    else:
+        tokens, hidden, inner, qkv = SHAPES["dry" if args.dry_run else args.shape]
+        print(f"{gpu}, torch {torch.__version__}, {tokens} tokens, hidden {hidden}, intermediate {inner}: "
+              f"forward + backward, ms")
+        cases = layers(tokens, hidden, inner, qkv)
     print("| layer | bf16 | fp8 (PyTorch casts) | fused |\n|---|---|---|---|")
-    for name, (shapes, ways) in layers(tokens, hidden, inner, qkv).items():
+    for name, (shapes, ways) in cases.items():
         leaves = inputs(shapes, device)
         times = []
         for fn in ways.values():
@@ -83,6 +116,7 @@ def main(argv=None):
                 times.append("ran")
                 continue
             times.append(f"{triton.testing.do_bench(step, grad_to_none=leaves, return_mode='median'):.3f}")
+        times += ["—"] * (3 - len(times))  # the experts have no fused way
         print(f"| {name} | " + " | ".join(times) + " |")
 
 

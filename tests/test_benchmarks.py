@@ -196,6 +196,10 @@ def test_float8_layers_benchmark_dry_run_runs_each_layer_each_way():
     rows = table_rows(result.stdout, "| layer |")
     assert [row["layer"] for row in rows] == ["norm+wqkv", "norm+w13", "swiglu+w2"]
     assert all(set(row.values()) - {row["layer"]} == {"ran"} for row in rows)
+    result = run_script("float8_layers.py", "--dry-run", "--shape", "mixtral")
+    assert result.returncode == 0, result.stdout + result.stderr[-6000:]
+    (row,) = table_rows(result.stdout, "| layer |")
+    assert row["layer"] == "experts" and row["bf16"] == row["fp8 (PyTorch casts)"] == "ran"
 
 
 def test_fine_tuning_benchmark_runs_on_cpu():
