@@ -5,9 +5,10 @@ Under `--train.float8 rowwise` each Float8Linear casts its weight W [N, K] along
 shards W along N, by rows, and a row's cast reads that row alone; so each rank casts the rows of
 its own shard before the all-gather, and the gathered e4m3 rows and scales are, bit for bit, the
 cast of the gathered weight. Mixtral's experts (Float8MoE, under either recipe) likewise: their
-stacked weights [E, N, K] are sharded by experts, each rank casts its experts' rows. The shard is first converted to the compute dtype (the mixed
-precision policy's param_dtype: float32 master weights go to bf16, then to FP8), so the bits are
-those of today's path, which casts the bf16 weight FSDP gathered. Bytes an element on the wire:
+stacked weights [E, N, K] are sharded by experts, each rank casts its experts' rows. The shard is
+first converted to the compute dtype (the mixed precision policy's param_dtype: float32 master
+weights go to bf16, then to FP8), so the bits are those of today's path, which casts the bf16
+weight FSDP gathered. Bytes an element on the wire:
 1 + 4/K (the data, and a float32 scale a row of K) against 2 for bf16: 0.5 + 2/K of them.
 
 The backward's input gradient reads W's columns cast along N, across shards: they are taken from
@@ -26,14 +27,15 @@ Two tensor subclasses carry it:
                           state dict for checkpoints and the export).
     Float8GatheredWeight  the unsharded parameter FSDP2 builds from the all-gather: W [N, K] with
                           W's dtype and shape (param_dtype), holding the gathered e4m3 rows [N, K]
-                          and scales [N, 1] (experts: [E, N, K] and [E, N, 1]). Its gradient is a plain [N, K] tensor of that dtype,
-                          which FSDP2 reduce-scatters as it would bf16 W's. It is a traceable
+                          and scales [N, 1] (experts: [E, N, K] and [E, N, 1]). Its gradient is a
+                          plain tensor of W's shape and dtype, which FSDP2 reduce-scatters as it
+                          would bf16 W's. It is a traceable
                           wrapper subclass (__tensor_flatten__ / __tensor_unflatten__), so a
                           compiled block takes it as an input with no graph break.
 `Float8Linear` recognises a gathered weight and multiplies by its rows as they are
 (`gathered_float8_linear`), as Float8MoE hands its experts' gathered rows to the grouped product
-(`weight_fp8=`, kernels/float8_grouped.py); anything else done with it (an op of a shape the FP8 product cannot
-take) sees W dequantized: the values the gathered FP8 rows hold, not the bf16 ones.
+(`weight_fp8=`, kernels/float8_grouped.py); anything else done with it (an op of a shape the FP8
+product cannot take) sees W dequantized: the values the gathered FP8 rows hold, not the bf16 ones.
 
 A `Float8Block` keeps its fused path (kernels/float8_fused.py): it hands each gathered weight's
 rows to the fused functions as `weight_fp8` (`gathered_rows`), which multiply by them as they are
