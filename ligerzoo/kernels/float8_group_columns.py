@@ -56,8 +56,8 @@ def _group_amax_kernel(
     row_mask, col_mask = rows < n_rows, cols < n_cols
     group = _group_of_rows(rows, group_ends_ptr, n_groups, GROUPS_BLOCK)
     in_group = row_mask & (group < n_groups)
-    bits = load_tile(t_ptr, t_scale_ptr, rows, cols, row_mask, col_mask, t_row_stride, SCALED).to(tl.int32, bitcast=True)
-    bits = bits & 0x7FFFFFFF
+    v = load_tile(t_ptr, t_scale_ptr, rows, cols, row_mask, col_mask, t_row_stride, SCALED)
+    bits = v.to(tl.int32, bitcast=True) & 0x7FFFFFFF
     # Rows are in group order, so the tile's groups are the run from its first row's to its last's.
     first = tl.min(tl.where(in_group, group, n_groups), axis=0)
     last = tl.max(tl.where(in_group, group, -1), axis=0)
@@ -91,7 +91,8 @@ def _group_cast_kernel(
     if tile_row == 0:
         for g in range(n_groups):
             group_amax_bits = tl.load(amax_ptr + g * n_cols + cols, mask=col_mask, other=0)
-            tl.store(out_scale_ptr + g * n_cols + cols, power_of_two_scales(group_amax_bits)[1], mask=col_mask)
+            dequantize = power_of_two_scales(group_amax_bits)[1]
+            tl.store(out_scale_ptr + g * n_cols + cols, dequantize, mask=col_mask)
 
 
 def _check_groups(t: torch.Tensor, group_ends: torch.Tensor) -> None:

@@ -72,7 +72,8 @@ def _check_operands(a, b, scale_a, scale_b, group_ends) -> None:
         raise ValueError(f"a {tuple(a.shape)} @ b {tuple(b.shape)}: the contracted and output widths must be "
                          f"multiples of 16")
     if a.stride(-1) != 1 or b.stride(-2) != 1:
-        raise ValueError(f"a has strides {a.stride()} and b {b.stride()}: expected a row-major, b column-major")
+        raise ValueError(f"a has strides {a.stride()} and b {b.stride()}: expected a row-major, "
+                         f"b column-major")
     for name, scale, shape in (("scale_a", scale_a, scale_shapes[0]), ("scale_b", scale_b, scale_shapes[1])):
         if scale.dtype != torch.float32 or tuple(scale.shape) != shape:
             raise ValueError(f"{name} is {scale.dtype} {tuple(scale.shape)}, expected torch.float32 {shape}")
@@ -103,7 +104,8 @@ def emulated_scaled_grouped_mm(a, b, scale_a, scale_b, group_ends, out_dtype: to
 
 def _group_of(n: int, group_ends: torch.Tensor) -> torch.Tensor:
     """[n] the group of each of n rows (or tokens): G past the last end."""
-    return torch.searchsorted(group_ends, torch.arange(n, device=group_ends.device, dtype=torch.int32), right=True)
+    indices = torch.arange(n, device=group_ends.device, dtype=torch.int32)
+    return torch.searchsorted(group_ends, indices, right=True)
 
 
 def scaled_grouped_mm(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor,
@@ -120,7 +122,8 @@ def scaled_grouped_mm(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, s
     if has_scaled_grouped_mm(a.device) and out_dtype == torch.bfloat16:
         return torch._scaled_grouped_mm(a, b, scale_a, scale_b, offs=group_ends, out_dtype=out_dtype)
     if a.is_cuda:
-        raise RuntimeError("the grouped FP8 product needs an sm90 (Hopper) or newer GPU and a bfloat16 output")
+        raise RuntimeError("the grouped FP8 product needs an sm90 (Hopper) or newer GPU and a "
+                           "bfloat16 output")
     return emulated_scaled_grouped_mm(a, b, scale_a, scale_b, group_ends, out_dtype)
 
 
@@ -178,7 +181,8 @@ def float8_grouped_linear(x: torch.Tensor, weight: torch.Tensor, group_ends: tor
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16) or weight.dtype != x.dtype:
         raise ValueError(f"x is {x.dtype} and weight {weight.dtype}: expected one float dtype for both")
     if any(d % 16 for d in (*x.shape, weight.shape[1])):
-        raise ValueError(f"x {tuple(x.shape)} and weight {tuple(weight.shape)}: M, N and K must be multiples of 16")
+        raise ValueError(f"x {tuple(x.shape)} and weight {tuple(weight.shape)}: M, N and K must be "
+                         f"multiples of 16")
     if group_ends.shape != (weight.shape[0],):
         raise ValueError(f"group_ends has shape {tuple(group_ends.shape)}, expected ({weight.shape[0]},): "
                          f"one end an expert")
@@ -186,7 +190,8 @@ def float8_grouped_linear(x: torch.Tensor, weight: torch.Tensor, group_ends: tor
     if weight_fp8 is not None:
         w_data, w_scale = weight_fp8
         if w_data.dtype != E4M3 or w_data.shape != weight.shape or w_scale.shape != (*weight.shape[:2], 1):
-            raise ValueError(f"weight_fp8 is {w_data.dtype} {tuple(w_data.shape)} with scales {tuple(w_scale.shape)}: "
+            raise ValueError(f"weight_fp8 is {w_data.dtype} {tuple(w_data.shape)} with scales "
+                             f"{tuple(w_scale.shape)}: "
                              f"expected quantize_rows(weight), e4m3 {tuple(weight.shape)} and "
                              f"{(*weight.shape[:2], 1)}")
     return _Float8GroupedFunction.apply(x, weight, group_ends, w_data, w_scale)

@@ -80,7 +80,8 @@ class Float8MoE(MoE):
         self.n_experts, self.top_k = moe.n_experts, moe.top_k
         self.router, self.w13, self.w2 = moe.router, moe.w13, moe.w2
 
-    def experts(self, rows: torch.Tensor, expert_of_row: torch.Tensor, run_ends: torch.Tensor) -> torch.Tensor:
+    def experts(self, rows: torch.Tensor, expert_of_row: torch.Tensor,
+                run_ends: torch.Tensor) -> torch.Tensor:
         _, hidden, inner = self.w2.shape
         if hidden % 16 or inner % 16 or not runs_grouped_fp8(rows.device):
             return super().experts(rows, expert_of_row, run_ends)
