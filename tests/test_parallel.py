@@ -116,6 +116,19 @@ def test_compiled_keep_attention_checkpointing_keeps_attentions_output():
     assert block_input + attention_output + log_sum_exp <= two - one < 2 * block_input + attention_output
 
 
+def test_selective_checkpointing_keeps_every_kind_of_product():
+    """Dense and grouped, bf16 and FP8 (Mixtral's FP8 experts are `_scaled_grouped_mm`)."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    from ligerzoo.training.blocks import _POLICIES
+
+    aten = torch.ops.aten
+    keep = _POLICIES["selective"]
+    for op in (aten.mm, aten.addmm, aten._grouped_mm, aten._scaled_mm, aten._scaled_grouped_mm):
+        assert keep(None, op.default) == CheckpointPolicy.MUST_SAVE, op
+    assert keep(None, aten.mul.Tensor) == CheckpointPolicy.PREFER_RECOMPUTE
+
+
 def test_unknown_checkpointing_mode_is_refused_before_the_model_changes():
     model = build_model(ModelConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                                     num_attention_heads=4, num_key_value_heads=2))

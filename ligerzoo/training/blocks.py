@@ -29,8 +29,8 @@ def _attention_ops() -> frozenset:
 @functools.cache
 def _matmul_ops() -> frozenset:
     aten = torch.ops.aten
-    return frozenset(getattr(aten, name).default for name in ("mm", "addmm", "bmm", "_grouped_mm", "_scaled_mm")
-                     if hasattr(aten, name))
+    names = ("mm", "addmm", "bmm", "_grouped_mm", "_scaled_mm", "_scaled_grouped_mm")
+    return frozenset(getattr(aten, name).default for name in names if hasattr(aten, name))
 
 
 # One function a mode, not closures of one function: torch.compile tells the policies apart by
