@@ -131,6 +131,22 @@ def test_given_weight_rows_give_the_same_products():
         float8_grouped_linear(x, w, ends, weight_fp8=quantize_rows(w[:, :48]))
 
 
+def test_the_weights_transposed_cast_is_each_experts_column_cast(kernel_path):
+    """The input gradient's W^T [E, K, N]: `quantize_rows(W.transpose(1, 2))` bit for bit, from W
+    and from its FP8 rows (their values cast again), over experts wider than a kernel tile."""
+    from test_float8_kernels import assert_rows_equal, spread
+
+    from ligerzoo.kernels.float8 import Float8Rows
+    from ligerzoo.kernels.float8_grouped import _transposed_weight_cast
+
+    w = spread((3, 144, 48), BF16, per_row=False)  # columns over many binades
+    rows = quantize_rows(w)
+    for given, values in ((w, w), (rows, rows.dequantize())):
+        data, scale = _transposed_weight_cast(*(given if isinstance(given, Float8Rows) else (given, None)))
+        expected = quantize_rows(values.transpose(1, 2))
+        assert_rows_equal(Float8Rows(data, scale[..., None]), expected)
+
+
 def test_compiles_as_one_graph(monkeypatch):
     """On the CPU the kernels' PyTorch paths (an interpreted kernel cannot be traced)."""
     if not torch.cuda.is_available():

@@ -127,6 +127,21 @@ def scaled_grouped_mm(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, s
     return emulated_scaled_grouped_mm(a, b, scale_a, scale_b, group_ends, out_dtype)
 
 
+def _transposed_weight_cast(weight: torch.Tensor, scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """W^T [E, K, N] cast along N, each expert's own columns: (data [E, K, N] e4m3, scales [E, K]),
+    `quantize_rows(weight.transpose(1, 2))` bit for bit. weight [E, N, K]; or its FP8 rows with
+    their scales [E, N, 1], whose values (exact in float32) are cast again, as float8_linear.py
+    does for one weight's columns. The column-cast kernel over W as [E N, K] with an expert every N
+    rows, whose [K, E N] output is laid out [E, K, N] by one copy of its bytes: no float32 copy of
+    the whole weight, which PyTorch's cast makes outside torch.compile (3.8 GB for Mixtral-8x7B's
+    gate/up)."""
+    n_experts, n, k = weight.shape
+    every_n_rows = torch.arange(1, n_experts + 1, device=weight.device, dtype=torch.int32) * n
+    rows_scale = scale.view(n_experts * n, 1) if scale is not None else None
+    data, wt_scale = quantize_group_columns(weight.reshape(n_experts * n, k), every_n_rows, rows_scale)
+    return data.view(k, n_experts, n).permute(1, 0, 2).contiguous(), wt_scale
+
+
 class _Float8GroupedFunction(torch.autograd.Function):
     """x [M, K], weight [E, N, K], group_ends [E]; w_data [E, N, K] and w_scale [E, N, 1]: the
     weight's rows already cast (FSDP2 gathered them so, models/float8_gather.py), or None."""
@@ -150,12 +165,9 @@ class _Float8GroupedFunction(torch.autograd.Function):
         dx = dw = None
         if ctx.needs_input_grad[0]:
             dy_cast = quantize_rows(dy)
-            # W^T [E, K, N] along N; from given rows, their values (exact in float32) cast again,
-            # as float8_linear.py does for one weight's columns.
-            weight = Float8Rows(w_saved, w_scale_saved).dequantize() if w_scale_saved is not None else w_saved
-            wt_cast = quantize_rows(weight.transpose(1, 2))
-            dx = scaled_grouped_mm(dy_cast.data, wt_cast.data.transpose(1, 2), dy_cast.scale.view(-1),
-                                   wt_cast.scale.squeeze(-1), group_ends, dy.dtype)
+            wt_data, wt_scale = _transposed_weight_cast(w_saved, w_scale_saved)
+            dx = scaled_grouped_mm(dy_cast.data, wt_data.transpose(1, 2), dy_cast.scale.view(-1), wt_scale,
+                                   group_ends, dy.dtype)
         if ctx.needs_input_grad[1]:
             dyt_data, dyt_scale = quantize_group_columns(dy, group_ends)  # [N, M], [E, N]
             xt_data, xt_scale = quantize_group_columns(x_data, group_ends, x_scale)  # [K, M], [E, K]
