@@ -189,6 +189,15 @@ _CPU_HAS_SCALED_MM = torch._C._dispatch_has_kernel_for_dispatch_key("aten::_scal
 _CPU_SCALED_MM_ROWWISE = _CPU_HAS_SCALED_MM and _cpu_scaled_mm_takes_row_scales()
 
 
+def nvidia_capability(device: torch.device) -> tuple[int, int] | None:
+    """(major, minor) compute capability of an NVIDIA GPU; None elsewhere (the CPU, ROCm, whose
+    FP8 formats differ: fnuz)."""
+    if device.type != "cuda" or torch.version.hip is not None:
+        return None
+    props = torch.cuda.get_device_properties(device)
+    return props.major, props.minor
+
+
 def has_scaled_mm(device: torch.device, rowwise: bool, out_dtype: torch.dtype) -> bool:
     """Whether `torch._scaled_mm` runs this product here: the CPU where this torch has its
     kernel (row-wise, where that kernel takes row scales); NVIDIA GPUs from sm89 (Ada) tensor-wise
@@ -196,10 +205,9 @@ def has_scaled_mm(device: torch.device, rowwise: bool, out_dtype: torch.dtype) -
     formats differ (fnuz), so it emulates."""
     if device.type == "cpu":
         return _CPU_SCALED_MM_ROWWISE if rowwise else _CPU_HAS_SCALED_MM
-    if device.type != "cuda" or torch.version.hip is not None:
+    capability = nvidia_capability(device)
+    if capability is None:
         return False
-    props = torch.cuda.get_device_properties(device)
-    capability = (props.major, props.minor)
     if rowwise:
         return capability >= (9, 0) and out_dtype == torch.bfloat16
     return capability >= (8, 9)

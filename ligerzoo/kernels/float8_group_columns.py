@@ -102,13 +102,19 @@ def _check_groups(t: torch.Tensor, group_ends: torch.Tensor) -> None:
     check_same_device(t=t, group_ends=group_ends)
 
 
+def group_index(n_rows: int, group_ends: torch.Tensor) -> torch.Tensor:
+    """[n_rows] each row's group, by the groups' row ends [G] (as the kernels find it); G for the
+    rows past the last end."""
+    rows = torch.arange(n_rows, device=group_ends.device, dtype=group_ends.dtype)
+    return torch.searchsorted(group_ends, rows, right=True)
+
+
 def _reference(t: torch.Tensor, scale: torch.Tensor | None, group_ends: torch.Tensor) -> tuple:
     """The definition in PyTorch, with no host sync: the path where the kernels do not run."""
     values = Float8Rows(t, scale).dequantize() if scale is not None else t.float()
     n_rows, n_cols = values.shape
     n_groups = group_ends.numel()
-    rows = torch.arange(n_rows, device=t.device)
-    group = torch.searchsorted(group_ends.long(), rows, right=True)  # n_groups: in no group
+    group = group_index(n_rows, group_ends)
     in_group = (group < n_groups)[:, None]
     values = torch.where(in_group, values, 0.0)
     # Row n_groups gathers the rows in no group (zeros). scatter_reduce's amax propagates NaN.

@@ -27,18 +27,16 @@ are powers of two) and multiplied in float32, one rounding to the output dtype.
 
 import torch
 
-from ligerzoo.kernels.float8 import E4M3, Float8Rows, quantize_rows
-from ligerzoo.kernels.float8_group_columns import quantize_group_columns
+from ligerzoo.kernels.float8 import E4M3, Float8Rows, nvidia_capability, quantize_rows
+from ligerzoo.kernels.float8_group_columns import group_index, quantize_group_columns
 
 GROUP_ALIGNMENT = 16
 
 
 def has_scaled_grouped_mm(device: torch.device) -> bool:
     """Whether `torch._scaled_grouped_mm` runs here: CUDA from sm90 (Hopper), as torch builds it."""
-    if device.type != "cuda" or torch.version.hip is not None:
-        return False
-    props = torch.cuda.get_device_properties(device)
-    return (props.major, props.minor) >= (9, 0)
+    capability = nvidia_capability(device)
+    return capability is not None and capability >= (9, 0)
 
 
 def runs_grouped_fp8(device: torch.device) -> bool:
@@ -88,24 +86,18 @@ def emulated_scaled_grouped_mm(a, b, scale_a, scale_b, group_ends, out_dtype: to
     _check_operands(a, b, scale_a, scale_b, group_ends)
     n_groups = group_ends.numel()
     if b.dim() == 3:  # rows scaled [M], each group's columns [G, N]
-        group = _group_of(a.shape[0], group_ends)
+        group = group_index(a.shape[0], group_ends)
         a_values = a.float() * scale_a[:, None]
         b_values = b.float() * scale_b[:, None, :]
         out = sum(torch.where((group == g)[:, None], a_values, 0.0) @ b_values[g] for g in range(n_groups))
     else:  # both scaled per group along their rows, group-major: [G * N] and [G * K]
-        group = _group_of(a.shape[1], group_ends)
+        group = group_index(a.shape[1], group_ends)
         a_scales, b_scales = scale_a.view(n_groups, -1), scale_b.view(n_groups, -1)
         a_values, b_values = a.float(), b.float()
         out = torch.stack([
             (torch.where(group == g, a_values, 0.0) * a_scales[g][:, None]) @ (b_values * b_scales[g])
             for g in range(n_groups)])
     return out.to(out_dtype)
-
-
-def _group_of(n: int, group_ends: torch.Tensor) -> torch.Tensor:
-    """[n] the group of each of n rows (or tokens): G past the last end."""
-    indices = torch.arange(n, device=group_ends.device, dtype=torch.int32)
-    return torch.searchsorted(group_ends, indices, right=True)
 
 
 def scaled_grouped_mm(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor,
