@@ -39,7 +39,8 @@ def runs(counts):
 
 
 def test_emulation_is_each_groups_scaled_product():
-    """On the CPU the grouped product is the dense one of each group (to float32's sums)."""
+    """On the CPU the grouped product is the dense one of each group, to one unit of the bf16
+    output (2**-7 of it): the float32 sums run in another order, and rarely round differently."""
     ends = group_ends(COUNTS)
     m, k, n = sum(COUNTS), 64, 96
     x = quantize_rows(torch.randn(m, k, device=DEVICE))
@@ -54,10 +55,10 @@ def test_emulation_is_each_groups_scaled_product():
             assert not dw[g].any()
             continue
         expected = emulated_scaled_mm(x.data[start:end], w.data[g].t(), x.scale[start:end], w.scale[g].t(), BF16)
-        torch.testing.assert_close(y[start:end], expected, rtol=2**-8, atol=0)
+        torch.testing.assert_close(y[start:end], expected, rtol=2**-7, atol=0)
         expected = emulated_scaled_mm(dyt[0][:, start:end].contiguous(), xt[0][:, start:end].t(),
                                       dyt[1][g][:, None], xt[1][g][None, :], BF16)
-        torch.testing.assert_close(dw[g], expected, rtol=2**-8, atol=0)
+        torch.testing.assert_close(dw[g], expected, rtol=2**-7, atol=0)
 
 
 def reference(x, w, dy, counts):
