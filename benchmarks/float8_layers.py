@@ -2,11 +2,13 @@
 """A block's FP8 layers with their producers, forward + backward, each compiled (fullgraph):
 
     norm+wqkv    add_rms_norm then wqkv          norm+w13    add_rms_norm then w13
-    swiglu+w2    swiglu_packed then w2
+    swiglu+w2    swiglu_packed then w2           ffn         add_rms_norm, w13, swiglu_packed, w2
 
 three ways: bf16 (the producer, then F.linear), fp8 (the producer's bf16 output, then
 float8_linear casting it rowwise with PyTorch ops: the path before the producers wrote FP8) and
-fused (kernels/float8_fused.py: the producer writes FP8 rows, the rowwise path of --train.float8).
+fused (kernels/float8_fused.py: the producer writes FP8 rows); the ffn also as one Function
+(`add_rms_norm_mlp`, SwiGLU's backward writing gate_up's gradient as FP8 rows: the rowwise path
+of --train.float8), its "fused" column the two Functions it replaces.
 Prints the median ms of each (triton.testing.do_bench) at the Llama-3.2-1B shape, 16,384 tokens
 (--shape 8b: Llama-3.1-8B, 8,192 tokens).
 
@@ -28,7 +30,14 @@ import triton.testing
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ligerzoo.kernels import add_rms_norm, add_rms_norm_linear, float8_linear, swiglu_linear, swiglu_packed
+from ligerzoo.kernels import (
+    add_rms_norm,
+    add_rms_norm_linear,
+    add_rms_norm_mlp,
+    float8_linear,
+    swiglu_linear,
+    swiglu_packed,
+)
 from ligerzoo.kernels.float8_grouped import float8_grouped_linear
 
 EPS = 1e-5
@@ -49,6 +58,15 @@ def layers(tokens, hidden, inner, qkv):
             "fp8": lambda x, r, nw, w: float8_linear(add_rms_norm(x, r, nw, EPS)[0], w),
             "fused": lambda x, r, nw, w: add_rms_norm_linear(x, r, nw, EPS, w)[0],
         })
+    def ffn_bf16(x, r, nw, w13, w2):
+        return F.linear(swiglu_packed(F.linear(add_rms_norm(x, r, nw, EPS)[0], w13)), w2)
+
+    def ffn_fp8(x, r, nw, w13, w2):
+        return float8_linear(swiglu_packed(float8_linear(add_rms_norm(x, r, nw, EPS)[0], w13)), w2)
+
+    def ffn_fused(x, r, nw, w13, w2):
+        return swiglu_linear(add_rms_norm_linear(x, r, nw, EPS, w13)[0], w2, in_place_backward=True)
+
     return {
         "norm+wqkv": norm_linear(qkv),
         "norm+w13": norm_linear(2 * inner),
@@ -56,6 +74,10 @@ def layers(tokens, hidden, inner, qkv):
             "bf16": lambda g, w: F.linear(swiglu_packed(g), w),
             "fp8": lambda g, w: float8_linear(swiglu_packed(g), w),
             "fused": lambda g, w: swiglu_linear(g, w),
+        }),
+        "ffn": ([(tokens, hidden), (tokens, hidden), (hidden,), (2 * inner, hidden), (hidden, inner)], {
+            "bf16": ffn_bf16, "fp8": ffn_fp8, "fused": ffn_fused,
+            "one Function": lambda x, r, nw, w13, w2: add_rms_norm_mlp(x, r, nw, EPS, w13, w2)[0],
         }),
     }
 
@@ -76,8 +98,12 @@ def expert_layers(rows, hidden, inner, device):
 
 
 def inputs(shapes, device):
-    """bf16 leaves: weights [N, K] scaled by K**-0.5, everything else unit normal."""
-    return [(torch.randn(shape, device=device) * (shape[-1] ** -0.5 if i == len(shapes) - 1 else 1.0))
+    """bf16 leaves: weights (every 2-d shape after the first two, or the last) scaled by K**-0.5,
+    everything else unit normal."""
+    def is_weight(i, shape):
+        return i == len(shapes) - 1 or (i >= 2 and len(shape) == 2)
+
+    return [(torch.randn(shape, device=device) * (shape[-1] ** -0.5 if is_weight(i, shape) else 1.0))
             .to(torch.bfloat16).requires_grad_() for i, shape in enumerate(shapes)]
 
 
@@ -99,7 +125,7 @@ def main(argv=None):
         print(f"{gpu}, torch {torch.__version__}, {tokens} tokens, hidden {hidden}, intermediate {inner}: "
               f"forward + backward, ms")
         cases = layers(tokens, hidden, inner, qkv)
-    print("| layer | bf16 | fp8 (PyTorch casts) | fused |\n|---|---|---|---|")
+    print("| layer | bf16 | fp8 (PyTorch casts) | fused | one Function |\n|---|---|---|---|---|")
     for name, (shapes, ways) in cases.items():
         leaves = inputs(shapes, device)
         times = []
@@ -116,7 +142,7 @@ def main(argv=None):
                 times.append("ran")
                 continue
             times.append(f"{triton.testing.do_bench(step, grad_to_none=leaves, return_mode='median'):.3f}")
-        times += ["—"] * (3 - len(times))  # the experts have no fused way
+        times += ["—"] * (4 - len(times))  # the experts have no fused way, only the ffn is one Function
         print(f"| {name} | " + " | ".join(times) + " |")
 
 

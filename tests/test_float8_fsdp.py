@@ -161,18 +161,19 @@ def test_fp8_all_gather_sends_half_the_bytes_of_bf16_plus_the_scales(tmp_path):
 # (b) training: FP8 against bf16 all-gather, (e) compiled
 
 
-FUSED = ("rms_norm_linear", "add_rms_norm_linear", "swiglu_linear")
+FUSED = ("rms_norm_linear", "add_rms_norm_linear", "add_rms_norm_mlp")
 
 
 @contextlib.contextmanager
 def _recording_fused_calls(record: bool):
-    """A list of Float8Block's calls to the fused functions, each (name, the type of its
-    weight_fp8); left empty unless `record` (compiled, Dynamo would trace the recording)."""
+    """A list of Float8Block's calls to the fused functions, each (name, the types of its weights'
+    FP8 rows); left empty unless `record` (compiled, Dynamo would trace the recording)."""
     calls = []
     with contextlib.ExitStack() as stack:
         for name in FUSED if record else ():
             def recorded(*args, _fused=getattr(float8_models, name), _name=name, **kwargs):
-                calls.append((_name, type(kwargs.get("weight_fp8")).__name__))
+                rows = [kwargs[key] for key in ("weight_fp8", "w13_fp8", "w2_fp8") if key in kwargs]
+                calls.append((_name, *(type(r).__name__ for r in rows)))
                 return _fused(*args, **kwargs)
 
             stack.enter_context(mock.patch.object(float8_models, name, recorded))
@@ -246,10 +247,10 @@ def test_training_with_fp8_all_gather_matches_bf16_all_gather(tmp_path):
     assert seen == "Float8GatheredWeight" and seen_bf16 == "Parameter"
     # Each block keeps its fused path, handed the gathered rows (the last step's forward): the
     # first block's attention norm has no residual to add.
-    fused = [("rms_norm_linear",), ("add_rms_norm_linear",), ("swiglu_linear",),
-             ("add_rms_norm_linear",), ("add_rms_norm_linear",), ("swiglu_linear",)]
-    assert calls_fp8 == [(*call, "Float8Rows") for call in fused]
-    assert calls_bf16 == [(*call, "NoneType") for call in fused]
+    fused = [("rms_norm_linear", 1), ("add_rms_norm_mlp", 2),
+             ("add_rms_norm_linear", 1), ("add_rms_norm_mlp", 2)]
+    assert calls_fp8 == [(name, *["Float8Rows"] * weights) for name, weights in fused]
+    assert calls_bf16 == [(name, *["NoneType"] * weights) for name, weights in fused]
     # The backward keeps the gathered rows, whose buffers FSDP2 frees after the forward and fills
     # again before the backward, as it does the bf16 weights: nothing more is kept.
     assert kept_fp8 == kept_bf16

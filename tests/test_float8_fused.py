@@ -15,6 +15,7 @@ from conftest import DEVICE
 from ligerzoo.kernels import (
     add_rms_norm,
     add_rms_norm_linear,
+    add_rms_norm_mlp,
     float8_linear,
     quantize_rows,
     rms_norm,
@@ -24,7 +25,7 @@ from ligerzoo.kernels import (
 )
 from ligerzoo.kernels.float8 import E4M3, E5M2, Float8Rows, has_scaled_mm, quantize_tensor
 from ligerzoo.kernels.float8_columns import quantize_columns
-from ligerzoo.kernels.float8_linear import Float8Weight
+from ligerzoo.kernels.float8_linear import Float8Weight, float8_backward_products
 
 EPS = 1e-6
 
@@ -135,6 +136,100 @@ def test_swiglu_linear_in_place_backward_overwrites_gate_up():
     assert torch.equal(grads[0], grads[1])
 
 
+# add_rms_norm_mlp: the FFN in one Function, SwiGLU's backward writing gate_up's gradient in FP8.
+
+
+def mlp_inputs(lead=(2, 32), k=64, inner=80, biases=False):
+    """(x, residual, norm_weight, w13 [2 inner, k], w2 [k, inner], b13, b2)."""
+    x, residual, norm_weight, _, _ = norm_inputs(lead=lead, k=k, bias=False)
+    return (x, residual, norm_weight, tensor(2 * inner, k, scale=k**-0.5, seed=20),
+            tensor(k, inner, scale=inner**-0.5, seed=21), tensor(2 * inner, seed=22) if biases else None,
+            tensor(k, seed=23) if biases else None)
+
+
+def fused_mlp(x, residual, norm_weight, w13, w2, b13=None, b2=None, **weights_fp8):
+    return add_rms_norm_mlp(x, residual, norm_weight, EPS, w13, w2, b13, b2, **weights_fp8)
+
+
+def chained_mlp(x, residual, norm_weight, w13, w2, b13=None, b2=None, gate_up_grads=None):
+    """The two fused Functions one after the other; gate_up's gradient appended to gate_up_grads."""
+    gate_up, summed = add_rms_norm_linear(x, residual, norm_weight, EPS, w13, b13)
+    if gate_up_grads is not None:
+        gate_up.register_hook(lambda grad: gate_up_grads.append(grad.clone()))
+    return swiglu_linear(gate_up, w2, b2, in_place_backward=True), summed
+
+
+MLP_NAMES = ["y", "x + residual", "dx", "dresidual", "dnorm_weight", "dw13", "dw2", "db13", "db2"]
+
+
+def test_mlp_equals_the_two_functions_but_for_w13s_gradient_columns(kernel_path):
+    """Everything the same bits as the two Functions chained (gate_up's gradient rows are its cast
+    bit for bit, tests/test_float8_kernels.py), but w13's weight gradient, whose dy columns are
+    made from those rows: exactly the product of those columns with h's, and within FP8's
+    rounding of the chain's, which casts the bf16 gradient along M itself."""
+    inputs = mlp_inputs()
+    gate_up_grads = []
+    got = outputs_and_grads(fused_mlp, *inputs)
+    expected = outputs_and_grads(lambda *t: chained_mlp(*t, gate_up_grads=gate_up_grads), *inputs)
+    dw13 = MLP_NAMES.index("dw13")
+    same = [i for i in range(len(MLP_NAMES)) if i != dw13]
+    assert_same_bits([got[i] for i in same], [expected[i] for i in same], [MLP_NAMES[i] for i in same])
+    x, residual, norm_weight = inputs[:3]
+    h = add_rms_norm(x, residual, norm_weight, EPS)[0].reshape(-1, x.shape[-1])
+    (gate_up_grad,) = gate_up_grads
+    rows = quantize_rows(gate_up_grad.reshape(-1, gate_up_grad.shape[-1]))
+    _, from_rows, _ = float8_backward_products(rows, quantize_rows(h), None, "rowwise", out_dtype=torch.bfloat16)
+    assert_same_bits([got[dw13]], [from_rows], ["dw13"])
+    error = (got[dw13].float() - expected[dw13].float()).norm() / expected[dw13].float().norm()
+    assert 0 < error < 2.0**-5
+
+
+def test_mlp_with_biases_or_shapes_the_fp8_product_cannot_take_is_the_two_functions(kernel_path):
+    for inputs in (mlp_inputs(biases=True), mlp_inputs(lead=(5, 3)), mlp_inputs(inner=40)):
+        assert_same_bits(outputs_and_grads(fused_mlp, *inputs), outputs_and_grads(chained_mlp, *inputs), MLP_NAMES)
+
+
+def test_mlp_given_weight_rows_is_the_two_functions_given_them(kernel_path):
+    inputs = mlp_inputs()
+    inputs = (*inputs[:3], weight_with_subnormals(160, 64, seed=4), weight_with_subnormals(64, 80, seed=5),
+              None, None)
+    w13_fp8, w2_fp8 = quantize_rows(inputs[3]), quantize_rows(inputs[4])
+    got = outputs_and_grads(lambda *t: fused_mlp(*t, w13_fp8=w13_fp8, w2_fp8=w2_fp8), *inputs)
+
+    def chained(x, residual, norm_weight, w13, w2, b13, b2):
+        gate_up, summed = add_rms_norm_linear(x, residual, norm_weight, EPS, w13, b13, weight_fp8=w13_fp8)
+        return swiglu_linear(gate_up, w2, b2, in_place_backward=True, weight_fp8=w2_fp8), summed
+
+    expected = outputs_and_grads(chained, *inputs)
+    same = [i for i, name in enumerate(MLP_NAMES) if name != "dw13"]
+    assert_same_bits([got[i] for i in same], [expected[i] for i in same], [MLP_NAMES[i] for i in same])
+
+
+def test_mlp_saves_gate_up_and_fp8_rows_and_frozen_weights_skip_their_products():
+    """The two Functions' saved tensors, once each: the sum, the norm's weight and rstd, gate_up,
+    both weights, h's and SwiGLU's FP8 rows. Frozen weights: no dW, and no rows saved for it."""
+    bf16, m, k, inner = torch.bfloat16, 64, 64, 80
+    expected = [(bf16, (m, k)), (bf16, (k,)), (torch.float32, (m,)), (bf16, (2 * inner, k)),
+                (E4M3, (m, k)), (torch.float32, (m, 1)), (bf16, (m, 2 * inner)), (bf16, (k, inner)),
+                (E4M3, (m, inner)), (torch.float32, (m, 1))]
+    assert saved(fused_mlp, *mlp_inputs()[:5]) == sorted(expected, key=str)
+    x, residual, norm_weight, w13, w2, _, _ = mlp_inputs()
+    expected = outputs_and_grads(fused_mlp, x, residual, norm_weight, w13, w2)
+    x_, r_, n_ = (t.clone().requires_grad_() for t in (x, residual, norm_weight))
+    y, summed = add_rms_norm_mlp(x_, r_, n_, EPS, w13, w2)
+    torch.autograd.backward([y, summed], [tensor(*y.shape, seed=10), tensor(*summed.shape, seed=11)])
+    assert_same_bits([x_.grad, r_.grad, n_.grad], expected[2:5], ["dx", "dresidual", "dnorm_weight"])
+    assert all(dtype != E4M3 for dtype, _ in saved(lambda *t: fused_mlp(*t, w13, w2), x, residual, norm_weight))
+
+
+def test_dy_given_as_fp8_rows_needs_the_rowwise_recipe():
+    rows = quantize_rows(tensor(32, 48))
+    with pytest.raises(ValueError, match="dy as FP8 rows needs the rowwise recipe and out_dtype"):
+        float8_backward_products(rows, None, tensor(48, 64), "tensorwise", out_dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="dy as FP8 rows needs the rowwise recipe and out_dtype"):
+        float8_backward_products(rows, None, tensor(48, 64), "rowwise")
+
+
 @pytest.mark.parametrize("lead,k,n", [((5, 3), 64, 48), ((32,), 40, 48), ((32,), 64, 24), ((0,), 64, 48)])
 def test_shapes_the_fp8_product_cannot_take_run_the_exact_ops(lead, k, n):
     inputs = norm_inputs(lead=lead, k=k, n=n)
@@ -186,14 +281,15 @@ def test_frozen_weights_skip_their_products():
 
 
 def chain(x, residual, norm_weight, w13, b13, w2, b2, wq):
-    """The three fused Functions one after another, as a block calls them."""
-    gate_up, summed = add_rms_norm_linear(x, residual, norm_weight, EPS, w13, b13)
-    out = swiglu_linear(gate_up, w2, b2, in_place_backward=True)
+    """The fused functions one after another, as a block calls them: with b13, the MLP is
+    add_rms_norm_linear then swiglu_linear; without, one Function."""
+    out, summed = add_rms_norm_mlp(x, residual, norm_weight, EPS, w13, w2, b13, b2)
     return rms_norm_linear(out, norm_weight, EPS, wq), summed
 
 
+@pytest.mark.parametrize("biases", [True, False])
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
-def test_fullgraph_compile_gives_the_same_results(backend, monkeypatch):
+def test_fullgraph_compile_gives_the_same_results(backend, biases, monkeypatch):
     """One graph, no branch on values, no host sync, and the same bits but for the bias gradients,
     float32 sums over M that Inductor may order its own way (one bf16 rounding apart), as in
     tests/test_float8.py. On the CPU Inductor compiles the kernels' PyTorch path, and would by
@@ -204,7 +300,7 @@ def test_fullgraph_compile_gives_the_same_results(backend, monkeypatch):
     torch._dynamo.reset()
     k, inner, n = 64, 64, 48
     inputs = (*norm_inputs(k=k, bias=False)[:3], tensor(2 * inner, k, scale=k**-0.5, seed=20),
-              tensor(2 * inner, seed=21), tensor(k, inner, scale=inner**-0.5, seed=22), None,
+              tensor(2 * inner, seed=21) if biases else None, tensor(k, inner, scale=inner**-0.5, seed=22), None,
               tensor(n, k, scale=k**-0.5, seed=23))
     expected = outputs_and_grads(chain, *inputs)
     # config.patch, not monkeypatch: pytest 9.2's undo deletes a config module's entry, which
@@ -217,7 +313,7 @@ def test_fullgraph_compile_gives_the_same_results(backend, monkeypatch):
     # apart moves FP8 values downstream, as on the GPU, by up to a step of their own.
     emulated = not got[0].is_cuda and not has_scaled_mm(got[0].device, True, torch.bfloat16)
     if backend == "aot_eager" or not (got[0].is_cuda or emulated):
-        bias_grads = [names.index("db13")] if backend == "inductor" else []
+        bias_grads = [names.index("db13")] if backend == "inductor" and biases else []
         for i in bias_grads:
             torch.testing.assert_close(got[i], expected[i], rtol=2.0**-8, atol=0)
         keep = [i for i in range(len(names)) if i not in bias_grads]

@@ -17,7 +17,12 @@ from ligerzoo.kernels.float8 import E4M3, Float8Rows, power_of_two_scales, quant
 from ligerzoo.kernels.float8_rows import cast_e4m3
 from ligerzoo.kernels.float8_rows import power_of_two_scales as kernel_power_of_two_scales
 from ligerzoo.kernels.rms_norm import rms_norm_forward, rms_norm_forward_float8
-from ligerzoo.kernels.swiglu import swiglu_packed_forward, swiglu_packed_forward_float8
+from ligerzoo.kernels.swiglu import (
+    swiglu_packed_backward,
+    swiglu_packed_backward_float8,
+    swiglu_packed_forward,
+    swiglu_packed_forward_float8,
+)
 
 # The module itself: the package's `swiglu` is the function.
 swiglu_module = importlib.import_module("ligerzoo.kernels.swiglu")
@@ -115,6 +120,30 @@ def test_swiglu_rows_are_the_cast_of_swiglu_packed(kernel_path, monkeypatch, row
     gate_up = as_rows(special_rows(spread((*lead, 2 * width), dtype, per_row=True)))
     data, scale = swiglu_packed_forward_float8(gate_up)
     assert_rows_equal(Float8Rows(data, scale), quantize_rows(swiglu_packed_forward(gate_up)))
+
+
+@pytest.mark.parametrize("row_in_registers", [True, False])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_swiglu_gradient_rows_are_the_cast_of_swiglu_packed_backward(kernel_path, monkeypatch, row_in_registers,
+                                                                    dtype, shape):
+    """Both halves of a row share its scale: a row whose largest gradient is in d_up, one whose
+    is in d_gate (gate_up's rows span many binades), inf and NaN in dy's rows."""
+    if not row_in_registers:  # two passes of 32 columns a half, the last one partial
+        monkeypatch.setattr(swiglu_module, "FLOAT8_ROW_IN_REGISTERS", 0)
+        monkeypatch.setattr(swiglu_module, "FLOAT8_PASS_BLOCK", 64)
+    *lead, width = shape
+    gate_up = as_rows(spread((*lead, 2 * width), dtype, per_row=True))
+    dy = as_rows(special_rows(spread((*lead, width), dtype, per_row=True)))
+    data, scale = swiglu_packed_backward_float8(dy, gate_up)
+    assert_rows_equal(Float8Rows(data, scale), quantize_rows(swiglu_packed_backward(dy, gate_up)))
+
+
+def test_swiglu_gradient_rows_of_strided_operands(kernel_path):
+    gate_up = non_contiguous(torch.randn(8, 2 * 33, device=DEVICE, dtype=torch.bfloat16))
+    dy = non_contiguous(torch.randn(8, 33, device=DEVICE, dtype=torch.bfloat16))
+    data, scale = swiglu_packed_backward_float8(dy, gate_up)
+    assert_rows_equal(Float8Rows(data, scale), quantize_rows(swiglu_packed_backward(dy, gate_up)))
 
 
 def test_swiglu_rows_of_a_strided_gate_up(kernel_path):

@@ -83,11 +83,13 @@ def test_fp8_loss_and_gradients_are_near_the_exact_ones_and_not_equal(recipe, mo
         assert 0 < error < 0.15, (name, error)  # e4m3 rounds to 2**-4, e5m2 to 2**-3 of each operand
 
 
-@pytest.mark.parametrize("family", ["llama with biases", "mixtral"])
+@pytest.mark.parametrize("family", ["llama", "llama with biases", "mixtral"])
 def test_fused_producers_give_the_bits_of_the_fp8_layers_behind_the_plain_ones(family, monkeypatch):
     """A rowwise block's norms and SwiGLU write the FP8 rows their projections read (Mixtral's
     experts cast their own rows, so only its attention norm does); loss and every gradient are those of the
-    same Float8Linear layers behind the plain norms and SwiGLU (Block.forward on the same modules)."""
+    same Float8Linear layers behind the plain norms and SwiGLU (Block.forward on the same modules),
+    but w13's weight gradient in a bias-free MLP, whose dy columns come from the FP8 rows SwiGLU's
+    backward writes (kernels/float8_fused.py: add_rms_norm_mlp): there within FP8's rounding."""
     _, model = model_pair("rowwise", family)
     module = importlib.import_module("ligerzoo.kernels.float8_fused")
     calls = []
@@ -102,7 +104,11 @@ def test_fused_producers_give_the_bits_of_the_fp8_layers_behind_the_plain_ones(f
     assert torch.equal(fused_loss, loss)
     assert list(fused_grads) == list(grads)
     for name, grad in grads.items():
-        assert torch.equal(fused_grads[name], grad), name
+        if family == "llama" and name.endswith("w13.weight"):
+            error = (fused_grads[name] - grad).norm() / grad.norm()
+            assert 0 < error < 2.0**-5, (name, error)
+        else:
+            assert torch.equal(fused_grads[name], grad), name
 
 
 def test_prepare_blocks_converts_before_checkpointing_and_compile():

@@ -25,8 +25,14 @@ __all__ = [
 
 # FP8 training (issue 23): the casts, the scaled product and the FP8 linear layer.
 from ligerzoo.kernels.float8 import Float8Rows, quantize_rows, quantize_tensor, scaled_mm
-from ligerzoo.kernels.float8_fused import add_rms_norm_linear, rms_norm_linear, swiglu_linear
+from ligerzoo.kernels.float8_fused import (
+    add_rms_norm_linear,
+    add_rms_norm_mlp,
+    rms_norm_linear,
+    swiglu_linear,
+)
 from ligerzoo.kernels.float8_linear import Float8Weight, float8_linear, quantize_weight
 
-__all__ += ["Float8Rows", "Float8Weight", "add_rms_norm_linear", "float8_linear", "quantize_rows",
-            "quantize_tensor", "quantize_weight", "rms_norm_linear", "scaled_mm", "swiglu_linear"]
+__all__ += ["Float8Rows", "Float8Weight", "add_rms_norm_linear", "add_rms_norm_mlp", "float8_linear",
+            "quantize_rows", "quantize_tensor", "quantize_weight", "rms_norm_linear", "scaled_mm",
+            "swiglu_linear"]

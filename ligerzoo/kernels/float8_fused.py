@@ -4,9 +4,14 @@ residual add) before a projection, SwiGLU before the down projection. Rowwise re
     rms_norm_linear(x, norm_weight, eps, weight, bias)                 = y
     add_rms_norm_linear(x, residual, norm_weight, eps, weight, bias)   = (y, x + residual)
     swiglu_linear(gate_up, weight, bias)                               = y
+    add_rms_norm_mlp(x, residual, norm_weight, eps, w13, w2)           = (w2 y', x + residual)
 
 with y = float8_linear(h, weight, bias, "rowwise", x_fp8=quantize_rows(h)) for h the producer's
-output (`rms_norm`, `add_rms_norm`'s first, `swiglu_packed`), bit for bit. Each also takes
+output (`rms_norm`, `add_rms_norm`'s first, `swiglu_packed`), bit for bit. The last is Llama's
+whole FFN, the second then the third (y' = SwiGLU of w13's output), in one Function so that its
+backward has SwiGLU write gate_up's gradient as the FP8 rows w13's products read: that gradient is
+the widest tensor of the step ([M, 2D]), and written in bf16 it was written once and read twice by
+the cast (float8_columns.py), 0.7 ms a layer at Llama-3.2-1B's shape. Each also takes
 `weight_fp8`, W's rows already cast along K (`quantize_rows(weight)`: FSDP2 gathers them so,
 models/float8_gather.py): the forward multiplies by them as they are, the same bits as casting
 W, and the backward makes W's columns from them (below); `weight` then gives the gradient's
@@ -70,6 +75,7 @@ from ligerzoo.kernels.rms_norm import (
 from ligerzoo.kernels.swiglu import (
     swiglu_packed,
     swiglu_packed_backward,
+    swiglu_packed_backward_float8,
     swiglu_packed_backward_in_place,
     swiglu_packed_forward_float8,
 )
@@ -163,6 +169,51 @@ class _SwiGLULinearFunction(torch.autograd.Function):
             else:
                 grad = swiglu_packed_backward(dh, gate_up)
         return grad, dw, db, None, None, None
+
+
+class _FeedForwardFunction(torch.autograd.Function):
+    """x, residual [M, H], norm_weight [H], w13 [2D, H], w2 [H, D] (no biases), and the rows of
+    each weight given (data, scale) or None: add_rms_norm, then w13, SwiGLU, w2, as the two
+    Functions above chained, except that gate_up's gradient is written by SwiGLU's backward as its
+    FP8 rows (w13's dy rows), never in bf16 (`add_rms_norm_mlp`)."""
+
+    @staticmethod
+    def forward(ctx, x, residual, norm_weight, eps, w13, w2, w13_data, w13_scale, w2_data, w2_scale):
+        h_data, h_scale, summed, rstd = rms_norm_forward_float8(x, residual, norm_weight, eps)
+        gate_up = float8_forward_product(Float8Rows(h_data, h_scale), w13, None, RECIPE,
+                                         w_cast=_given_rows(w13_data, w13_scale))
+        a_data, a_scale = swiglu_packed_forward_float8(gate_up)
+        y = float8_forward_product(Float8Rows(a_data, a_scale), w2, None, RECIPE,
+                                   w_cast=_given_rows(w2_data, w2_scale))
+        needs_dx = any(ctx.needs_input_grad[:3])
+        needs_dw13, needs_dw2 = ctx.needs_input_grad[4:6]
+        needs_dgate_up = needs_dx or needs_dw13
+        ctx.save_for_backward(*(summed, norm_weight, rstd) if needs_dx else (None,) * 3,
+                              *_saved_weight(w13, w13_data, w13_scale) if needs_dx else (None, None),
+                              *(h_data, h_scale) if needs_dw13 else (None, None),
+                              gate_up if needs_dgate_up else None,
+                              *_saved_weight(w2, w2_data, w2_scale) if needs_dgate_up else (None, None),
+                              *(a_data, a_scale) if needs_dw2 else (None, None))
+        return y, summed
+
+    @staticmethod
+    def backward(ctx, dy, dsum):
+        (summed, norm_weight, rstd, w13_saved, w13_scale_saved, h_data, h_scale, gate_up,
+         w2_saved, w2_scale_saved, a_data, a_scale) = ctx.saved_tensors
+        a_fp8 = Float8Rows(a_data, a_scale) if a_data is not None else None
+        w2_for_da = _weight_for_dh(w2_saved, w2_scale_saved)
+        da, dw2, _ = float8_backward_products(as_rows(dy), a_fp8, w2_for_da, RECIPE)
+        dx = dnorm_weight = dw13 = None
+        if da is not None:
+            dgate_up = Float8Rows(*swiglu_packed_backward_float8(da, gate_up))
+            del da
+            h_fp8 = Float8Rows(h_data, h_scale) if h_data is not None else None
+            w13_for_dh = _weight_for_dh(w13_saved, w13_scale_saved)
+            dh, dw13, _ = float8_backward_products(dgate_up, h_fp8, w13_for_dh, RECIPE, out_dtype=dy.dtype)
+            if dh is not None:
+                dsum = as_rows(dsum) if dsum is not None else None
+                dx, dnorm_weight = rms_norm_backward(dh, summed, norm_weight, rstd, dsum)
+        return dx, dx, dnorm_weight, None, dw13, dw2, None, None, None, None
 
 
 class _DequantizedWeightFunction(torch.autograd.Function):
@@ -290,3 +341,35 @@ def swiglu_linear(gate_up: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     y = _SwiGLULinearFunction.apply(as_rows(gate_up), weight, bias, *_weight_rows(weight_fp8),
                                     in_place_backward)
     return y.view(*gate_up.shape[:-1], -1)
+
+
+def add_rms_norm_mlp(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                     w13: torch.Tensor, w2: torch.Tensor, w13_bias: torch.Tensor | None = None,
+                     w2_bias: torch.Tensor | None = None, *, w13_fp8: Float8Rows | None = None,
+                     w2_fp8: Float8Rows | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mlp(rms_norm(x + residual)), x + residual) for Llama's gated MLP, mlp(h) =
+    `F.linear(swiglu_packed(F.linear(h, w13, w13_bias)), w2, w2_bias)`: `add_rms_norm_linear` for
+    w13, then `swiglu_linear` for w2 (w13_fp8 and w2_fp8 as their weight_fp8), in one Function
+    whose backward has SwiGLU write gate_up's gradient as the FP8 rows w13's backward reads
+    (`swiglu_packed_backward_float8`): 1 byte an element instead of 2, written once instead of
+    written and read twice by the cast (float8_columns.py). w13's weight gradient takes its
+    gradient's columns from those rows, cast again along M, as every weight gradient takes x's
+    (float8_linear.py: the cast of the values themselves but for FP8 subnormals).
+
+    x, residual: [..., H]; norm_weight [H]; w13 [2D, H]; w2 [H, D]; x's dtype for all. With a
+    bias, or shapes the FP8 product cannot take, it is the two functions one after the other."""
+    _check_norm(x, residual, norm_weight, w13, w13_bias, w13_fp8)
+    width = w13.shape[0] // 2
+    if w13.shape[0] % 2:
+        raise ValueError(f"w13 must have an even number of rows (gate, then up), got shape {list(w13.shape)}")
+    _check_linear("x", x, width, w2, w2_bias, w2_fp8)
+    fused = (w13_bias is None and w2_bias is None and _takes_fp8(x, x.shape[-1], w13)
+             and _takes_fp8(x, width, w2))
+    if not fused:
+        gate_up, summed = add_rms_norm_linear(x, residual, norm_weight, eps, w13, w13_bias,
+                                              weight_fp8=w13_fp8)
+        # w13's output is read by nothing but SwiGLU: its gradient may take its memory.
+        return swiglu_linear(gate_up, w2, w2_bias, in_place_backward=True, weight_fp8=w2_fp8), summed
+    y, summed = _FeedForwardFunction.apply(as_rows(x), as_rows(residual), norm_weight, eps, w13, w2,
+                                           *_weight_rows(w13_fp8), *_weight_rows(w2_fp8))
+    return y.view(*x.shape[:-1], -1), summed.view(x.shape)

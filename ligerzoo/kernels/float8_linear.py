@@ -122,44 +122,55 @@ def float8_forward_product(x_cast: Float8Rows, weight: torch.Tensor, bias: torch
     return y + bias if bias is not None else y
 
 
-def float8_backward_products(dy: torch.Tensor, x_cast: Float8Rows | None,
+def float8_backward_products(dy: torch.Tensor | Float8Rows, x_cast: Float8Rows | None,
                              weight: torch.Tensor | Float8Rows | None, recipe: str,
-                             bias_grad: bool = False) -> tuple:
+                             bias_grad: bool = False, out_dtype: torch.dtype | None = None) -> tuple:
     """(dx [M, K], dW [N, K], db [N]) of y = x @ W^T + b for dy [M, N], in dy's dtype, each None
     where not asked for.
 
     x_cast: x's cast from the forward (dW reads it, cast again along M under "rowwise"), or None:
     no dW. weight: W [N, K], whose columns are cast here, or their cast W^T [K, N] along N
     (`Float8Weight.cols`), or None: no dx. bias_grad: whether to return db.
+    Rowwise, dy may come as its own cast along N (Float8Rows, written by the kernel that computed
+    it), with out_dtype the outputs' dtype: dy's columns are then made from its rows as x's are
+    (cast again along M), and there is no db (dy's exact values are gone).
     """
     dx = dw = db = None
     needs_dx, needs_dw = weight is not None, x_cast is not None
-    dy_cast = dyt_cast = xt_cast = None
+    given_rows = isinstance(dy, Float8Rows)
+    if given_rows and (recipe != "rowwise" or bias_grad or out_dtype is None):
+        raise ValueError("dy as FP8 rows needs the rowwise recipe and out_dtype, and gives no bias gradient")
+    out_dtype = out_dtype if given_rows else dy.dtype
     if recipe == "rowwise":
-        if needs_dx and needs_dw:
-            dy_data, dy_scale, dyt_data, dyt_scale = quantize_rows_and_columns(dy)
-            dy_cast, dyt_cast = Float8Rows(dy_data, dy_scale), Float8Rows(dyt_data, dyt_scale)
-        elif needs_dx:
-            dy_cast = quantize_rows(dy, GRAD_DTYPE[recipe])
-        elif needs_dw:
-            dyt_cast = Float8Rows(*quantize_columns(dy))
-        if needs_dw:
-            # x's forward cast, exact in float32, cast again along M (module docstring).
-            xt_cast = Float8Rows(*quantize_columns(x_cast.data, x_cast.scale))
+        dy_cast, dyt_cast = _rowwise_dy_casts(dy, needs_dx, needs_dw)
+        # x's forward cast, exact in float32, cast again along M (module docstring).
+        xt_cast = Float8Rows(*quantize_columns(x_cast.data, x_cast.scale)) if needs_dw else None
     else:
         grad_dtype = GRAD_DTYPE[recipe]
         dy_cast = quantize_tensor(dy, grad_dtype) if needs_dx or needs_dw else None
-        if needs_dw:
-            dyt_cast = _cast_transposed(dy, dy_cast, grad_dtype, recipe)
-            xt_cast = Float8Rows(x_cast.data.t().contiguous(), x_cast.scale)
+        dyt_cast = _cast_transposed(dy, dy_cast, grad_dtype, recipe) if needs_dw else None
+        xt_cast = Float8Rows(x_cast.data.t().contiguous(), x_cast.scale) if needs_dw else None
     if needs_dx:
         wt_cast = weight if isinstance(weight, Float8Rows) else _cast_transposed(weight, None, E4M3, recipe)
-        dx = _product(dy_cast, wt_cast, dy.dtype)
+        dx = _product(dy_cast, wt_cast, out_dtype)
     if needs_dw:
-        dw = _product(dyt_cast, xt_cast, dy.dtype)
+        dw = _product(dyt_cast, xt_cast, out_dtype)
     if bias_grad:
         db = dy.sum(0, dtype=torch.float32).to(dy.dtype)
     return dx, dw, db
+
+
+def _rowwise_dy_casts(dy: torch.Tensor | Float8Rows, needs_dx: bool, needs_dw: bool) -> tuple:
+    """dy's casts along N (dx's operand) and along M (dW's, stored transposed), None where not
+    needed; dy given as its rows: those, and its columns made from them."""
+    if isinstance(dy, Float8Rows):
+        return dy, Float8Rows(*quantize_columns(dy.data, dy.scale)) if needs_dw else None
+    if needs_dx and needs_dw:
+        data, scale, t_data, t_scale = quantize_rows_and_columns(dy)
+        return Float8Rows(data, scale), Float8Rows(t_data, t_scale)
+    if needs_dx:
+        return quantize_rows(dy, GRAD_DTYPE["rowwise"]), None
+    return None, Float8Rows(*quantize_columns(dy)) if needs_dw else None
 
 
 class _Float8LinearFunction(torch.autograd.Function):

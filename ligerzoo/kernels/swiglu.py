@@ -119,6 +119,14 @@ def _swiglu_packed_float8_kernel(
 
 
 @triton.jit
+def _swiglu_grads(dy, g, u):
+    """(d_gate, d_up) in float32 for dy and g float32: the one expression both backward kernels
+    compute, so that the FP8 rows are the cast of the very values the plain kernel writes."""
+    sig = tl.sigmoid(g)
+    return dy * u.to(tl.float32) * sig * (1.0 + g * (1.0 - sig)), dy * (g * sig)
+
+
+@triton.jit
 def _swiglu_backward_kernel(
     dy_ptr, gate_ptr, up_ptr, dgate_ptr, dup_ptr,
     dy_row_stride, gate_row_stride, up_row_stride, dgate_row_stride, dup_row_stride,
@@ -136,16 +144,63 @@ def _swiglu_backward_kernel(
         u = tl.load(gate_ptr + n_cols + rows * gate_row_stride + cols, mask=mask, other=0.0)
     else:
         u = tl.load(up_ptr + rows * up_row_stride + cols, mask=mask, other=0.0)
-    sig = tl.sigmoid(g)
-    silu = g * sig
-    dgate = dy * u.to(tl.float32) * sig * (1.0 + g * (1.0 - sig))
-    dup = dy * silu
+    dgate, dup = _swiglu_grads(dy, g, u)
     if IN_PLACE:
         dgate_ptr, dgate_row_stride = gate_ptr, gate_row_stride
     if PACKED:
         dup_ptr, dup_row_stride = dgate_ptr + n_cols, dgate_row_stride
     tl.store(dgate_ptr + rows * dgate_row_stride + cols, dgate.to(dgate_ptr.dtype.element_ty), mask=mask)
     tl.store(dup_ptr + rows * dup_row_stride + cols, dup.to(dup_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _packed_grad_row_slice(dy_row_ptr, gate_up_row_ptr, cols, mask, n_cols):
+    """(d_gate, d_up) at `cols` of one packed row, rounded to gate_up's dtype, as float32."""
+    dy = tl.load(dy_row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(gate_up_row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(gate_up_row_ptr + n_cols + cols, mask=mask, other=0.0)
+    dgate, dup = _swiglu_grads(dy, g, u)
+    dtype = gate_up_row_ptr.dtype.element_ty
+    return dgate.to(dtype).to(tl.float32), dup.to(dtype).to(tl.float32)
+
+
+@triton.jit
+def _swiglu_packed_backward_float8_kernel(
+    dy_ptr, gate_up_ptr, grad_ptr, grad_scale_ptr,
+    dy_row_stride, gate_up_row_stride, grad_row_stride,
+    n_cols,
+    EMULATE_FLOAT8: tl.constexpr, BLOCK: tl.constexpr, ROW_IN_REGISTERS: tl.constexpr,
+):
+    """One program per row: the gradient of gate_up [N, 2D] (d_gate then d_up, each rounded to
+    gate_up's dtype) written to grad_ptr (e4m3 [N, 2D]) as FP8 with its row's scale
+    (grad_scale_ptr, float32 [N]). ROW_IN_REGISTERS (BLOCK >= D): both halves computed once and
+    held. Otherwise two passes over BLOCK-wide slices of each half, the first for the amax, the
+    second reading dy and gate_up again (from L2, mostly) to cast."""
+    row = tl.program_id(0).to(tl.int64)
+    dy_row_ptr = dy_ptr + row * dy_row_stride
+    gate_up_row_ptr = gate_up_ptr + row * gate_up_row_stride
+    grad_row_ptr = grad_ptr + row * grad_row_stride
+    cols = tl.arange(0, BLOCK)
+    if ROW_IN_REGISTERS:
+        mask = cols < n_cols
+        dgate, dup = _packed_grad_row_slice(dy_row_ptr, gate_up_row_ptr, cols, mask, n_cols)
+        quantize, dequantize = power_of_two_scales(tl.maximum(abs_max_bits(dgate), abs_max_bits(dup)))
+        tl.store(grad_row_ptr + cols, cast_e4m3(dgate, quantize, EMULATE_FLOAT8), mask=mask)
+        tl.store(grad_row_ptr + n_cols + cols, cast_e4m3(dup, quantize, EMULATE_FLOAT8), mask=mask)
+    else:
+        amax_bits = tl.full([], 0, tl.int32)
+        for start in range(0, n_cols, BLOCK):
+            mask = start + cols < n_cols
+            dgate, dup = _packed_grad_row_slice(dy_row_ptr, gate_up_row_ptr, start + cols, mask, n_cols)
+            amax_bits = tl.maximum(amax_bits, tl.maximum(abs_max_bits(dgate), abs_max_bits(dup)))
+        quantize, dequantize = power_of_two_scales(amax_bits)
+        for start in range(0, n_cols, BLOCK):
+            mask = start + cols < n_cols
+            dgate, dup = _packed_grad_row_slice(dy_row_ptr, gate_up_row_ptr, start + cols, mask, n_cols)
+            tl.store(grad_row_ptr + start + cols, cast_e4m3(dgate, quantize, EMULATE_FLOAT8), mask=mask)
+            tl.store(grad_row_ptr + n_cols + start + cols, cast_e4m3(dup, quantize, EMULATE_FLOAT8),
+                     mask=mask)
+    tl.store(grad_scale_ptr + row, dequantize)
 
 
 # Elements per program: with 8 warps one 16-byte access per thread in 16-bit dtypes (two in
@@ -298,6 +353,39 @@ def swiglu_packed_backward(dy: torch.Tensor, gate_up: torch.Tensor) -> torch.Ten
     grad = torch.empty(gate_up.shape, dtype=gate_up.dtype, device=gate_up.device)
     _launch_backward(dy, gate_up, None, grad, None)
     return grad
+
+
+@kernel_op("swiglu_packed_backward_float8")
+def swiglu_packed_backward_float8(dy: torch.Tensor,
+                                  gate_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """dy: [N, D]; gate_up: [N, 2D] = [gate | up]; both unit column stride, D >= 1. Returns the
+    FP8 rows of gate_up's gradient: e4m3 data [N, 2D] and float32 dequantizing scales [N, 1],
+    which are `quantize_rows(swiglu_packed_backward(dy, gate_up))` bit for bit. The gradient is
+    never written in gate_up's dtype: an FP8 layer that reads it as its output gradient casts it
+    in this pass instead of reading it again (float8_fused.py's FFN)."""
+    n_rows, n_cols = dy.shape
+    if not runs_triton(gate_up):
+        grad = torch.empty(gate_up.shape, dtype=gate_up.dtype, device=gate_up.device)
+        _launch_backward(dy, gate_up, None, grad, None)
+        return tuple(quantize_rows(grad))
+    grad = torch.empty(gate_up.shape, dtype=E4M3, device=gate_up.device)
+    grad_scale = torch.empty((n_rows, 1), dtype=torch.float32, device=gate_up.device)
+    if n_rows == 0:
+        return grad, grad_scale
+    block, num_warps = row_block(n_cols)
+    # Both halves' values are held: a row of 2 * block.
+    row_in_registers = 2 * block <= FLOAT8_ROW_IN_REGISTERS
+    if not row_in_registers:
+        block, num_warps = row_block(FLOAT8_PASS_BLOCK // 2)
+    else:
+        _, num_warps = row_block(2 * block)
+    launch(_swiglu_packed_backward_float8_kernel)[(n_rows,)](
+        dy, gate_up, grad, grad_scale,
+        dy.stride(0), gate_up.stride(0), grad.stride(0),
+        n_cols,
+        EMULATE_FLOAT8=interpreting(), BLOCK=block, ROW_IN_REGISTERS=row_in_registers, num_warps=num_warps,
+    )
+    return grad, grad_scale
 
 
 @kernel_op("swiglu_packed_backward_in_place", mutates_args=("gate_up",))

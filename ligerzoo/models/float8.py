@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ligerzoo.kernels import swiglu_packed
-from ligerzoo.kernels.float8_fused import add_rms_norm_linear, rms_norm_linear, swiglu_linear
+from ligerzoo.kernels.float8_fused import add_rms_norm_linear, add_rms_norm_mlp, rms_norm_linear
 from ligerzoo.kernels.float8_grouped import GROUP_ALIGNMENT, float8_grouped_linear, runs_grouped_fp8
 from ligerzoo.kernels.float8_linear import RECIPES, float8_linear
 from ligerzoo.models.attention import AttentionMask
@@ -129,11 +129,9 @@ class Float8Block(nn.Module):
             out, router_stats = mlp(h)
             return out, residual, router_stats
         w13, w2 = mlp.w13, mlp.w2
-        gate_up, residual = add_rms_norm_linear(h, residual, norm.weight, norm.eps, w13.weight, w13.bias,
-                                                weight_fp8=gathered_rows(w13.weight))
-        # w13's output is read by nothing but SwiGLU: its gradient may take its memory.
-        out = swiglu_linear(gate_up, w2.weight, w2.bias, in_place_backward=True,
-                            weight_fp8=gathered_rows(w2.weight))
+        out, residual = add_rms_norm_mlp(h, residual, norm.weight, norm.eps, w13.weight, w2.weight,
+                                         w13.bias, w2.bias, w13_fp8=gathered_rows(w13.weight),
+                                         w2_fp8=gathered_rows(w2.weight))
         return out, residual, None
 
 
