@@ -194,8 +194,9 @@ def test_float8_layers_benchmark_dry_run_runs_each_layer_each_way():
     result = run_script("float8_layers.py", "--dry-run")
     assert result.returncode == 0, result.stdout + result.stderr[-6000:]
     rows = table_rows(result.stdout, "| layer |")
-    assert [row["layer"] for row in rows] == ["norm+wqkv", "norm+w13", "swiglu+w2"]
-    assert all(set(row.values()) - {row["layer"]} == {"ran"} for row in rows)
+    assert [row["layer"] for row in rows] == ["norm+wqkv", "norm+w13", "swiglu+w2", "ffn"]
+    assert all(set(row.values()) - {row["layer"]} == {"ran", "—"} for row in rows[:3])
+    assert set(rows[3].values()) - {"ffn"} == {"ran"}  # the ffn also as one Function
     result = run_script("float8_layers.py", "--dry-run", "--shape", "mixtral")
     assert result.returncode == 0, result.stdout + result.stderr[-6000:]
     (row,) = table_rows(result.stdout, "| layer |")
