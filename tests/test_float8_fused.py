@@ -222,6 +222,20 @@ def test_mlp_saves_gate_up_and_fp8_rows_and_frozen_weights_skip_their_products()
     assert all(dtype != E4M3 for dtype, _ in saved(lambda *t: fused_mlp(*t, w13, w2), x, residual, norm_weight))
 
 
+def test_mlp_errors_say_what_was_wrong():
+    x, residual, norm_weight, w13, w2, _, _ = mlp_inputs()
+    with pytest.raises(ValueError, match=r"w13 must have an even number of rows \(gate, then up\), got shape "
+                                         r"\[159, 64\]"):
+        add_rms_norm_mlp(x, residual, norm_weight, EPS, w13[:-1], w2)
+    with pytest.raises(ValueError, match=r"w2 must have shape \[N, 80\] to multiply SwiGLU's output \(half of "
+                                         r"w13's 160 rows\), got \[80, 64\]"):
+        add_rms_norm_mlp(x, residual, norm_weight, EPS, w13, w2.t())
+    with pytest.raises(ValueError, match=r"weight must have shape \[N, 64\] to multiply x's output"):
+        add_rms_norm_mlp(x, residual, norm_weight, EPS, w13[:, :32], w2)
+    with pytest.raises(ValueError, match=r"weight_fp8.data must be .* got torch.float8_e4m3fn \[80, 64\]"):
+        add_rms_norm_mlp(x, residual, norm_weight, EPS, w13, w2, w2_fp8=quantize_rows(w2.t()))
+
+
 def test_dy_given_as_fp8_rows_needs_the_rowwise_recipe():
     rows = quantize_rows(tensor(32, 48))
     with pytest.raises(ValueError, match="dy as FP8 rows needs the rowwise recipe and out_dtype"):

@@ -362,6 +362,9 @@ def add_rms_norm_mlp(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch
     width = w13.shape[0] // 2
     if w13.shape[0] % 2:
         raise ValueError(f"w13 must have an even number of rows (gate, then up), got shape {list(w13.shape)}")
+    if w2.dim() != 2 or w2.shape[1] != width:
+        raise ValueError(f"w2 must have shape [N, {width}] to multiply SwiGLU's output (half of w13's "
+                         f"{w13.shape[0]} rows), got {list(w2.shape)}")
     _check_linear("x", x, width, w2, w2_bias, w2_fp8)
     fused = (w13_bias is None and w2_bias is None and _takes_fp8(x, x.shape[-1], w13)
              and _takes_fp8(x, width, w2))
