@@ -113,9 +113,9 @@ def test_rms_norm_rows_of_tiny_and_huge_outputs(kernel_path, weight_scale):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
 def test_swiglu_rows_are_the_cast_of_swiglu_packed(kernel_path, monkeypatch, row_in_registers, dtype, shape):
-    if not row_in_registers:  # rows of two passes of 64 columns, the last one partial
+    if not row_in_registers:  # rows of two passes of 512 columns, the last one partial
         monkeypatch.setattr(swiglu_module, "FLOAT8_ROW_IN_REGISTERS", 0)
-        monkeypatch.setattr(swiglu_module, "FLOAT8_PASS_BLOCK", 64)
+        monkeypatch.setattr(swiglu_module, "FLOAT8_PASS_BLOCK", 512)
     *lead, width = shape
     gate_up = as_rows(special_rows(spread((*lead, 2 * width), dtype, per_row=True)))
     data, scale = swiglu_packed_forward_float8(gate_up)
@@ -129,9 +129,9 @@ def test_swiglu_gradient_rows_are_the_cast_of_swiglu_packed_backward(kernel_path
                                                                     dtype, shape):
     """Both halves of a row share its scale: a row whose largest gradient is in d_up, one whose
     is in d_gate (gate_up's rows span many binades), inf and NaN in dy's rows."""
-    if not row_in_registers:  # two passes of 32 columns a half, the last one partial
+    if not row_in_registers:  # two passes of 512 columns a half, the last one partial
         monkeypatch.setattr(swiglu_module, "FLOAT8_ROW_IN_REGISTERS", 0)
-        monkeypatch.setattr(swiglu_module, "FLOAT8_PASS_BLOCK", 64)
+        monkeypatch.setattr(swiglu_module, "FLOAT8_PASS_BLOCK", 1024)
     *lead, width = shape
     gate_up = as_rows(spread((*lead, 2 * width), dtype, per_row=True))
     dy = as_rows(special_rows(spread((*lead, width), dtype, per_row=True)))
