@@ -372,13 +372,12 @@ def swiglu_packed_backward_float8(dy: torch.Tensor,
     grad_scale = torch.empty((n_rows, 1), dtype=torch.float32, device=gate_up.device)
     if n_rows == 0:
         return grad, grad_scale
-    block, num_warps = row_block(n_cols)
-    # Both halves' values are held: a row of 2 * block.
+    # A program holds both halves' values at once: 2 * block of them.
+    block, _ = row_block(n_cols)
     row_in_registers = 2 * block <= FLOAT8_ROW_IN_REGISTERS
     if not row_in_registers:
-        block, num_warps = row_block(FLOAT8_PASS_BLOCK // 2)
-    else:
-        _, num_warps = row_block(2 * block)
+        block, _ = row_block(FLOAT8_PASS_BLOCK // 2)
+    _, num_warps = row_block(2 * block)
     launch(_swiglu_packed_backward_float8_kernel)[(n_rows,)](
         dy, gate_up, grad, grad_scale,
         dy.stride(0), gate_up.stride(0), grad.stride(0),

@@ -124,15 +124,13 @@ def gather_in_float8(block: nn.Module, world_size: int) -> list[str]:
             weights = ["w13", "w2"]
         else:
             continue
-        hooked = False
-        for attribute in weights:
+        gathered = [attribute for attribute in weights
+                    if gathers_in_float8(getattr(layer, attribute), world_size)]
+        for attribute in gathered:
             weight = getattr(layer, attribute)
-            if not gathers_in_float8(weight, world_size):
-                continue
             setattr(layer, attribute, nn.Parameter(Float8ShardedWeight(weight.detach()),
                                                    requires_grad=weight.requires_grad))
-            if not hooked:
-                layer.register_state_dict_post_hook(plain_state_dict_hook)
-                hooked = True
             names.append(f"{name}.{attribute}")
+        if gathered:
+            layer.register_state_dict_post_hook(plain_state_dict_hook)
     return names
