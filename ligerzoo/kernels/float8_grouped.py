@@ -124,14 +124,15 @@ def _transposed_weight_cast(weight: torch.Tensor, scale: torch.Tensor | None) ->
     `quantize_rows(weight.transpose(1, 2))` bit for bit. weight [E, N, K]; or its FP8 rows with
     their scales [E, N, 1], whose values (exact in float32) are cast again, as float8_linear.py
     does for one weight's columns. The column-cast kernel over W as [E N, K] with an expert every N
-    rows, whose [K, E N] output is laid out [E, K, N] by one copy of its bytes: no float32 copy of
+    rows, whose [K, E N] output is viewed as [E, K, N] (strides (N, E N, 1)): no float32 copy of
     the whole weight, which PyTorch's cast makes outside torch.compile (3.8 GB for Mixtral-8x7B's
-    gate/up)."""
+    gate/up), and no copy of the cast either: torch's grouped product takes that layout as it is
+    (the contracted dimension innermost; on an H100 the same bits as from a contiguous copy)."""
     n_experts, n, k = weight.shape
     every_n_rows = torch.arange(1, n_experts + 1, device=weight.device, dtype=torch.int32) * n
     rows_scale = scale.view(n_experts * n, 1) if scale is not None else None
     data, wt_scale = quantize_group_columns(weight.reshape(n_experts * n, k), every_n_rows, rows_scale)
-    return data.view(k, n_experts, n).permute(1, 0, 2).contiguous(), wt_scale
+    return data.view(k, n_experts, n).permute(1, 0, 2), wt_scale
 
 
 class _Float8GroupedFunction(torch.autograd.Function):
