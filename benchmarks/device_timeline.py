@@ -1,5 +1,6 @@
 """Where a profiled run's device time goes: kernels running, the device idle, and how much of the
-collectives' time (NCCL's kernels) no other kernel overlaps, which is what the step waits for.
+collectives' time (NCCL's kernels) no other kernel overlaps, which is what the step waits for;
+and the kernels themselves, each counted once, by kind and by name.
 
 Read from torch.profiler's Chrome trace (`prof.export_chrome_trace`), whose device events are
 {"cat": "kernel" | "gpu_memcpy" | "gpu_memset", "name", "pid" (the device), "ts", "dur"} in
@@ -50,6 +51,56 @@ def describe(timelines: list[dict]) -> str:
             f"{t['collective_ms']:.1f} ms, of which {t['exposed_collective_ms']:.1f} ms "
             f"({100 * t['exposed_collective_ms'] / window if window else 0:.1f}% of the window) with no "
             f"other kernel running")
+    return "\n".join(lines) + "\n"
+
+
+# Kinds of kernel, by what their names contain (the first that matches), for the breakdown.
+# cuBLAS's Hopper GEMMs are "nvjet_*" (FP8 ones carry "qq" or "ovscale" in their names),
+# cuDNN's attention "cudnn_*sdpa*" and its helpers "cudnn::fusion", flex_attention's "triton_tem_fused_flex*".
+KERNEL_KINDS = (
+    ("collectives (NCCL)", ("nccl",)),
+    ("attention", ("sdpa", "fmha", "flash", "attention", "cudnn::fusion", "flex")),
+    ("matrix products (cuBLAS, CUTLASS)", ("nvjet", "gemm", "cutlass", "xmma", "cublas")),
+    ("Inductor's generated kernels", ("triton_",)),
+    ("PyTorch's own kernels", ("at::native", "at::", "memcpy", "memset")),
+)
+OTHER_KIND = "named Triton kernels (ligerzoo's) and the rest"
+
+
+def kernel_kind(name: str) -> str:
+    lowered = name.lower()
+    for kind, parts in KERNEL_KINDS:
+        if any(part in lowered for part in parts):
+            return kind
+    return OTHER_KIND
+
+
+def kernel_breakdown(trace_events: list[dict], steps: int) -> list[tuple[str, float, float]]:
+    """Each device kernel name's (name, milliseconds a step, calls a step), longest first, from the
+    trace's device events: each launch once. (torch.profiler's own table also lists an Inductor-
+    launched Triton kernel under its launcher's numbered name, a CPU range that reports the same
+    device time.)"""
+    totals: dict[str, list[float]] = {}
+    for event in trace_events:
+        if event.get("ph") == "X" and event.get("cat") in DEVICE_CATEGORIES:
+            total = totals.setdefault(event.get("name", "?"), [0.0, 0])
+            total[0] += float(event.get("dur", 0.0))
+            total[1] += 1
+    rows = [(name, time / 1e3 / steps, count / steps) for name, (time, count) in totals.items()]
+    return sorted(rows, key=lambda row: -row[1])
+
+
+def describe_kernels(rows: list[tuple[str, float, float]], top: int = 30) -> str:
+    """The breakdown as text: by kind, then the `top` longest kernels."""
+    if not rows:
+        return "device kernels: none in the trace\n"
+    kinds: dict[str, float] = {}
+    for name, ms, _ in rows:
+        kinds[kernel_kind(name)] = kinds.get(kernel_kind(name), 0.0) + ms
+    lines = [f"device kernels, each launch once, ms a step ({sum(kinds.values()):.1f} in all), by kind:"]
+    lines += [f"{ms:9.2f}  {kind}" for kind, ms in sorted(kinds.items(), key=lambda item: -item[1])]
+    lines.append(f"the {min(top, len(rows))} longest (ms a step, calls a step):")
+    lines += [f"{ms:9.2f} {calls:7.1f}  {name[:110]}" for name, ms, calls in rows[:top]]
     return "\n".join(lines) + "\n"
 
 

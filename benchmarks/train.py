@@ -29,7 +29,12 @@ import time
 
 import torch
 import torch.distributed as dist
-from device_timeline import describe, device_timeline  # beside this script
+from device_timeline import (  # beside this script
+    describe,
+    describe_kernels,
+    device_timeline,
+    kernel_breakdown,
+)
 
 from ligerzoo.models import ModelConfig, build_model
 from ligerzoo.models.presets import LLAMA_3_1_8B, LLAMA_3_2_1B, MIXTRAL_8X7B_2_LAYERS, TINY_LLAMA
@@ -87,7 +92,8 @@ def main() -> None:
     parser.add_argument("--peers", nargs="+", choices=PEERS, default=list(PEERS))
     parser.add_argument("--steps", type=int, default=12, help=f"steps per run; the first {UNTIMED_STEPS} are not timed")
     parser.add_argument("--profile", metavar="DIR", help="also profile 2 steps of each run: the top CUDA "
-                        "kernels, the matmuls by shape and the device's idle and exposed-NCCL time to "
+                        "kernels, the matmuls by shape, the device's idle and exposed-NCCL time and its "
+                        "kernels by kind, each launch counted once, to "
                         "DIR/<peer>-<checkpointing>[-rank<N>].txt")
     parser.add_argument("--memory", metavar="DIR", help="also record 2 steps' allocations of each run: what "
                         "is live at the peak, by where it was allocated, to DIR/<peer>-<checkpointing>-memory.txt")
@@ -256,7 +262,7 @@ def synchronize(device: torch.device) -> None:
 def profile_steps(step, path: str, device: torch.device) -> None:
     """The kernels of 2 steps (CUDA's; the CPU's ops with --device cpu), by total time, to `path`,
     then the device's timeline: how long it was idle, and how much of NCCL's time no other kernel
-    overlapped (device_timeline.py)."""
+    overlapped; then the device kernels by kind and by name, in ms a step (device_timeline.py)."""
     from torch.profiler import ProfilerActivity, profile
 
     on_gpu = device.type == "cuda"
@@ -272,7 +278,8 @@ def profile_steps(step, path: str, device: torch.device) -> None:
         # The matmuls by operand shapes: where two peers' GEMM totals differ, which products differ.
         # Self time: an eager mm(out=) nests one aten::mm in another, and totals count its kernel twice.
         matmuls = [event for event in prof.key_averages(group_by_input_shape=True)
-                   if event.key in ("aten::mm", "aten::addmm", "aten::addmm_", "aten::_grouped_mm")
+                   if event.key in ("aten::mm", "aten::addmm", "aten::addmm_", "aten::_grouped_mm",
+                                    "aten::_scaled_mm", "aten::_scaled_grouped_mm")
                    and getattr(event, sort_by) > 0]
         file.write(f"\nmatmuls by operand shapes ({'device' if on_gpu else 'CPU'} self time of 2 steps, calls):\n")
         for event in sorted(matmuls, key=lambda event: -getattr(event, sort_by)):
@@ -282,7 +289,9 @@ def profile_steps(step, path: str, device: torch.device) -> None:
             trace = os.path.join(scratch, "trace.json")
             prof.export_chrome_trace(trace)
             with open(trace) as chrome:
-                file.write("\n" + describe(device_timeline(json.load(chrome)["traceEvents"])))
+                events = json.load(chrome)["traceEvents"]
+            file.write("\n" + describe(device_timeline(events)))
+            file.write("\n" + describe_kernels(kernel_breakdown(events, steps=2)))
 
 
 def _memory_at_peak(step, path: str) -> None:

@@ -97,6 +97,7 @@ def test_profile_and_fsdp_settings_on_two_ranks(tmp_path):
             text = (tmp_path / f"{peer}-off-rank{rank}.txt").read_text()
             assert "aten::mm" in text and "matmuls by operand shapes" in text
             assert "device timeline: no device events in the trace" in text  # CPU ranks
+            assert "device kernels: none in the trace" in text
 
 
 def test_fsdp_settings_need_several_ranks():
@@ -131,6 +132,42 @@ def test_device_timeline_counts_only_the_collectives_time_that_nothing_overlaps(
     assert "idle 0.2 ms" in text and "collectives (NCCL) 0.6 ms" in text
     assert timeline.device_timeline([events[0]]) == []
     assert "no device events" in timeline.describe([])
+
+
+def test_kernel_breakdown_counts_each_launch_once_by_name_and_kind():
+    timeline = load_benchmark_module("device_timeline")
+    events = [
+        # The CPU range Inductor opens around a Triton launch, under a numbered name: not device time.
+        {"ph": "X", "cat": "cpu_op", "name": "_cast_kernel_12", "pid": 1234, "ts": 0, "dur": 900},
+        kernel("_cast_kernel", 0, 300),
+        kernel("_cast_kernel", 1000, 100),
+        kernel("nvjet_sm90_qqtst_128x128_128x6_1x1_h_bz_coopA_algo2_ovscale_TNT", 2000, 1000),
+        kernel("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7", 3000, 800),
+        kernel("void cudnn::fusion::compute_dot_do_o_specialized<true, 64>", 3800, 200),
+        kernel("triton_poi_fused_cat_transpose_view_zeros_13", 4000, 50),
+        kernel("void at::native::vectorized_elementwise_kernel<4>", 4050, 30),
+        kernel("ncclDevKernel_AllGather_RING_LL", 4100, 20),
+        {"ph": "X", "cat": "gpu_memset", "name": "Memset (Device)", "pid": 0, "ts": 4200, "dur": 10},
+    ]
+    rows = timeline.kernel_breakdown(events, steps=2)
+    by_name = {name: (ms, calls) for name, ms, calls in rows}
+    assert by_name["_cast_kernel"] == (pytest.approx(0.2), 1.0)  # 400 us over 2 steps, 2 launches
+    assert "_cast_kernel_12" not in by_name
+    assert rows[0][0].startswith("nvjet")
+    assert [row[1] for row in rows] == sorted((row[1] for row in rows), reverse=True)
+    kinds = {name: timeline.kernel_kind(name) for name in by_name}
+    assert kinds["_cast_kernel"] == timeline.OTHER_KIND
+    assert kinds[rows[0][0]] == "matrix products (cuBLAS, CUTLASS)"
+    assert {kinds[name] for name in by_name if "cudnn" in name} == {"attention"}
+    assert kinds["triton_poi_fused_cat_transpose_view_zeros_13"] == "Inductor's generated kernels"
+    elementwise = "void at::native::vectorized_elementwise_kernel<4>"
+    assert kinds["Memset (Device)"] == kinds[elementwise] == "PyTorch's own kernels"
+    assert kinds["ncclDevKernel_AllGather_RING_LL"] == "collectives (NCCL)"
+    text = timeline.describe_kernels(rows, top=2)
+    assert "(1.3 in all)" in text  # 2,510 us of kernels over 2 steps
+    assert "     0.50  attention" in text and "     0.50  matrix products" in text
+    assert "the 2 longest" in text and "_cast_kernel" not in text.split("the 2 longest")[1]
+    assert "none in the trace" in timeline.describe_kernels([])
 
 
 def load_benchmark_module(name: str):
