@@ -55,14 +55,15 @@ def describe(timelines: list[dict]) -> str:
 
 
 # Kinds of kernel, by what their names contain (the first that matches), for the breakdown.
-# cuBLAS's Hopper GEMMs are "nvjet_*" (FP8 ones carry "qq" or "ovscale" in their names),
-# cuDNN's attention "cudnn_*sdpa*" and its helpers "cudnn::fusion", flex_attention's "triton_tem_fused_flex*".
+# cuBLAS's Hopper GEMMs are "nvjet_*" (the FP8 ones here "nvjet_*_qqtst_*_ovscale_*"), cuDNN's
+# attention "cudnn_*sdpa*" with helpers "cudnn::fusion::*"; Inductor's kernels are "triton_*"
+# (flex_attention's among them unless their names say flex).
 KERNEL_KINDS = (
     ("collectives (NCCL)", ("nccl",)),
     ("attention", ("sdpa", "fmha", "flash", "attention", "cudnn::fusion", "flex")),
     ("matrix products (cuBLAS, CUTLASS)", ("nvjet", "gemm", "cutlass", "xmma", "cublas")),
     ("Inductor's generated kernels", ("triton_",)),
-    ("PyTorch's own kernels", ("at::native", "at::", "memcpy", "memset")),
+    ("PyTorch's own kernels", ("at::", "memcpy", "memset")),
 )
 OTHER_KIND = "named Triton kernels (ligerzoo's) and the rest"
 
