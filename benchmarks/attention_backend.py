@@ -7,6 +7,7 @@ backends and flex_attention, in the layout the models hand them ([B, T, H, D] st
 [B, H, T, D]). Needs a CUDA GPU."""
 
 import argparse
+import contextlib
 
 import torch
 import torch.nn.functional as F
@@ -53,9 +54,7 @@ def time_backends(batch, seq, n_heads, n_kv_heads, head_dim) -> None:
 
     def sdpa(backend):
         def call():
-            if backend is None:
-                return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-            with sdpa_kernel([backend]):
+            with sdpa_kernel([backend]) if backend is not None else contextlib.nullcontext():
                 return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         return call
 

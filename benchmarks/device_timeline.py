@@ -17,12 +17,11 @@ def device_timeline(trace_events: list[dict]) -> list[dict]:
     the time some event runs, the collectives' time, and their time with nothing else running,
     all in milliseconds. An empty list when the trace holds no device events (a CPU run)."""
     by_device: dict = {}
-    for event in trace_events:
-        if event.get("ph") == "X" and event.get("cat") in DEVICE_CATEGORIES:
-            start = float(event["ts"])
-            interval = (start, start + float(event.get("dur", 0.0)))
-            kinds = by_device.setdefault(event.get("pid"), ([], []))
-            kinds[0 if _is_collective(event.get("name", "")) else 1].append(interval)
+    for event in _device_events(trace_events):
+        start = float(event["ts"])
+        interval = (start, start + float(event.get("dur", 0.0)))
+        kinds = by_device.setdefault(event.get("pid"), ([], []))
+        kinds[0 if _is_collective(event.get("name", "")) else 1].append(interval)
     timelines = []
     for device, (collectives, others) in sorted(by_device.items(), key=lambda item: str(item[0])):
         collective_spans, other_spans = _merged(collectives), _merged(others)
@@ -82,11 +81,10 @@ def kernel_breakdown(trace_events: list[dict], steps: int) -> list[tuple[str, fl
     launched Triton kernel under its launcher's numbered name, a CPU range that reports the same
     device time.)"""
     totals: dict[str, list[float]] = {}
-    for event in trace_events:
-        if event.get("ph") == "X" and event.get("cat") in DEVICE_CATEGORIES:
-            total = totals.setdefault(event.get("name", "?"), [0.0, 0])
-            total[0] += float(event.get("dur", 0.0))
-            total[1] += 1
+    for event in _device_events(trace_events):
+        total = totals.setdefault(event.get("name", "?"), [0.0, 0])
+        total[0] += float(event.get("dur", 0.0))
+        total[1] += 1
     rows = [(name, time / 1e3 / steps, count / steps) for name, (time, count) in totals.items()]
     return sorted(rows, key=lambda row: -row[1])
 
@@ -97,12 +95,19 @@ def describe_kernels(rows: list[tuple[str, float, float]], top: int = 30) -> str
         return "device kernels: none in the trace\n"
     kinds: dict[str, float] = {}
     for name, ms, _ in rows:
-        kinds[kernel_kind(name)] = kinds.get(kernel_kind(name), 0.0) + ms
+        kind = kernel_kind(name)
+        kinds[kind] = kinds.get(kind, 0.0) + ms
     lines = [f"device kernels, each launch once, ms a step ({sum(kinds.values()):.1f} in all), by kind:"]
     lines += [f"{ms:9.2f}  {kind}" for kind, ms in sorted(kinds.items(), key=lambda item: -item[1])]
     lines.append(f"the {min(top, len(rows))} longest (ms a step, calls a step):")
     lines += [f"{ms:9.2f} {calls:7.1f}  {name[:110]}" for name, ms, calls in rows[:top]]
     return "\n".join(lines) + "\n"
+
+
+def _device_events(trace_events: list[dict]):
+    """The trace's complete events that ran on a device (kernels, copies, fills)."""
+    return (event for event in trace_events
+            if event.get("ph") == "X" and event.get("cat") in DEVICE_CATEGORIES)
 
 
 def _is_collective(name: str) -> bool:
