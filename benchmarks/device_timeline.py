@@ -1,6 +1,7 @@
 """Where a profiled run's device time goes: kernels running, the device idle, and how much of the
 collectives' time (NCCL's kernels) no other kernel overlaps, which is what the step waits for;
-and the kernels themselves, each counted once, by kind and by name.
+the kernels themselves, each counted once, by kind and by name; and the device's idle gaps, by
+length, the longest with what the host was doing meanwhile.
 
 Read from torch.profiler's Chrome trace (`prof.export_chrome_trace`), whose device events are
 {"cat": "kernel" | "gpu_memcpy" | "gpu_memset", "name", "pid" (the device), "ts", "dur"} in
@@ -102,6 +103,80 @@ def describe_kernels(rows: list[tuple[str, float, float]], top: int = 30) -> str
     lines.append(f"the {min(top, len(rows))} longest (ms a step, calls a step):")
     lines += [f"{ms:9.2f} {calls:7.1f}  {name[:110]}" for name, ms, calls in rows[:top]]
     return "\n".join(lines) + "\n"
+
+
+# Gap lengths, in microseconds, that the idle time is summed by: a few microseconds between two
+# kernels is launch latency a CUDA graph would remove; hundreds is the host falling behind or waiting.
+GAP_BUCKETS_US = (10.0, 100.0, 1000.0)
+
+
+def idle_gaps(trace_events: list[dict], steps: int, top: int = 10) -> dict:
+    """The first device's idle time between its first event and its last: summed by gap length
+    (`GAP_BUCKETS_US`), in ms a step; and the `top` longest gaps, each with the kernels either side,
+    the host operator that launched the kernel after it (matched by the trace's correlation ids)
+    and the CUDA runtime calls other than launches that ran during it (a synchronize, a malloc)."""
+    device_events = sorted(_device_events(trace_events), key=lambda event: float(event["ts"]))
+    if not device_events:
+        return {"buckets": [], "longest": []}
+    first_device = device_events[0].get("pid")
+    device_events = [event for event in device_events if event.get("pid") == first_device]
+    gaps, reach, previous = [], None, None
+    for event in device_events:
+        start, end = float(event["ts"]), float(event["ts"]) + float(event.get("dur", 0.0))
+        if reach is not None and start > reach:
+            gaps.append((start - reach, reach, previous, event))
+        if reach is None or end >= reach:
+            reach, previous = end, event
+    bounds = (0.0, *GAP_BUCKETS_US, float("inf"))
+    buckets = []
+    for low, high in zip(bounds, bounds[1:]):
+        lengths = [length for length, *_ in gaps if low <= length < high]
+        buckets.append((low, high, len(lengths) / steps, sum(lengths) / 1e3 / steps))
+    runtime, operators = _host_events(trace_events, "cuda_runtime"), _host_events(trace_events, "cpu_op")
+    calls_by_correlation = {event.get("args", {}).get("correlation"): event for event in runtime}
+    longest = []
+    for length, start, before, after in sorted(gaps, key=lambda gap: -gap[0])[:top]:
+        launch = calls_by_correlation.get(after.get("args", {}).get("correlation"))
+        longest.append({
+            "us": length, "at_ms": (start - float(device_events[0]["ts"])) / 1e3,
+            "before": before.get("name", "?"), "after": after.get("name", "?"),
+            "launched_by": _innermost(operators, launch) if launch else None,
+            "host_calls": sorted({event.get("name", "?") for event in runtime
+                                  if "Launch" not in event.get("name", "")
+                                  and _overlaps(event, start, start + length)}),
+        })
+    return {"buckets": buckets, "longest": longest}
+
+
+def describe_gaps(gaps: dict) -> str:
+    if not gaps["buckets"]:
+        return "idle gaps: no device events in the trace\n"
+    lines = ["idle gaps of the first device, by length (gaps a step, ms a step):"]
+    for low, high, count, ms in gaps["buckets"]:
+        span = f">= {low:.0f} us" if high == float("inf") else f"{low:.0f}-{high:.0f} us"
+        lines.append(f"{ms:9.2f} {count:7.1f}  {span}")
+    lines.append("the longest (us, ms into the trace, kernel before -> kernel after; the operator that "
+                 "launched it; runtime calls during it):")
+    for gap in gaps["longest"]:
+        lines.append(f"{gap['us']:9.0f} {gap['at_ms']:9.2f}  {gap['before'][:50]} -> {gap['after'][:50]}; "
+                     f"{gap['launched_by'] or '?'}; {', '.join(gap['host_calls']) or '-'}")
+    return "\n".join(lines) + "\n"
+
+
+def _host_events(trace_events: list[dict], category: str) -> list[dict]:
+    return [event for event in trace_events if event.get("ph") == "X" and event.get("cat") == category]
+
+
+def _innermost(operators: list[dict], call: dict) -> str | None:
+    """The shortest host operator on the call's thread whose span holds the call."""
+    at = float(call["ts"])
+    holding = [event for event in operators if event.get("tid") == call.get("tid")
+               and event.get("pid") == call.get("pid") and _overlaps(event, at, at)]
+    return min(holding, key=lambda event: float(event.get("dur", 0.0)))["name"] if holding else None
+
+
+def _overlaps(event: dict, start: float, end: float) -> bool:
+    return float(event["ts"]) <= end and float(event["ts"]) + float(event.get("dur", 0.0)) >= start
 
 
 def _device_events(trace_events: list[dict]):

@@ -31,8 +31,10 @@ import torch
 import torch.distributed as dist
 from device_timeline import (  # beside this script
     describe,
+    describe_gaps,
     describe_kernels,
     device_timeline,
+    idle_gaps,
     kernel_breakdown,
 )
 
@@ -262,7 +264,8 @@ def synchronize(device: torch.device) -> None:
 def profile_steps(step, path: str, device: torch.device) -> None:
     """The kernels of 2 steps (CUDA's; the CPU's ops with --device cpu), by total time, to `path`,
     then the device's timeline: how long it was idle, and how much of NCCL's time no other kernel
-    overlapped; then the device kernels by kind and by name, in ms a step (device_timeline.py)."""
+    overlapped; then the device kernels by kind and by name, in ms a step, and its idle gaps by length
+    with the longest's causes (device_timeline.py)."""
     from torch.profiler import ProfilerActivity, profile
 
     on_gpu = device.type == "cuda"
@@ -292,6 +295,7 @@ def profile_steps(step, path: str, device: torch.device) -> None:
                 events = json.load(chrome)["traceEvents"]
             file.write("\n" + describe(device_timeline(events)))
             file.write("\n" + describe_kernels(kernel_breakdown(events, steps=2)))
+            file.write("\n" + describe_gaps(idle_gaps(events, steps=2)))
 
 
 def _memory_at_peak(step, path: str) -> None:

@@ -170,6 +170,39 @@ def test_kernel_breakdown_counts_each_launch_once_by_name_and_kind():
     assert "none in the trace" in timeline.describe_kernels([])
 
 
+def test_idle_gaps_sums_them_by_length_and_names_what_the_host_did_in_the_longest():
+    timeline = load_benchmark_module("device_timeline")
+
+    def host(category, name, start, duration, correlation=None):
+        return {"ph": "X", "cat": category, "name": name, "pid": 1234, "tid": 1, "ts": start, "dur": duration,
+                "args": {} if correlation is None else {"correlation": correlation}}
+
+    events = [
+        kernel("gemm", 0, 100),
+        {**kernel("norm", 105, 20), "args": {"correlation": 2}},  # 5 us after the GEMM
+        kernel("inside_the_norm", 110, 5),  # overlapped: no gap of its own
+        {**kernel("adamw", 625, 50), "args": {"correlation": 9}},  # 500 us after the norm
+        kernel("gemm", 3000, 100, device=1),  # another device: not this one's gap
+        host("cpu_op", "aten::_fused_adamw_", 500, 200),
+        host("cpu_op", "Optimizer.step", 400, 400),
+        host("cuda_runtime", "cudaLaunchKernel", 610, 5, correlation=9),
+        host("cuda_runtime", "cudaStreamSynchronize", 200, 300),
+    ]
+    gaps = timeline.idle_gaps(events, steps=1, top=5)
+    by_bucket = {low: (count, ms) for low, _, count, ms in gaps["buckets"]}
+    assert by_bucket[0.0] == (1, pytest.approx(0.005)) and by_bucket[100.0] == (1, pytest.approx(0.5))
+    assert by_bucket[10.0] == by_bucket[1000.0] == (0, 0.0)
+    longest, shortest = gaps["longest"]
+    assert (longest["us"], longest["before"], longest["after"]) == (500, "norm", "adamw")
+    assert longest["launched_by"] == "aten::_fused_adamw_"  # the innermost operator around the launch
+    assert longest["host_calls"] == ["cudaStreamSynchronize"]  # launches are left out
+    assert shortest["launched_by"] is None and shortest["at_ms"] == pytest.approx(0.1)
+    text = timeline.describe_gaps(gaps)
+    assert "norm -> adamw; aten::_fused_adamw_; cudaStreamSynchronize" in text
+    assert "     0.50     1.0  100-1000 us" in text
+    assert "no device events" in timeline.describe_gaps(timeline.idle_gaps([], steps=1))
+
+
 def load_benchmark_module(name: str):
     spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
