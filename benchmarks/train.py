@@ -271,9 +271,9 @@ def profile_steps(step, path: str, device: torch.device) -> None:
     on_gpu = device.type == "cuda"
     activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if on_gpu else [ProfilerActivity.CPU]
     with profile(activities=activities, record_shapes=True) as prof:
-        for _ in range(2):
+        for _ in range(2):  # each step waited for, as the timed steps are
             step()
-        synchronize(device)
+            synchronize(device)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     sort_by = "self_device_time_total" if on_gpu else "self_cpu_time_total"
     with open(path, "w") as file:

@@ -10,6 +10,8 @@ halves of cos and sin:
     out2 = x2 * c + x1 * s
 
 The map is a rotation, so its backward is the rotation by -sin: the same kernel with a flag.
+`apply_rope_qkv` takes q, k and v as one fused projection's output and copies v out in the same
+launch, so that its backward can write the projection's whole gradient in one pass.
 """
 
 import torch
@@ -51,19 +53,41 @@ def _rotate_heads(
 
 
 @triton.jit
+def _copy_heads(
+    x_ptr, out_ptr, x_head_stride, x_dim_stride, n_heads, half_dim,
+    HEAD_BLOCK: tl.constexpr, HALF_BLOCK: tl.constexpr,
+):
+    """Copies every head of one token, half a head at a time as `_rotate_heads` reads them."""
+    dims = tl.arange(0, HALF_BLOCK)[None, :]
+    dim_mask = dims < half_dim
+    head_dim = 2 * half_dim
+    for first_head in range(0, n_heads, HEAD_BLOCK):
+        heads = first_head + tl.arange(0, HEAD_BLOCK)[:, None]
+        mask = (heads < n_heads) & dim_mask
+        x1_ptrs = x_ptr + heads * x_head_stride + dims * x_dim_stride
+        out1_ptrs = out_ptr + heads * head_dim + dims
+        tl.store(out1_ptrs, tl.load(x1_ptrs, mask=mask), mask=mask)
+        tl.store(out1_ptrs + half_dim, tl.load(x1_ptrs + half_dim * x_dim_stride, mask=mask), mask=mask)
+
+
+@triton.jit
 def _rope_kernel(
-    q_ptr, k_ptr, cos_ptr, sin_ptr, q_out_ptr, k_out_ptr,
+    q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, q_out_ptr, k_out_ptr, v_out_ptr,
     q_batch_stride, q_seq_stride, q_head_stride, q_dim_stride,
     k_batch_stride, k_seq_stride, k_head_stride, k_dim_stride,
+    v_batch_stride, v_seq_stride, v_head_stride, v_dim_stride,
     cos_batch_stride, cos_seq_stride, cos_dim_stride,
     sin_batch_stride, sin_seq_stride, sin_dim_stride,
+    q_out_token_stride, k_out_token_stride, v_out_token_stride,
     seq_len, n_q_heads, n_k_heads, half_dim,
-    INVERSE: tl.constexpr, Q_HEAD_BLOCK: tl.constexpr, K_HEAD_BLOCK: tl.constexpr,
+    INVERSE: tl.constexpr, COPY_V: tl.constexpr, Q_HEAD_BLOCK: tl.constexpr, K_HEAD_BLOCK: tl.constexpr,
     HALF_BLOCK: tl.constexpr,
 ):
     """One program per token (b, t): q, k [B, T, H, D] with any strides; cos, sin [B or 1, T, D]
-    (batch stride 0 when shared), of which only the first half of D is read; q_out, k_out
-    contiguous [B, T, H, D]. INVERSE rotates by -sin (the backward)."""
+    (batch stride 0 when shared), of which only the first half of D is read. Each output holds a
+    token's heads side by side, D apart, tokens *_out_token_stride apart: its own contiguous
+    tensor, or its heads' place in one [B, T, Hq + 2 Hk, D] gradient. INVERSE rotates by -sin
+    (the backward); COPY_V also copies v [B, T, Hk, D] to v_out unrotated."""
     token = tl.program_id(0).to(tl.int64)
     b = token // seq_len
     t = token % seq_len
@@ -77,15 +101,19 @@ def _rope_kernel(
                   mask=dim_mask, other=0.0).to(tl.float32)
     if INVERSE:
         sin = -sin
-    head_dim = 2 * half_dim
     _rotate_heads(
-        q_ptr + b * q_batch_stride + t * q_seq_stride, q_out_ptr + token * n_q_heads * head_dim,
+        q_ptr + b * q_batch_stride + t * q_seq_stride, q_out_ptr + token * q_out_token_stride,
         q_head_stride, q_dim_stride, n_q_heads, half_dim, cos, sin, Q_HEAD_BLOCK, HALF_BLOCK,
     )
     _rotate_heads(
-        k_ptr + b * k_batch_stride + t * k_seq_stride, k_out_ptr + token * n_k_heads * head_dim,
+        k_ptr + b * k_batch_stride + t * k_seq_stride, k_out_ptr + token * k_out_token_stride,
         k_head_stride, k_dim_stride, n_k_heads, half_dim, cos, sin, K_HEAD_BLOCK, HALF_BLOCK,
     )
+    if COPY_V:
+        _copy_heads(
+            v_ptr + b * v_batch_stride + t * v_seq_stride, v_out_ptr + token * v_out_token_stride,
+            v_head_stride, v_dim_stride, n_k_heads, half_dim, K_HEAD_BLOCK, HALF_BLOCK,
+        )
 
 
 # Elements of one half-head tile [heads, D/2]: with 4 warps one 16-byte access per thread in
@@ -100,7 +128,7 @@ def _cos_sin_strides(t: torch.Tensor) -> tuple[int, int, int]:
     return (0 if t.shape[0] == 1 else t.stride(0)), t.stride(1), t.stride(2)
 
 
-def _rope_torch(q, k, cos, sin, inverse, q_out, k_out) -> None:
+def _rope_torch(q, k, v, cos, sin, inverse, q_out, k_out, v_out) -> None:
     """The PyTorch path (CPU tensors when Triton is not interpreting): `_rope_kernel`'s math."""
     seq_len, half_dim = q.shape[1], q.shape[3] // 2
     # [T, D] -> [1, T, 1, D/2]; [B or 1, T, D] -> [B or 1, T, 1, D/2]
@@ -111,6 +139,37 @@ def _rope_torch(q, k, cos, sin, inverse, q_out, k_out) -> None:
     for x, out in ((q, q_out), (k, k_out)):
         x1, x2 = x.float().split(half_dim, dim=-1)
         out.copy_(torch.cat((x1 * cos_half - x2 * sin_half, x2 * cos_half + x1 * sin_half), dim=-1))
+    if v is not None:
+        v_out.copy_(v)
+
+
+def _launch(q, k, v, cos, sin, inverse: bool, q_out, k_out, v_out) -> None:
+    """Rotates q, k [B, T, H, D] (any strides) into q_out, k_out, and copies v (or None) into
+    v_out: outputs [B, T, H, D] with heads D apart and tokens one stride(1) apart."""
+    batch, seq_len, n_q_heads, head_dim = q.shape
+    n_k_heads = k.shape[2]
+    if batch * seq_len == 0 or head_dim == 0:
+        return
+    if not runs_triton(q):
+        _rope_torch(q, k, v, cos, sin, inverse, q_out, k_out, v_out)
+        return
+    half_dim = head_dim // 2
+    half_block = triton.next_power_of_2(half_dim)
+    heads_per_tile = max(1, _HALF_TILE // half_block)
+    q_head_block = min(heads_per_tile, triton.next_power_of_2(max(n_q_heads, 1)))
+    k_head_block = min(heads_per_tile, triton.next_power_of_2(max(n_k_heads, 1)))
+    _, num_warps = row_block(q_head_block * half_block)
+    copy_v = v is not None
+    if not copy_v:  # unused pointers and strides: k's stand in
+        v, v_out = k, k_out
+    launch(_rope_kernel)[(batch * seq_len,)](
+        q, k, v, cos, sin, q_out, k_out, v_out,
+        *q.stride(), *k.stride(), *v.stride(), *_cos_sin_strides(cos), *_cos_sin_strides(sin),
+        q_out.stride(1), k_out.stride(1), v_out.stride(1),
+        seq_len, n_q_heads, n_k_heads, half_dim,
+        INVERSE=inverse, COPY_V=copy_v, Q_HEAD_BLOCK=q_head_block, K_HEAD_BLOCK=k_head_block,
+        HALF_BLOCK=half_block, num_warps=num_warps,
+    )
 
 
 @kernel_op("rope")
@@ -118,29 +177,39 @@ def _rope(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q [B, T, Hq, D], k [B, T, Hk, D] (any strides) rotated in one launch; contiguous outputs."""
-    batch, seq_len, n_q_heads, head_dim = q.shape
-    n_k_heads = k.shape[2]
     q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    if batch * seq_len == 0 or head_dim == 0:
-        return q_out, k_out
-    if not runs_triton(q):
-        _rope_torch(q, k, cos, sin, inverse, q_out, k_out)
-        return q_out, k_out
-    half_dim = head_dim // 2
-    half_block = triton.next_power_of_2(half_dim)
-    heads_per_tile = max(1, _HALF_TILE // half_block)
-    q_head_block = min(heads_per_tile, triton.next_power_of_2(max(n_q_heads, 1)))
-    k_head_block = min(heads_per_tile, triton.next_power_of_2(max(n_k_heads, 1)))
-    _, num_warps = row_block(q_head_block * half_block)
-    launch(_rope_kernel)[(batch * seq_len,)](
-        q, k, cos, sin, q_out, k_out,
-        *q.stride(), *k.stride(), *_cos_sin_strides(cos), *_cos_sin_strides(sin),
-        seq_len, n_q_heads, n_k_heads, half_dim,
-        INVERSE=inverse, Q_HEAD_BLOCK=q_head_block, K_HEAD_BLOCK=k_head_block, HALF_BLOCK=half_block,
-        num_warps=num_warps,
-    )
+    _launch(q, k, None, cos, sin, inverse, q_out, k_out, None)
     return q_out, k_out
+
+
+@kernel_op("rope_qkv")
+def _rope_qkv(
+    qkv: torch.Tensor, n_q_heads: int, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """qkv [B, T, Hq + 2 Hk, D] (any strides) -> q and k rotated, v copied: three contiguous tensors."""
+    q, k, v = _split_heads(qkv, n_q_heads)
+    q_out, k_out, v_out = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+    _launch(q, k, v, cos, sin, False, q_out, k_out, v_out)
+    return q_out, k_out, v_out
+
+
+@kernel_op("rope_qkv_backward")
+def _rope_qkv_backward(
+    dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> torch.Tensor:
+    """The gradient of `_rope_qkv`'s qkv, written whole by one launch: dq and dk rotated back and
+    dv copied into their heads' places in a contiguous [B, T, Hq + 2 Hk, D]."""
+    batch, seq_len, n_q_heads, head_dim = dq.shape
+    n_heads = n_q_heads + 2 * dk.shape[2]
+    dqkv = torch.empty((batch, seq_len, n_heads, head_dim), dtype=dq.dtype, device=dq.device)
+    _launch(dq, dk, dv, cos, sin, True, *_split_heads(dqkv, n_q_heads))
+    return dqkv
+
+
+def _split_heads(qkv: torch.Tensor, n_q_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    n_kv_heads = (qkv.shape[2] - n_q_heads) // 2
+    return qkv.split([n_q_heads, n_kv_heads, n_kv_heads], dim=2)
 
 
 class _RopeFunction(torch.autograd.Function):
@@ -156,6 +225,18 @@ class _RopeFunction(torch.autograd.Function):
         cos, sin = ctx.saved_tensors
         dq, dk = _rope(dq_rot, dk_rot, cos, sin, True)
         return dq, dk, None, None
+
+
+class _RopeQKVFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, qkv, n_q_heads, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return _rope_qkv(qkv, n_q_heads, cos, sin)
+
+    @staticmethod
+    def backward(ctx, dq_rot, dk_rot, dv):
+        cos, sin = ctx.saved_tensors
+        return _rope_qkv_backward(dq_rot, dk_rot, dv, cos, sin), None, None, None
 
 
 def _check(q, k, cos, sin):
@@ -193,3 +274,24 @@ def apply_rope(
     """
     _check(q, k, cos, sin)
     return _RopeFunction.apply(q, k, cos, sin)
+
+
+def apply_rope_qkv(
+    qkv: torch.Tensor, n_q_heads: int, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q and k rotated as `apply_rope` does, and v copied, out of one fused projection's output
+    qkv [B, T, Hq + 2 Hk, D] (any strides): (q [B, T, Hq, D], k, v [B, T, Hk, D]), contiguous.
+
+    One launch each way: the backward writes qkv's whole gradient, q's and k's heads rotated back
+    and v's copied into place, where rotating q and k apart would leave autograd a concatenation
+    of the three, and v, kept as a view, would keep all of qkv alive for attention's backward.
+    """
+    if qkv.dim() != 4:
+        raise ValueError(f"qkv must be [B, T, Hq + 2 Hk, D], got shape {list(qkv.shape)}")
+    n_kv_heads, extra = divmod(qkv.shape[2] - n_q_heads, 2)
+    if n_q_heads < 1 or n_kv_heads < 1 or extra:
+        raise ValueError(f"qkv has {qkv.shape[2]} heads: expected {n_q_heads} query heads and two equal "
+                         f"groups of key and value heads after them")
+    q, k, _ = _split_heads(qkv, n_q_heads)
+    _check(q, k, cos, sin)
+    return _RopeQKVFunction.apply(qkv, n_q_heads, cos, sin)
