@@ -231,7 +231,9 @@ def test_qkv_rotated_and_v_copied_with_one_gradient(kernel_path, dtype, shape):
     qkv = torch.randn(B, T, (Hq + 2 * Hk) * D, device=DEVICE, dtype=dtype).requires_grad_()
     cos, sin = hf_cos_sin(torch.arange(T, device=DEVICE) * 37, D)
     q_rot, k_rot, v = apply_rope_qkv(qkv.view(B, T, Hq + 2 * Hk, D), Hq, cos, sin)
-    grads = [torch.randn(B, heads, T, D, device=DEVICE, dtype=dtype).transpose(1, 2) for heads in (Hq, Hk, Hk)]
+    # In attention's [B, H, T, D] layout, transposed to [B, T, H, D]:
+    grads = [torch.randn(B, heads, T, D, device=DEVICE, dtype=dtype).transpose(1, 2)
+             for heads in (Hq, Hk, Hk)]
     torch.autograd.backward((q_rot, k_rot, v), grads)
 
     qkv64 = qkv.detach().double().requires_grad_()
