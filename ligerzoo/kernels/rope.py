@@ -34,10 +34,11 @@ from ligerzoo.kernels._utils import (
 def _rotate_heads(
     x_ptr, out_ptr, x_head_stride, x_dim_stride,
     n_heads, half_dim, cos, sin,
-    HEAD_BLOCK: tl.constexpr, HALF_BLOCK: tl.constexpr,
+    ROTATE: tl.constexpr, HEAD_BLOCK: tl.constexpr, HALF_BLOCK: tl.constexpr,
 ):
-    """Rotates every head of one token. x_ptr, out_ptr: that token's first element in x and in the
-    contiguous output; cos, sin: [1, HALF_BLOCK] float32 first halves for the token."""
+    """Rotates (ROTATE) or copies every head of one token. x_ptr, out_ptr: that token's first
+    element in x and in the output, whose heads lie side by side; cos, sin: [1, HALF_BLOCK]
+    float32 first halves for the token."""
     dims = tl.arange(0, HALF_BLOCK)[None, :]
     dim_mask = dims < half_dim
     head_dim = 2 * half_dim
@@ -45,29 +46,16 @@ def _rotate_heads(
         heads = first_head + tl.arange(0, HEAD_BLOCK)[:, None]
         mask = (heads < n_heads) & dim_mask
         x1_ptrs = x_ptr + heads * x_head_stride + dims * x_dim_stride
-        x1 = tl.load(x1_ptrs, mask=mask, other=0.0).to(tl.float32)
-        x2 = tl.load(x1_ptrs + half_dim * x_dim_stride, mask=mask, other=0.0).to(tl.float32)
+        x1 = tl.load(x1_ptrs, mask=mask, other=0.0)
+        x2 = tl.load(x1_ptrs + half_dim * x_dim_stride, mask=mask, other=0.0)
+        if ROTATE:
+            a, b = x1.to(tl.float32), x2.to(tl.float32)
+            out1, out2 = a * cos - b * sin, b * cos + a * sin
+        else:
+            out1, out2 = x1, x2
         out1_ptrs = out_ptr + heads * head_dim + dims
-        tl.store(out1_ptrs, (x1 * cos - x2 * sin).to(out_ptr.dtype.element_ty), mask=mask)
-        tl.store(out1_ptrs + half_dim, (x2 * cos + x1 * sin).to(out_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _copy_heads(
-    x_ptr, out_ptr, x_head_stride, x_dim_stride, n_heads, half_dim,
-    HEAD_BLOCK: tl.constexpr, HALF_BLOCK: tl.constexpr,
-):
-    """Copies every head of one token, half a head at a time as `_rotate_heads` reads them."""
-    dims = tl.arange(0, HALF_BLOCK)[None, :]
-    dim_mask = dims < half_dim
-    head_dim = 2 * half_dim
-    for first_head in range(0, n_heads, HEAD_BLOCK):
-        heads = first_head + tl.arange(0, HEAD_BLOCK)[:, None]
-        mask = (heads < n_heads) & dim_mask
-        x1_ptrs = x_ptr + heads * x_head_stride + dims * x_dim_stride
-        out1_ptrs = out_ptr + heads * head_dim + dims
-        tl.store(out1_ptrs, tl.load(x1_ptrs, mask=mask), mask=mask)
-        tl.store(out1_ptrs + half_dim, tl.load(x1_ptrs + half_dim * x_dim_stride, mask=mask), mask=mask)
+        tl.store(out1_ptrs, out1.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out1_ptrs + half_dim, out2.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -107,18 +95,18 @@ def _rope_kernel(
     _rotate_heads(
         q_ptr + q_offset + b * q_batch_stride + t * q_seq_stride,
         q_out_ptr + q_out_offset + token * q_out_token_stride,
-        q_head_stride, q_dim_stride, n_q_heads, half_dim, cos, sin, Q_HEAD_BLOCK, HALF_BLOCK,
+        q_head_stride, q_dim_stride, n_q_heads, half_dim, cos, sin, True, Q_HEAD_BLOCK, HALF_BLOCK,
     )
     _rotate_heads(
         k_ptr + k_offset + b * k_batch_stride + t * k_seq_stride,
         k_out_ptr + k_out_offset + token * k_out_token_stride,
-        k_head_stride, k_dim_stride, n_k_heads, half_dim, cos, sin, K_HEAD_BLOCK, HALF_BLOCK,
+        k_head_stride, k_dim_stride, n_k_heads, half_dim, cos, sin, True, K_HEAD_BLOCK, HALF_BLOCK,
     )
     if COPY_V:
-        _copy_heads(
+        _rotate_heads(
             v_ptr + v_offset + b * v_batch_stride + t * v_seq_stride,
             v_out_ptr + v_out_offset + token * v_out_token_stride,
-            v_head_stride, v_dim_stride, n_k_heads, half_dim, K_HEAD_BLOCK, HALF_BLOCK,
+            v_head_stride, v_dim_stride, n_k_heads, half_dim, cos, sin, False, K_HEAD_BLOCK, HALF_BLOCK,
         )
 
 
