@@ -114,7 +114,8 @@ def idle_gaps(trace_events: list[dict], steps: int, top: int = 10) -> dict:
     """The first device's idle time between its first event and its last: summed by gap length
     (`GAP_BUCKETS_US`), in ms a step; and the `top` longest gaps, each with the kernels either side,
     the host operator that launched the kernel after it (matched by the trace's correlation ids)
-    and the CUDA runtime calls other than launches that ran during it (a synchronize, a malloc)."""
+    and the CUDA runtime and driver calls other than launches made during it (a synchronize, a
+    malloc)."""
     device_events = sorted(_device_events(trace_events), key=lambda event: float(event["ts"]))
     if not device_events:
         return {"buckets": [], "longest": []}
@@ -132,7 +133,9 @@ def idle_gaps(trace_events: list[dict], steps: int, top: int = 10) -> dict:
     for low, high in zip(bounds, bounds[1:]):
         lengths = [length for length, *_ in gaps if low <= length < high]
         buckets.append((low, high, len(lengths) / steps, sum(lengths) / 1e3 / steps))
-    runtime, operators = _host_events(trace_events, "cuda_runtime"), _host_events(trace_events, "cpu_op")
+    # Triton's launches are driver calls (cuLaunchKernel), cuBLAS's and PyTorch's runtime calls.
+    runtime = _host_events(trace_events, "cuda_runtime", "cuda_driver")
+    operators = _host_events(trace_events, "cpu_op")
     calls_by_correlation = {event.get("args", {}).get("correlation"): event for event in runtime}
     longest = []
     for length, start, before, after in sorted(gaps, key=lambda gap: -gap[0])[:top]:
@@ -163,8 +166,8 @@ def describe_gaps(gaps: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _host_events(trace_events: list[dict], category: str) -> list[dict]:
-    return [event for event in trace_events if event.get("ph") == "X" and event.get("cat") == category]
+def _host_events(trace_events: list[dict], *categories: str) -> list[dict]:
+    return [event for event in trace_events if event.get("ph") == "X" and event.get("cat") in categories]
 
 
 def _innermost(operators: list[dict], call: dict) -> str | None:

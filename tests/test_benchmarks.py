@@ -182,24 +182,28 @@ def test_idle_gaps_sums_them_by_length_and_names_what_the_host_did_in_the_longes
         {**kernel("norm", 105, 20), "args": {"correlation": 2}},  # 5 us after the GEMM
         kernel("inside_the_norm", 110, 5),  # overlapped: no gap of its own
         {**kernel("adamw", 625, 50), "args": {"correlation": 9}},  # 500 us after the norm
+        {**kernel("triton_launched", 1000, 10), "args": {"correlation": 11}},  # 325 us after adamw
         kernel("gemm", 3000, 100, device=1),  # another device: not this one's gap
         host("cpu_op", "aten::_fused_adamw_", 500, 200),
         host("cpu_op", "Optimizer.step", 400, 400),
         host("cuda_runtime", "cudaLaunchKernel", 610, 5, correlation=9),
         host("cuda_runtime", "cudaStreamSynchronize", 200, 300),
+        host("cpu_op", "ligerzoo::rope", 900, 95),
+        host("cuda_driver", "cuLaunchKernel", 990, 4, correlation=11),  # how Triton launches
     ]
     gaps = timeline.idle_gaps(events, steps=1, top=5)
     by_bucket = {low: (count, ms) for low, _, count, ms in gaps["buckets"]}
-    assert by_bucket[0.0] == (1, pytest.approx(0.005)) and by_bucket[100.0] == (1, pytest.approx(0.5))
+    assert by_bucket[0.0] == (1, pytest.approx(0.005)) and by_bucket[100.0] == (2, pytest.approx(0.825))
     assert by_bucket[10.0] == by_bucket[1000.0] == (0, 0.0)
-    longest, shortest = gaps["longest"]
+    longest, driver, shortest = gaps["longest"]
     assert (longest["us"], longest["before"], longest["after"]) == (500, "norm", "adamw")
     assert longest["launched_by"] == "aten::_fused_adamw_"  # the innermost operator around the launch
     assert longest["host_calls"] == ["cudaStreamSynchronize"]  # launches are left out
+    assert (driver["us"], driver["launched_by"], driver["host_calls"]) == (325, "ligerzoo::rope", [])
     assert shortest["launched_by"] is None and shortest["at_ms"] == pytest.approx(0.1)
     text = timeline.describe_gaps(gaps)
     assert "norm -> adamw; aten::_fused_adamw_; cudaStreamSynchronize" in text
-    assert "     0.50     1.0  100-1000 us" in text
+    assert "     0.82     2.0  100-1000 us" in text
     assert "no device events" in timeline.describe_gaps(timeline.idle_gaps([], steps=1))
 
 
