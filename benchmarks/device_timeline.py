@@ -19,10 +19,8 @@ def device_timeline(trace_events: list[dict]) -> list[dict]:
     all in milliseconds. An empty list when the trace holds no device events (a CPU run)."""
     by_device: dict = {}
     for event in _device_events(trace_events):
-        start = float(event["ts"])
-        interval = (start, start + float(event.get("dur", 0.0)))
         kinds = by_device.setdefault(event.get("pid"), ([], []))
-        kinds[0 if _is_collective(event.get("name", "")) else 1].append(interval)
+        kinds[0 if _is_collective(event.get("name", "")) else 1].append(_span(event))
     timelines = []
     for device, (collectives, others) in sorted(by_device.items(), key=lambda item: str(item[0])):
         collective_spans, other_spans = _merged(collectives), _merged(others)
@@ -116,14 +114,14 @@ def idle_gaps(trace_events: list[dict], steps: int, top: int = 10) -> dict:
     the host operator that launched the kernel after it (matched by the trace's correlation ids)
     and the CUDA runtime and driver calls other than launches made during it (a synchronize, a
     malloc)."""
-    device_events = sorted(_device_events(trace_events), key=lambda event: float(event["ts"]))
+    device_events = sorted(_device_events(trace_events), key=_span)
     if not device_events:
         return {"buckets": [], "longest": []}
     first_device = device_events[0].get("pid")
     device_events = [event for event in device_events if event.get("pid") == first_device]
     gaps, reach, previous = [], None, None
     for event in device_events:
-        start, end = float(event["ts"]), float(event["ts"]) + float(event.get("dur", 0.0))
+        start, end = _span(event)
         if reach is not None and start > reach:
             gaps.append((start - reach, reach, previous, event))
         if reach is None or end >= reach:
@@ -134,14 +132,14 @@ def idle_gaps(trace_events: list[dict], steps: int, top: int = 10) -> dict:
         lengths = [length for length, *_ in gaps if low <= length < high]
         buckets.append((low, high, len(lengths) / steps, sum(lengths) / 1e3 / steps))
     # Triton's launches are driver calls (cuLaunchKernel), cuBLAS's and PyTorch's runtime calls.
-    runtime = _host_events(trace_events, "cuda_runtime", "cuda_driver")
-    operators = _host_events(trace_events, "cpu_op")
+    runtime = _complete_events(trace_events, "cuda_runtime", "cuda_driver")
+    operators = _complete_events(trace_events, "cpu_op")
     calls_by_correlation = {event.get("args", {}).get("correlation"): event for event in runtime}
     longest = []
     for length, start, before, after in sorted(gaps, key=lambda gap: -gap[0])[:top]:
         launch = calls_by_correlation.get(after.get("args", {}).get("correlation"))
         longest.append({
-            "us": length, "at_ms": (start - float(device_events[0]["ts"])) / 1e3,
+            "us": length, "at_ms": (start - _span(device_events[0])[0]) / 1e3,
             "before": before.get("name", "?"), "after": after.get("name", "?"),
             "launched_by": _innermost(operators, launch) if launch else None,
             "host_calls": sorted({event.get("name", "?") for event in runtime
@@ -166,26 +164,33 @@ def describe_gaps(gaps: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _host_events(trace_events: list[dict], *categories: str) -> list[dict]:
+def _complete_events(trace_events: list[dict], *categories: str) -> list[dict]:
+    """The trace's complete events ("ph": "X", a start and a duration) of the given categories."""
     return [event for event in trace_events if event.get("ph") == "X" and event.get("cat") in categories]
+
+
+def _device_events(trace_events: list[dict]) -> list[dict]:
+    """The events that ran on a device (kernels, copies, fills)."""
+    return _complete_events(trace_events, *DEVICE_CATEGORIES)
+
+
+def _span(event: dict) -> tuple[float, float]:
+    """(start, end) in microseconds."""
+    start = float(event["ts"])
+    return start, start + float(event.get("dur", 0.0))
 
 
 def _innermost(operators: list[dict], call: dict) -> str | None:
     """The shortest host operator on the call's thread whose span holds the call."""
-    at = float(call["ts"])
+    at = _span(call)[0]
     holding = [event for event in operators if event.get("tid") == call.get("tid")
                and event.get("pid") == call.get("pid") and _overlaps(event, at, at)]
     return min(holding, key=lambda event: float(event.get("dur", 0.0)))["name"] if holding else None
 
 
 def _overlaps(event: dict, start: float, end: float) -> bool:
-    return float(event["ts"]) <= end and float(event["ts"]) + float(event.get("dur", 0.0)) >= start
-
-
-def _device_events(trace_events: list[dict]):
-    """The trace's complete events that ran on a device (kernels, copies, fills)."""
-    return (event for event in trace_events
-            if event.get("ph") == "X" and event.get("cat") in DEVICE_CATEGORIES)
+    event_start, event_end = _span(event)
+    return event_start <= end and event_end >= start
 
 
 def _is_collective(name: str) -> bool:

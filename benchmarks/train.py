@@ -49,6 +49,7 @@ SHAPES = {"llama-1b": LLAMA_3_2_1B, "llama-8b": LLAMA_3_1_8B, "mixtral-2l": MIXT
 PEERS = ("ligerzoo", "ligerzoo-bf16-master", "ligerzoo-fp8-rowwise", "ligerzoo-fp8-tensorwise",
          "ligerzoo-fp8-rowwise-bf16-master", "ligerzoo-fp8-tensorwise-bf16-master", "hf", "hf-compiled", "hf-liger")
 UNTIMED_STEPS = 4
+PROFILED_STEPS = 2
 
 
 class GpuSampler:
@@ -94,8 +95,8 @@ def main() -> None:
     parser.add_argument("--peers", nargs="+", choices=PEERS, default=list(PEERS))
     parser.add_argument("--steps", type=int, default=12, help=f"steps per run; the first {UNTIMED_STEPS} are not timed")
     parser.add_argument("--profile", metavar="DIR", help="also profile 2 steps of each run: the top CUDA "
-                        "kernels, the matmuls by shape, the device's idle and exposed-NCCL time and its "
-                        "kernels by kind, each launch counted once, to "
+                        "kernels, the matmuls by shape, the device's idle and exposed-NCCL time, its "
+                        "kernels by kind, each launch counted once, and its idle gaps by length, to "
                         "DIR/<peer>-<checkpointing>[-rank<N>].txt")
     parser.add_argument("--memory", metavar="DIR", help="also record 2 steps' allocations of each run: what "
                         "is live at the peak, by where it was allocated, to DIR/<peer>-<checkpointing>-memory.txt")
@@ -271,7 +272,7 @@ def profile_steps(step, path: str, device: torch.device) -> None:
     on_gpu = device.type == "cuda"
     activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if on_gpu else [ProfilerActivity.CPU]
     with profile(activities=activities, record_shapes=True) as prof:
-        for _ in range(2):  # each step waited for, as the timed steps are
+        for _ in range(PROFILED_STEPS):  # each step waited for, as the timed steps are
             step()
             synchronize(device)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -294,8 +295,8 @@ def profile_steps(step, path: str, device: torch.device) -> None:
             with open(trace) as chrome:
                 events = json.load(chrome)["traceEvents"]
             file.write("\n" + describe(device_timeline(events)))
-            file.write("\n" + describe_kernels(kernel_breakdown(events, steps=2)))
-            file.write("\n" + describe_gaps(idle_gaps(events, steps=2)))
+            file.write("\n" + describe_kernels(kernel_breakdown(events, steps=PROFILED_STEPS)))
+            file.write("\n" + describe_gaps(idle_gaps(events, steps=PROFILED_STEPS)))
 
 
 def _memory_at_peak(step, path: str) -> None:
