@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from conftest import DEVICE, DTYPES, assert_close
-from ligerzoo.kernels.rope import apply_rope
+from ligerzoo.kernels.rope import apply_rope, apply_rope_qkv
 
 # (B, T, Hq, Hk, D): one token and one head, GQA, D/2 not a power of two, more heads than one
 # tile holds, and one wide head.
@@ -219,3 +219,60 @@ def test_bad_arguments():
         apply_rope(q, k, cos.long(), sin)
     with pytest.raises(ValueError, match="q must be"):
         apply_rope(q.to(torch.int32), k, cos, sin)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_qkv_rotated_and_v_copied_with_one_gradient(kernel_path, dtype, shape):
+    """apply_rope_qkv on a fused projection's output: q and k as the float64 reference, v its
+    exact copy, all contiguous; the backward, from gradients in attention's [B, H, T, D] layout,
+    qkv's whole gradient: q's and k's parts the reference's, v's exactly dv."""
+    B, T, Hq, Hk, D = shape
+    qkv = torch.randn(B, T, (Hq + 2 * Hk) * D, device=DEVICE, dtype=dtype).requires_grad_()
+    cos, sin = hf_cos_sin(torch.arange(T, device=DEVICE) * 37, D)
+    q_rot, k_rot, v = apply_rope_qkv(qkv.view(B, T, Hq + 2 * Hk, D), Hq, cos, sin)
+    # In attention's [B, H, T, D] layout, transposed to [B, T, H, D]:
+    grads = [torch.randn(B, heads, T, D, device=DEVICE, dtype=dtype).transpose(1, 2)
+             for heads in (Hq, Hk, Hk)]
+    torch.autograd.backward((q_rot, k_rot, v), grads)
+
+    qkv64 = qkv.detach().double().requires_grad_()
+    q64, k64, v64 = qkv64.view(B, T, Hq + 2 * Hk, D).split([Hq, Hk, Hk], dim=2)
+    q_rot64, k_rot64 = reference(q64, cos, sin), reference(k64, cos, sin)
+    torch.autograd.backward((q_rot64, k_rot64, v64), [g.double() for g in grads])
+    assert all(t.is_contiguous() and t.dtype == dtype for t in (q_rot, k_rot, v))
+    assert_close(q_rot, q_rot64, dtype, what="q_rot")
+    assert_close(k_rot, k_rot64, dtype, what="k_rot")
+    assert torch.equal(v, qkv.detach().view(B, T, Hq + 2 * Hk, D)[:, :, Hq + Hk:])
+    assert qkv.grad.shape == qkv.shape
+    assert_close(qkv.grad, qkv64.grad, dtype, what="dqkv")
+    assert torch.equal(qkv.grad.view(B, T, Hq + 2 * Hk, D)[:, :, Hq + Hk:], grads[2])
+
+
+def test_qkv_in_any_layout_and_its_gradient_the_same_as_apply_ropes(kernel_path):
+    """qkv with heads and tokens transposed in memory and a head-dim stride of 2: the outputs and
+    qkv's gradient equal `apply_rope` on the split views bit for bit (the same kernel's math)."""
+    B, T, Hq, Hk, D = 2, 5, 4, 2, 12
+    qkv = torch.randn(B, Hq + 2 * Hk, T, D, 2, device=DEVICE)[..., 0].transpose(1, 2).requires_grad_()
+    cos, sin = hf_cos_sin(torch.arange(T, device=DEVICE), D)
+    outputs = apply_rope_qkv(qkv, Hq, cos, sin)
+    grads = [torch.randn_like(t) for t in outputs]
+    (dqkv,) = torch.autograd.grad(outputs, qkv, grads)
+
+    split = leaves(qkv.detach())[0]
+    q, k, v = split.split([Hq, Hk, Hk], dim=2)
+    q_rot, k_rot = apply_rope(q, k, cos, sin)
+    (expected,) = torch.autograd.grad((q_rot, k_rot, v), split, grads)
+    assert torch.equal(outputs[0], q_rot) and torch.equal(outputs[1], k_rot) and torch.equal(outputs[2], v)
+    assert torch.equal(dqkv, expected)
+
+
+def test_qkv_head_counts_checked():
+    qkv = torch.randn(1, 2, 7, 4, device=DEVICE)
+    cos, sin = hf_cos_sin(torch.arange(2, device=DEVICE), 4)
+    with pytest.raises(ValueError, match="qkv has 7 heads: expected 4 query heads"):
+        apply_rope_qkv(qkv, 4, cos, sin)
+    with pytest.raises(ValueError, match="qkv has 7 heads: expected 7 query heads"):
+        apply_rope_qkv(qkv, 7, cos, sin)
+    with pytest.raises(ValueError, match=r"qkv must be \[B, T, Hq \+ 2 Hk, D\]"):
+        apply_rope_qkv(qkv[0], 3, cos, sin)

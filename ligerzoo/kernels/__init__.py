@@ -6,7 +6,7 @@ from ligerzoo.kernels._utils import IGNORE_INDEX
 from ligerzoo.kernels.cross_entropy import CrossEntropyLoss, cross_entropy
 from ligerzoo.kernels.linear_cross_entropy import LinearCrossEntropyLoss, linear_cross_entropy
 from ligerzoo.kernels.rms_norm import RMSNorm, add_rms_norm, rms_norm
-from ligerzoo.kernels.rope import apply_rope
+from ligerzoo.kernels.rope import apply_rope, apply_rope_qkv
 from ligerzoo.kernels.swiglu import swiglu, swiglu_packed
 
 __all__ = [
@@ -16,6 +16,7 @@ __all__ = [
     "RMSNorm",
     "add_rms_norm",
     "apply_rope",
+    "apply_rope_qkv",
     "cross_entropy",
     "linear_cross_entropy",
     "rms_norm",

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ligerzoo.kernels import IGNORE_INDEX, RMSNorm, apply_rope, linear_cross_entropy, swiglu_packed
+from ligerzoo.kernels import IGNORE_INDEX, RMSNorm, apply_rope_qkv, linear_cross_entropy, swiglu_packed
 from ligerzoo.models.attention import AttentionMask, attend, build_mask
 from ligerzoo.models.cache import Cache, LayerCache
 from ligerzoo.models.config import ModelConfig
@@ -58,14 +58,8 @@ class Attention(nn.Module):
         `forward` for a block that computes the projection itself (models/float8.py)."""
         batch, seq_len, _ = qkv.shape
         qkv = qkv.view(batch, seq_len, -1, self.head_dim)  # [B, T, Hq + 2 Hk, D]
-        q, k, v = qkv.split([self.n_heads, self.n_kv_heads, self.n_kv_heads], dim=2)
-        q, k = apply_rope(q, k, cos, sin)  # reads the strided views of qkv, writes new tensors
-        if cache is None:
-            # v copied out of qkv: as a view it would keep all of qkv alive for attention's
-            # backward (the rotated q and k are copies already), 6x v's size at Llama's 4:1 GQA.
-            y = attend(q, k, v.contiguous(), mask)  # [B, T, Hq, D]
-        else:
-            y = cache.attend(q, k, v, mask)
+        q, k, v = apply_rope_qkv(qkv, self.n_heads, cos, sin)  # new tensors: nothing keeps qkv alive
+        y = attend(q, k, v, mask) if cache is None else cache.attend(q, k, v, mask)  # [B, T, Hq, D]
         return self.wo(y.reshape(batch, seq_len, -1))
 
 
