@@ -69,8 +69,8 @@ def _rope_kernel(
     sin_batch_stride, sin_seq_stride, sin_dim_stride,
     q_out_token_stride, k_out_token_stride, v_out_token_stride,
     seq_len, n_q_heads, n_k_heads, half_dim,
-    INVERSE: tl.constexpr, COPY_V: tl.constexpr, Q_HEAD_BLOCK: tl.constexpr, K_HEAD_BLOCK: tl.constexpr,
-    HALF_BLOCK: tl.constexpr,
+    INVERSE: tl.constexpr, COPY_V: tl.constexpr, ONE_OUTPUT: tl.constexpr,
+    Q_HEAD_BLOCK: tl.constexpr, K_HEAD_BLOCK: tl.constexpr, HALF_BLOCK: tl.constexpr,
 ):
     """One program per token (b, t): q, k [B, T, H, D] with any strides, each *_offset elements
     into its buffer; cos, sin [B or 1, T, D] (batch stride 0 when shared), of which only the first
@@ -78,7 +78,10 @@ def _rope_kernel(
     *_out_token_stride apart: its own contiguous tensor, or its heads' place in one
     [B, T, Hq + 2 Hk, D] gradient. INVERSE rotates by -sin (the backward); COPY_V also copies v
     [B, T, Hk, D] to v_out unrotated. Parts of one tensor come as its pointer and an offset, not as
-    views: torch.compile would turn writes through views into copies of the whole."""
+    views: torch.compile would turn writes through views into copies of the whole. ONE_OUTPUT: the
+    outputs are parts of q_out's tensor, all written through q_out_ptr (k_out_ptr and v_out_ptr
+    unused), so that torch.compile sees one written argument, not one tensor written as three,
+    each of which it may clone apart."""
     token = tl.program_id(0).to(tl.int64)
     b = token // seq_len
     t = token % seq_len
@@ -92,6 +95,9 @@ def _rope_kernel(
                   mask=dim_mask, other=0.0).to(tl.float32)
     if INVERSE:
         sin = -sin
+    if ONE_OUTPUT:
+        k_out_ptr = q_out_ptr
+        v_out_ptr = q_out_ptr
     _rotate_heads(
         q_ptr + q_offset + b * q_batch_stride + t * q_seq_stride,
         q_out_ptr + q_out_offset + token * q_out_token_stride,
@@ -172,8 +178,8 @@ def _launch(sources: list[Heads], cos, sin, inverse: bool, outputs: list[Heads],
         *_cos_sin_strides(cos), *_cos_sin_strides(sin),
         *(t.stride(1) for t, _ in outputs),
         seq_len, n_q_heads, n_k_heads, half_dim,
-        INVERSE=inverse, COPY_V=copy_v, Q_HEAD_BLOCK=q_head_block, K_HEAD_BLOCK=k_head_block,
-        HALF_BLOCK=half_block, num_warps=num_warps,
+        INVERSE=inverse, COPY_V=copy_v, ONE_OUTPUT=all(t is outputs[0][0] for t, _ in outputs),
+        Q_HEAD_BLOCK=q_head_block, K_HEAD_BLOCK=k_head_block, HALF_BLOCK=half_block, num_warps=num_warps,
     )
 
 
