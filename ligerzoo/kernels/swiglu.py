@@ -222,8 +222,8 @@ def _tiling(n_rows: int, n_cols: int, *tensors: torch.Tensor) -> tuple[int, int,
 # The FP8 forward's rows: up to this many elements a row is held in registers, as rms_norm's rows
 # are (gate_up read once; Llama-3.2-1B's D = 8192 and Llama-3.1-8B's 14336, a block of 16384 at 16
 # warps, both held); wider rows take two passes of FLOAT8_PASS_BLOCK elements, gate_up read twice
-# (the second time mostly from L2: a row of the 8B's is 56 KiB in bf16). Not yet measured against
-# each other: benchmarks/kernel_bench/float8_outputs.py times both at both shapes.
+# (the second time mostly from L2: a row of the 8B's is 56 KiB in bf16). On an H100, rows of 8192
+# (gate_up [16384, 16384]) took 0.226 ms held and 0.261 ms in two passes (benchmarks/RESULTS.md).
 FLOAT8_ROW_IN_REGISTERS = 16384
 FLOAT8_PASS_BLOCK = 4096
 
