@@ -172,7 +172,7 @@ def _launch(sources: list[Heads], cos, sin, inverse: bool, outputs: list[Heads],
     if not copy_v:  # unused pointers and strides: k's stand in
         sources, outputs = [*sources, sources[1]], [*outputs, outputs[1]]
     launch(_rope_kernel)[(batch * seq_len,)](
-        *(t for t, _ in sources[:2]), sources[2][0], cos, sin, *(t for t, _ in outputs),
+        *(t for t, _ in sources), cos, sin, *(t for t, _ in outputs),
         *(first * t.stride(2) for t, first in sources), *(first * t.stride(2) for t, first in outputs),
         *(stride for t, _ in sources for stride in t.stride()),
         *_cos_sin_strides(cos), *_cos_sin_strides(sin),
@@ -200,7 +200,7 @@ def _rope_qkv(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """qkv [B, T, Hq + 2 Hk, D] (any strides) -> q and k rotated, v copied: three contiguous tensors."""
     batch, seq_len, _, head_dim = qkv.shape
-    n_kv_heads = _kv_heads(qkv, n_q_heads)
+    n_kv_heads = (qkv.shape[2] - n_q_heads) // 2
     outputs = [torch.empty((batch, seq_len, heads, head_dim), dtype=qkv.dtype, device=qkv.device)
                for heads in (n_q_heads, n_kv_heads, n_kv_heads)]
     sources = [(qkv, 0), (qkv, n_q_heads), (qkv, n_q_heads + n_kv_heads)]
@@ -221,10 +221,6 @@ def _rope_qkv_backward(
     outputs = [(dqkv, 0), (dqkv, n_q_heads), (dqkv, n_q_heads + n_kv_heads)]
     _launch([(dq, 0), (dk, 0), (dv, 0)], cos, sin, True, outputs, n_q_heads, n_kv_heads)
     return dqkv
-
-
-def _kv_heads(qkv: torch.Tensor, n_q_heads: int) -> int:
-    return (qkv.shape[2] - n_q_heads) // 2
 
 
 class _RopeFunction(torch.autograd.Function):
