@@ -18,8 +18,10 @@ from ligerzoo.kernels.float8_rows import cast_e4m3
 from ligerzoo.kernels.float8_rows import power_of_two_scales as kernel_power_of_two_scales
 from ligerzoo.kernels.rms_norm import rms_norm_forward, rms_norm_forward_float8
 from ligerzoo.kernels.swiglu import (
+    backward_float8_fits_over_dy,
     swiglu_packed_backward,
     swiglu_packed_backward_float8,
+    swiglu_packed_backward_float8_over_dy,
     swiglu_packed_forward,
     swiglu_packed_forward_float8,
 )
@@ -137,6 +139,33 @@ def test_swiglu_gradient_rows_are_the_cast_of_swiglu_packed_backward(kernel_path
     dy = as_rows(special_rows(spread((*lead, width), dtype, per_row=True)))
     data, scale = swiglu_packed_backward_float8(dy, gate_up)
     assert_rows_equal(Float8Rows(data, scale), quantize_rows(swiglu_packed_backward(dy, gate_up)))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(1, 1), (0, 64), (6, 100), (3, 7, 64), (5, 4099)])
+def test_swiglu_gradient_rows_over_dy_are_those_written_apart(kernel_path, dtype, shape):
+    """Written over dy's memory, the FP8 rows are the same bits as in a buffer of their own, so
+    every byte of dy is overwritten (a byte left as it was is half of a 16-bit value, not the
+    expected FP8 one); inf and NaN in dy's rows, as above."""
+    *lead, width = shape
+    gate_up = as_rows(spread((*lead, 2 * width), dtype, per_row=True))
+    dy = as_rows(special_rows(spread((*lead, width), dtype, per_row=True)))
+    expected = Float8Rows(*swiglu_packed_backward_float8(dy, gate_up))
+    assert backward_float8_fits_over_dy(dy)
+    scale = swiglu_packed_backward_float8_over_dy(dy, gate_up)
+    assert_rows_equal(Float8Rows(dy.view(E4M3), scale), expected)
+
+
+def test_swiglu_gradient_rows_over_dy_refuse_what_cannot_hold_them(kernel_path, monkeypatch):
+    gate_up = torch.randn(8, 2 * 64, device=DEVICE, dtype=torch.bfloat16)
+    for dy in (torch.randn(8, 64, device=DEVICE),  # float32: twice the bytes the rows take
+               non_contiguous(torch.randn(8, 64, device=DEVICE, dtype=torch.bfloat16))):
+        assert not backward_float8_fits_over_dy(dy)
+        with pytest.raises(ValueError, match="cannot hold its gradient's FP8 rows"):
+            swiglu_packed_backward_float8_over_dy(dy, gate_up)
+    if interpreting():  # a row in two passes would overwrite what its second pass reads
+        monkeypatch.setattr(swiglu_module, "FLOAT8_ROW_IN_REGISTERS", 0)
+        assert not backward_float8_fits_over_dy(torch.randn(8, 64, device=DEVICE, dtype=torch.bfloat16))
 
 
 def test_swiglu_gradient_rows_of_strided_operands(kernel_path):

@@ -73,9 +73,11 @@ from ligerzoo.kernels.rms_norm import (
     rms_norm_forward_float8,
 )
 from ligerzoo.kernels.swiglu import (
+    backward_float8_fits_over_dy,
     swiglu_packed,
     swiglu_packed_backward,
     swiglu_packed_backward_float8,
+    swiglu_packed_backward_float8_over_dy,
     swiglu_packed_backward_in_place,
     swiglu_packed_forward_float8,
 )
@@ -205,7 +207,10 @@ class _FeedForwardFunction(torch.autograd.Function):
         da, dw2, _ = float8_backward_products(as_rows(dy), a_fp8, w2_for_da, RECIPE)
         dx = dnorm_weight = dw13 = None
         if da is not None:
-            dgate_up = Float8Rows(*swiglu_packed_backward_float8(da, gate_up))
+            if backward_float8_fits_over_dy(da):  # da is read by nothing else
+                dgate_up = Float8Rows(da.view(E4M3), swiglu_packed_backward_float8_over_dy(da, gate_up))
+            else:
+                dgate_up = Float8Rows(*swiglu_packed_backward_float8(da, gate_up))
             del da
             h_fp8 = Float8Rows(h_data, h_scale) if h_data is not None else None
             w13_for_dh = _weight_for_dh(w13_saved, w13_scale_saved)

@@ -363,15 +363,58 @@ def swiglu_packed_backward_float8(dy: torch.Tensor,
     which are `quantize_rows(swiglu_packed_backward(dy, gate_up))` bit for bit. The gradient is
     never written in gate_up's dtype: an FP8 layer that reads it as its output gradient casts it
     in this pass instead of reading it again (float8_fused.py's FFN)."""
-    n_rows, n_cols = dy.shape
-    if not runs_triton(gate_up):
-        grad = torch.empty(gate_up.shape, dtype=gate_up.dtype, device=gate_up.device)
-        _launch_backward(dy, gate_up, None, grad, None)
-        return tuple(quantize_rows(grad))
     grad = torch.empty(gate_up.shape, dtype=E4M3, device=gate_up.device)
-    grad_scale = torch.empty((n_rows, 1), dtype=torch.float32, device=gate_up.device)
+    grad_scale = torch.empty((dy.shape[0], 1), dtype=torch.float32, device=gate_up.device)
+    _launch_backward_float8(dy, gate_up, grad, grad_scale)
+    return grad, grad_scale
+
+
+def backward_float8_fits_over_dy(dy: torch.Tensor) -> bool:
+    """Whether `swiglu_packed_backward_float8_over_dy` can take dy [N, D]: a 16-bit dtype, its
+    rows contiguous, and, where Triton runs, each row's gradient (2 D values) held in registers, so a program
+    has read all of its row of dy before it writes the first byte over it (a row in two passes
+    would overwrite dy's bytes that its second pass has yet to read)."""
+    n_cols = dy.shape[-1]
+    rows_contiguous = dy.dim() == 2 and dy.stride(1) == 1 and (dy.shape[0] <= 1 or dy.stride(0) == n_cols)
+    return dy.element_size() == 2 and rows_contiguous and (not runs_triton(dy) or 2 * row_block(n_cols)[0] <= FLOAT8_ROW_IN_REGISTERS)
+
+
+# Opaque (see kernel_op): Inductor calls it as one unit on dy's buffer. Traced, the kernel would
+# write through a view of dy in another dtype, which functionalization is free to turn into a copy.
+@kernel_op("swiglu_packed_backward_float8_over_dy", mutates_args=("dy",), opaque=True)
+def swiglu_packed_backward_float8_over_dy(dy: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:
+    """`swiglu_packed_backward_float8`, its e4m3 data written over dy's memory, which holds it
+    exactly: a row of dy [N, D] in a 16-bit dtype is as many bytes as a row of the gradient's
+    FP8 rows [N, 2D]. Returns the scales [N, 1]; the data is `dy.view(E4M3)` afterwards. For a dy
+    read by nothing else (the down projection's input gradient): at the Llama-3.2-1B shape
+    the gradient's 256 MiB are never allocated, where the step's memory peaks. dy as
+    `backward_float8_fits_over_dy` requires."""
+    if not backward_float8_fits_over_dy(dy):
+        raise ValueError(f"swiglu_packed_backward_float8_over_dy: dy {tuple(dy.shape)} {dy.dtype} with strides "
+                         f"{dy.stride()} cannot hold its gradient's FP8 rows (a 16-bit dtype, contiguous rows, "
+                         "each held in registers)")
+    grad_scale = torch.empty((dy.shape[0], 1), dtype=torch.float32, device=dy.device)
+    _launch_backward_float8(dy, gate_up, dy.view(E4M3), grad_scale)
+    return grad_scale
+
+
+@swiglu_packed_backward_float8_over_dy.register_fake
+def _(dy, gate_up):
+    return dy.new_empty((dy.shape[0], 1), dtype=torch.float32)
+
+
+def _launch_backward_float8(dy, gate_up, grad, grad_scale) -> None:
+    """gate_up's gradient as FP8 rows: e4m3 data into grad [N, 2D], scales into grad_scale."""
+    n_rows, n_cols = dy.shape
     if n_rows == 0:
-        return grad, grad_scale
+        return
+    if not runs_triton(gate_up):
+        bf16_grad = torch.empty(gate_up.shape, dtype=gate_up.dtype, device=gate_up.device)
+        _launch_backward(dy, gate_up, None, bf16_grad, None)
+        data, scale = quantize_rows(bf16_grad)
+        grad.copy_(data)
+        grad_scale.copy_(scale)
+        return
     # A program holds both halves' values at once: 2 * block of them.
     block, _ = row_block(n_cols)
     row_in_registers = 2 * block <= FLOAT8_ROW_IN_REGISTERS
@@ -384,7 +427,6 @@ def swiglu_packed_backward_float8(dy: torch.Tensor,
         n_cols,
         EMULATE_FLOAT8=interpreting(), BLOCK=block, ROW_IN_REGISTERS=row_in_registers, num_warps=num_warps,
     )
-    return grad, grad_scale
 
 
 @kernel_op("swiglu_packed_backward_in_place", mutates_args=("gate_up",))
