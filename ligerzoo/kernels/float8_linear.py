@@ -150,11 +150,13 @@ def float8_backward_products(dy: torch.Tensor | Float8Rows, x_cast: Float8Rows |
         dy_cast = quantize_tensor(dy, grad_dtype) if needs_dx or needs_dw else None
         dyt_cast = _cast_transposed(dy, dy_cast, grad_dtype, recipe) if needs_dw else None
         xt_cast = Float8Rows(x_cast.data.t().contiguous(), x_cast.scale) if needs_dw else None
+    # dW first: its operands (x's columns are as large as x) are freed before dx is allocated.
+    if needs_dw:
+        dw = _product(dyt_cast, xt_cast, out_dtype)
+        del dyt_cast, xt_cast
     if needs_dx:
         wt_cast = weight if isinstance(weight, Float8Rows) else _cast_transposed(weight, None, E4M3, recipe)
         dx = _product(dy_cast, wt_cast, out_dtype)
-    if needs_dw:
-        dw = _product(dyt_cast, xt_cast, out_dtype)
     if bias_grad:
         db = dy.sum(0, dtype=torch.float32).to(dy.dtype)
     return dx, dw, db
