@@ -6,6 +6,8 @@ float8_linear.py's products and the producer's own backward, on the same operand
 Given W's rows already cast (weight_fp8): the same bits as float8_linear given those rows and W's
 columns made from them, which are those of casting W itself where no value of W is an FP8 subnormal."""
 
+import importlib
+
 import pytest
 import torch
 import torch._inductor.config
@@ -23,9 +25,14 @@ from ligerzoo.kernels import (
     swiglu_linear,
     swiglu_packed,
 )
+from ligerzoo.kernels._utils import interpreting
 from ligerzoo.kernels.float8 import E4M3, E5M2, Float8Rows, has_scaled_mm, quantize_tensor
 from ligerzoo.kernels.float8_columns import quantize_columns
 from ligerzoo.kernels.float8_linear import Float8Weight, float8_backward_products
+
+# The modules themselves: the package exports functions of the same names.
+float8_fused = importlib.import_module("ligerzoo.kernels.float8_fused")
+swiglu_module = importlib.import_module("ligerzoo.kernels.swiglu")
 
 EPS = 1e-6
 
@@ -182,6 +189,28 @@ def test_mlp_equals_the_two_functions_but_for_w13s_gradient_columns(kernel_path)
     assert_same_bits([got[dw13]], [from_rows], ["dw13"])
     error = (got[dw13].float() - expected[dw13].float()).norm() / expected[dw13].float().norm()
     assert 0 < error < 2.0**-5
+
+
+def test_mlp_writes_gate_ups_gradient_over_w2s_input_gradient_where_a_row_fits(kernel_path, monkeypatch):
+    """gate/up's gradient rows go over the memory of w2's input gradient (the same bytes a row)
+    where SwiGLU's kernel holds a row, into a buffer of their own where it takes two passes: the
+    same bits either way."""
+    written_over = []
+    over_dy = float8_fused.swiglu_packed_backward_float8_over_dy
+
+    def spy(dy, gate_up):
+        written_over.append(tuple(dy.shape))
+        return over_dy(dy, gate_up)
+
+    monkeypatch.setattr(float8_fused, "swiglu_packed_backward_float8_over_dy", spy)
+    inputs = mlp_inputs()
+    got = outputs_and_grads(fused_mlp, *inputs)
+    assert written_over == [(64, 80)]
+    if interpreting():
+        monkeypatch.setattr(swiglu_module, "FLOAT8_ROW_IN_REGISTERS", 0)
+        monkeypatch.setattr(swiglu_module, "FLOAT8_PASS_BLOCK", 64)
+        assert_same_bits(outputs_and_grads(fused_mlp, *inputs), got, MLP_NAMES)
+        assert written_over == [(64, 80)]
 
 
 def test_mlp_with_biases_or_shapes_the_fp8_product_cannot_take_is_the_two_functions(kernel_path):

@@ -357,7 +357,9 @@ def add_rms_norm_mlp(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch
     w13, then `swiglu_linear` for w2 (w13_fp8 and w2_fp8 as their weight_fp8), in one Function
     whose backward has SwiGLU write gate_up's gradient as the FP8 rows w13's backward reads
     (`swiglu_packed_backward_float8`): 1 byte an element instead of 2, written once instead of
-    written and read twice by the cast (float8_columns.py). w13's weight gradient takes its
+    written and read twice by the cast (float8_columns.py), and written over the memory of w2's
+    input gradient, which it is computed from and which holds it exactly, where SwiGLU's kernel
+    holds a row in registers (`swiglu_packed_backward_float8_over_dy`). w13's weight gradient takes its
     gradient's columns from those rows, cast again along M, as every weight gradient takes x's
     (float8_linear.py: the cast of the values themselves but for FP8 subnormals).
 
