@@ -376,7 +376,8 @@ def backward_float8_fits_over_dy(dy: torch.Tensor) -> bool:
     would overwrite dy's bytes that its second pass has yet to read)."""
     n_cols = dy.shape[-1]
     rows_contiguous = dy.dim() == 2 and dy.stride(1) == 1 and (dy.shape[0] <= 1 or dy.stride(0) == n_cols)
-    return dy.element_size() == 2 and rows_contiguous and (not runs_triton(dy) or 2 * row_block(n_cols)[0] <= FLOAT8_ROW_IN_REGISTERS)
+    held = not runs_triton(dy) or 2 * row_block(n_cols)[0] <= FLOAT8_ROW_IN_REGISTERS
+    return dy.element_size() == 2 and rows_contiguous and held
 
 
 # Opaque (see kernel_op): Inductor calls it as one unit on dy's buffer. Traced, the kernel would
@@ -390,9 +391,9 @@ def swiglu_packed_backward_float8_over_dy(dy: torch.Tensor, gate_up: torch.Tenso
     the gradient's 256 MiB are never allocated, where the step's memory peaks. dy as
     `backward_float8_fits_over_dy` requires."""
     if not backward_float8_fits_over_dy(dy):
-        raise ValueError(f"swiglu_packed_backward_float8_over_dy: dy {tuple(dy.shape)} {dy.dtype} with strides "
-                         f"{dy.stride()} cannot hold its gradient's FP8 rows (a 16-bit dtype, contiguous rows, "
-                         "each held in registers)")
+        raise ValueError(f"swiglu_packed_backward_float8_over_dy: dy {tuple(dy.shape)} {dy.dtype} with "
+                         f"strides {dy.stride()} cannot hold its gradient's FP8 rows (a 16-bit dtype, "
+                         "contiguous rows, each held in registers)")
     grad_scale = torch.empty((dy.shape[0], 1), dtype=torch.float32, device=dy.device)
     _launch_backward_float8(dy, gate_up, dy.view(E4M3), grad_scale)
     return grad_scale
