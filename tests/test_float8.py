@@ -29,7 +29,8 @@ MIN_NORMAL_EXPONENT = {E4M3: -6, E5M2: -14}
 UNIT_ROUNDOFF = {E4M3: 2.0**-4, E5M2: 2.0**-3}
 HALF_SUBNORMAL = {E4M3: 2.0**-10, E5M2: 2.0**-17}
 # The H100's FP8 tensor cores keep about 13 bits in their partial sums before cuBLAS adds them in
-# float32: measured, at most 2**-12 of sum |a||b| at K = 64 (2**-14.6 at K = 1024), so 2**-10.
+# float32: measured, at most 2**-12 of sum |a||b| at K = 64 (2**-14.6 at K = 1024), and when they
+# sum all of K themselves (the forward's `fast_accum`) 2**-11.6 at K = 1024; so 2**-10.
 SUM_ERROR_GPU = 2.0**-10
 # The output gradient's format in each recipe (the documented choice, written here independently).
 GRAD_FORMAT = {"rowwise": E4M3, "tensorwise": E5M2}

@@ -30,7 +30,8 @@ the spacing of 3 or 2 mantissa bits; eta = half the smallest subnormal times the
 2**-17 s, for values that fall below the normal range; rowwise dW's x, cast twice, errs by at most
 u|x| + eta_row + eta_column), so
     |y_hat - y| <= (u_a + u_b + u_a u_b) sum_k |a_k||b_k| + (subnormal terms in eta)
-                   + float32 sums (K 2**-24 sum_k |a_k||b_k|) + one rounding to the output dtype.
+                   + float32 sums (K 2**-24 sum_k |a_k||b_k|) + one rounding to the output dtype,
+and on the GPU the tensor cores' partial sums (the forward's sum all of K: float8.py's scaled_mm).
 The bound follows sum |a||b|, not |y|: an output that cancels to near zero has no relative bound.
 
 Shapes `torch._scaled_mm` cannot take (M, the flattened leading dims, or K or N zero or not a
@@ -92,9 +93,10 @@ def _cast_transposed(t: torch.Tensor, cast: Float8Rows | None, fp8_dtype: torch.
     return Float8Rows(cast.data.t().contiguous(), cast.scale)
 
 
-def _product(a: Float8Rows, b_t: Float8Rows, out_dtype: torch.dtype) -> torch.Tensor:
-    """a [M, K] @ b_t [N, K]^T, both cast along K."""
-    return scaled_mm(a.data, b_t.data.t(), a.scale, b_t.scale.t(), out_dtype)
+def _product(a: Float8Rows, b_t: Float8Rows, out_dtype: torch.dtype,
+             fast_accum: bool = False) -> torch.Tensor:
+    """a [M, K] @ b_t [N, K]^T, both cast along K (fast_accum: `scaled_mm`'s)."""
+    return scaled_mm(a.data, b_t.data.t(), a.scale, b_t.scale.t(), out_dtype, fast_accum)
 
 
 def quantize_weight(weight: torch.Tensor, recipe: str = "rowwise") -> Float8Weight:
@@ -118,7 +120,8 @@ def float8_forward_product(x_cast: Float8Rows, weight: torch.Tensor, bias: torch
 
     weight: W [N, K], cast here unless w_cast, its cast along K (`Float8Weight.rows`), is given."""
     w_cast = w_cast if w_cast is not None else _cast(weight, E4M3, recipe)
-    y = _product(x_cast, w_cast, weight.dtype)
+    # The tensor cores' own sums over K (the layer's input width): torchao's forward default.
+    y = _product(x_cast, w_cast, weight.dtype, fast_accum=True)
     return y + bias if bias is not None else y
 
 
