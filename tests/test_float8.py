@@ -2,6 +2,7 @@
 float8_linear.py) against float64 computations written independently of them: the cast's
 exponent from log2 and its rounding on the format's grid, the products from float64 matmuls."""
 
+import importlib
 
 import pytest
 import torch
@@ -21,6 +22,9 @@ from ligerzoo.kernels.float8 import (
     scaled_mm,
 )
 from ligerzoo.kernels.float8_linear import Float8Weight, float8_linear, quantize_weight
+
+# The module itself: the package exports a function of the same name.
+float8_linear_module = importlib.import_module("ligerzoo.kernels.float8_linear")
 
 MANTISSA_BITS = {E4M3: 3, E5M2: 2}
 MIN_NORMAL_EXPONENT = {E4M3: -6, E5M2: -14}
@@ -299,6 +303,22 @@ def test_float8_linear_is_not_the_exact_product():
     y = float8_linear(x, weight)
     rel = ((y.double() - F.linear(x.double(), weight.double())).norm() / y.double().norm()).item()
     assert 2.0**-9 < rel < 2.0**-3, rel
+
+
+@pytest.mark.parametrize("recipe", ["rowwise", "tensorwise"])
+def test_only_the_forward_product_sums_in_the_tensor_cores(recipe, monkeypatch):
+    """The forward product leaves its sums to the tensor cores (fast_accum, K the layer's width);
+    the gradients' keep float32 sums (the weight gradient's K is every token of the step)."""
+    calls = []
+
+    def spy(a, b, scale_a, scale_b, out_dtype=torch.bfloat16, fast_accum=False):
+        calls.append((tuple(a.shape), fast_accum))
+        return scaled_mm(a, b, scale_a, scale_b, out_dtype, fast_accum)
+
+    monkeypatch.setattr(float8_linear_module, "scaled_mm", spy)
+    x, weight, b, dy = make_layer(torch.bfloat16)  # x [2, 32, 64], weight [48, 64]
+    run_layer(float8_linear, x, weight, b, dy, recipe=recipe)
+    assert sorted(calls) == sorted([((64, 64), True), ((64, 48), False), ((48, 64), False)])
 
 
 @pytest.mark.parametrize("recipe", ["rowwise", "tensorwise"])
