@@ -359,9 +359,9 @@ def add_rms_norm_mlp(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch
     (`swiglu_packed_backward_float8`): 1 byte an element instead of 2, written once instead of
     written and read twice by the cast (float8_columns.py), and written over the memory of w2's
     input gradient, which it is computed from and which holds it exactly, where SwiGLU's kernel
-    holds a row in registers (`swiglu_packed_backward_float8_over_dy`). w13's weight gradient takes its
-    gradient's columns from those rows, cast again along M, as every weight gradient takes x's
-    (float8_linear.py: the cast of the values themselves but for FP8 subnormals).
+    holds a row in registers (`swiglu_packed_backward_float8_over_dy`). w13's weight gradient
+    takes its gradient's columns from those rows, cast again along M, as every weight gradient
+    takes x's (float8_linear.py: the cast of the values themselves but for FP8 subnormals).
 
     x, residual: [..., H]; norm_weight [H]; w13 [2D, H]; w2 [H, D]; x's dtype for all. With a
     bias, or shapes the FP8 product cannot take, it is the two functions one after the other."""

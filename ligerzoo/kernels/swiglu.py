@@ -371,9 +371,9 @@ def swiglu_packed_backward_float8(dy: torch.Tensor,
 
 def backward_float8_fits_over_dy(dy: torch.Tensor) -> bool:
     """Whether `swiglu_packed_backward_float8_over_dy` can take dy [N, D]: a 16-bit dtype, its
-    rows contiguous, and, where Triton runs, each row's gradient (2 D values) held in registers, so a program
-    has read all of its row of dy before it writes the first byte over it (a row in two passes
-    would overwrite dy's bytes that its second pass has yet to read)."""
+    rows contiguous, and, where Triton runs, each row's gradient (2 D values) held in registers,
+    so that a program has read all of its row of dy before it writes the first byte over it (a
+    row in two passes would overwrite bytes of dy that its second pass has yet to read)."""
     n_cols = dy.shape[-1]
     rows_contiguous = dy.dim() == 2 and dy.stride(1) == 1 and (dy.shape[0] <= 1 or dy.stride(0) == n_cols)
     held = not runs_triton(dy) or 2 * row_block(n_cols)[0] <= FLOAT8_ROW_IN_REGISTERS
@@ -410,9 +410,9 @@ def _launch_backward_float8(dy, gate_up, grad, grad_scale) -> None:
     if n_rows == 0:
         return
     if not runs_triton(gate_up):
-        bf16_grad = torch.empty(gate_up.shape, dtype=gate_up.dtype, device=gate_up.device)
-        _launch_backward(dy, gate_up, None, bf16_grad, None)
-        data, scale = quantize_rows(bf16_grad)
+        plain_grad = torch.empty(gate_up.shape, dtype=gate_up.dtype, device=gate_up.device)
+        _launch_backward(dy, gate_up, None, plain_grad, None)
+        data, scale = quantize_rows(plain_grad)
         grad.copy_(data)
         grad_scale.copy_(scale)
         return
