@@ -99,8 +99,14 @@ def describe_kernels(rows: list[tuple[str, float, float]], top: int = 30) -> str
     lines = [f"device kernels, each launch once, ms a step ({sum(kinds.values()):.1f} in all), by kind:"]
     lines += [f"{ms:9.2f}  {kind}" for kind, ms in sorted(kinds.items(), key=lambda item: -item[1])]
     lines.append(f"the {min(top, len(rows))} longest (ms a step, calls a step):")
-    lines += [f"{ms:9.2f} {calls:7.1f}  {name[:110]}" for name, ms, calls in rows[:top]]
+    lines += [f"{ms:9.2f} {calls:7.1f}  {_shortened(name)}" for name, ms, calls in rows[:top]]
     return "\n".join(lines) + "\n"
+
+
+def _shortened(name: str, width: int = 110) -> str:
+    """A long kernel name's start and end: Inductor's generated kernels differ only at the end
+    (`triton_red_fused_..._mul_5`), C++ templates' at the start."""
+    return name if len(name) <= width else f"{name[:width // 2]}...{name[3 - width // 2:]}"
 
 
 # Gap lengths, in microseconds, that the idle time is summed by: a few microseconds between two

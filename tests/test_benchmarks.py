@@ -168,6 +168,10 @@ def test_kernel_breakdown_counts_each_launch_once_by_name_and_kind():
     assert "     0.50  attention" in text and "     0.50  matrix products" in text
     assert "the 2 longest" in text and "_cast_kernel" not in text.split("the 2 longest")[1]
     assert "none in the trace" in timeline.describe_kernels([])
+    # A long name keeps its start and its end, where Inductor's kernels differ.
+    long_name = "triton_red_fused_" + "abs_amax_" * 20 + "where_13"
+    listed = timeline.describe_kernels([(long_name, 1.0, 2.0)]).splitlines()[-1]
+    assert listed.endswith("_where_13") and "triton_red_fused_abs_amax_" in listed and len(listed) <= 130
 
 
 def test_idle_gaps_sums_them_by_length_and_names_what_the_host_did_in_the_longest():
