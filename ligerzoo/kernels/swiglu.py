@@ -376,8 +376,13 @@ def backward_float8_fits_over_dy(dy: torch.Tensor) -> bool:
     row in two passes would overwrite bytes of dy that its second pass has yet to read)."""
     n_cols = dy.shape[-1]
     rows_contiguous = dy.dim() == 2 and dy.stride(1) == 1 and (dy.shape[0] <= 1 or dy.stride(0) == n_cols)
-    held = not runs_triton(dy) or 2 * row_block(n_cols)[0] <= FLOAT8_ROW_IN_REGISTERS
-    return dy.element_size() == 2 and rows_contiguous and held
+    return dy.element_size() == 2 and rows_contiguous and (not runs_triton(dy) or _backward_row_held(n_cols))
+
+
+def _backward_row_held(n_cols: int) -> bool:
+    """Whether the FP8 backward kernel holds a row's gradient (both halves, 2 * block values) in
+    registers rather than making two passes over it."""
+    return 2 * row_block(n_cols)[0] <= FLOAT8_ROW_IN_REGISTERS
 
 
 # Opaque (see kernel_op): Inductor calls it as one unit on dy's buffer. Traced, the kernel would
@@ -416,9 +421,8 @@ def _launch_backward_float8(dy, gate_up, grad, grad_scale) -> None:
         grad.copy_(data)
         grad_scale.copy_(scale)
         return
-    # A program holds both halves' values at once: 2 * block of them.
     block, _ = row_block(n_cols)
-    row_in_registers = 2 * block <= FLOAT8_ROW_IN_REGISTERS
+    row_in_registers = _backward_row_held(n_cols)
     if not row_in_registers:
         block, _ = row_block(FLOAT8_PASS_BLOCK // 2)
     _, num_warps = row_block(2 * block)
