@@ -109,6 +109,9 @@ def main() -> None:
                         "starts the next N blocks' all-gathers (0: FSDP2's own order), for every peer")
     parser.add_argument("--fsdp-keep-gathered", action="store_true", help="with --gpus: keep each block's "
                         "gathered parameters from its forward to its backward (no resharding), for every peer")
+    parser.add_argument("--loss-chunk-rows", type=int, metavar="ROWS", help="ligerzoo's fused loss makes "
+                        "this many rows of logits at a time (--train.loss_chunk_rows; default: as many as "
+                        "126 MiB hold)")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cpu (with --shape tiny, "
                         "gloo ranks, the kernels' PyTorch path): checks the plumbing, not speed")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # a child process: one JSON-encoded run
@@ -125,6 +128,8 @@ def main() -> None:
         parser.error(f"--fsdp-prefetch {args.fsdp_prefetch}: blocks to gather ahead, 0 or more")
     if args.gpus is None and (args.fsdp_prefetch or args.fsdp_keep_gathered):
         parser.error("--fsdp-prefetch and --fsdp-keep-gathered set FSDP2's wrapping: they need --gpus")
+    if args.loss_chunk_rows is not None and args.loss_chunk_rows < 1:
+        parser.error(f"--loss-chunk-rows {args.loss_chunk_rows}: a positive number of rows")
     if args.device == "cpu" and args.memory:
         parser.error("--memory replays the CUDA allocator's trace: it needs --device cuda")
 
@@ -136,8 +141,9 @@ def main() -> None:
             ahead = f"{args.fsdp_prefetch} block{'s' if args.fsdp_prefetch > 1 else ''} ahead"
         wrapping = (f", all-gathers {ahead}, blocks {'kept gathered' if args.fsdp_keep_gathered else 'resharded'} "
                     f"after the forward")
+    chunks = f", ligerzoo's loss in chunks of {args.loss_chunk_rows} rows" if args.loss_chunk_rows else ""
     print(f"{where}, torch {torch.__version__}, shape {args.shape}, seq {args.seq} x batch {args.batch}, "
-          f"{args.steps} steps ({UNTIMED_STEPS} untimed){wrapping}\n", flush=True)
+          f"{args.steps} steps ({UNTIMED_STEPS} untimed){wrapping}{chunks}\n", flush=True)
     print("| run | checkpointing | GPUs | tokens/s per GPU | MFU | peak memory per GPU (GiB) | "
           "loss at the last step | scaling efficiency | SM clock, power (rank 0, medians) |")
     print("|---|---|---|---|---|---|---|---|---|", flush=True)
@@ -150,6 +156,7 @@ def main() -> None:
             for gpus in args.gpus or [1]:
                 run = dict(peer=peer, shape=args.shape, seq=args.seq, batch=args.batch,
                            checkpointing=checkpointing, steps=args.steps, profile=args.profile, memory=args.memory,
+                           loss_chunk_rows=args.loss_chunk_rows,
                            shard=args.gpus is not None,
                            fsdp=dict(prefetch=args.fsdp_prefetch, reshard_after_forward=not args.fsdp_keep_gathered))
                 result = _in_child(run, args.device, gpus if args.gpus else None)
@@ -197,13 +204,15 @@ def _in_child(run: dict, device: str, gpus: int | None = None) -> dict:
 
 
 def run_one(peer: str, shape: str, seq: int, batch: int, checkpointing: str, steps: int, shard: bool, fsdp: dict,
-            profile: str | None = None, memory: str | None = None) -> dict:
+            profile: str | None = None, memory: str | None = None,
+            loss_chunk_rows: int | None = None) -> dict:
     rank, world_size, device = init_distributed()
     torch.manual_seed(rank)  # each rank its own tokens, as a data-parallel run has
     if peer.startswith("ligerzoo"):
         float8 = peer.removeprefix("ligerzoo-fp8-").removesuffix("-bf16-master") if "-fp8-" in peer else "off"
         model = ligerzoo_model(shape, checkpointing, device, bf16_master=peer.endswith("bf16-master"),
                                 always_shard=shard, fsdp=fsdp, float8=float8)
+        model.loss_chunk_rows = loss_chunk_rows
     else:
         model = _hf_model(shape, checkpointing, device, liger=peer == "hf-liger", compiled=peer == "hf-compiled")
         if shard:  # wrapped exactly as ligerzoo's model: each decoder layer, then the root

@@ -46,8 +46,10 @@ def table_rows(stdout: str, header: str = "| ") -> list[dict]:
 
 
 def test_training_benchmark_runs_each_peer_on_one_and_two_ranks():
-    result = run_benchmark("--gpus", "1", "2", "--checkpointing", "full", "--peers", "ligerzoo", "hf")
+    result = run_benchmark("--gpus", "1", "2", "--checkpointing", "full", "--peers", "ligerzoo", "hf",
+                           "--loss-chunk-rows", "32")
     assert result.returncode == 0, result.stdout + result.stderr[-6000:]
+    assert "ligerzoo's loss in chunks of 32 rows" in result.stdout.splitlines()[0]
     rows = table_rows(result.stdout)
     assert [(row["run"], row["GPUs"]) for row in rows] == [("ligerzoo", "1"), ("ligerzoo", "2"), ("hf", "1"),
                                                           ("hf", "2")]
@@ -75,6 +77,9 @@ def test_training_benchmark_rejects_too_few_steps():
     result = run_benchmark("--steps", "4")
     assert result.returncode == 2
     assert "at least 5 are needed" in result.stderr
+    result = run_benchmark("--loss-chunk-rows", "0")
+    assert result.returncode == 2
+    assert "--loss-chunk-rows 0: a positive number of rows" in result.stderr
 
 
 def test_collectives_benchmark_times_a_blocks_all_gather_and_reduce_scatter():

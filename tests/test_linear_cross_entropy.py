@@ -164,6 +164,34 @@ def test_chunks_cover_every_row_once(kernel_path, monkeypatch):
         assert launched == passes, reduction
 
 
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_chunk_rows_asked_for_are_the_chunks_that_run(kernel_path, monkeypatch, reduction):
+    """chunk_rows overrides the budget's rows (here 128, far more than the input has), through the
+    function and the module alike, and the result still matches float64."""
+    hidden, weight, target, bias = make_inputs(45, 8, 20, torch.float32)
+    launched = []
+    real_launch = lce_module.launch_cross_entropy
+
+    def spy(logits2d, *args, **kwargs):
+        launched.append(logits2d.shape[0])
+        return real_launch(logits2d, *args, **kwargs)
+
+    monkeypatch.setattr(lce_module, "launch_cross_entropy", spy)
+    grad_loss = torch.rand(45, device=DEVICE) + 0.5 if reduction == "none" else None
+    loss64, grads64 = loss_and_grads(reference, hidden, weight, target, bias, grad_loss, to64=True,
+                                     reduction=reduction)
+    passes = 2 if reduction == "none" else 1
+    module = LinearCrossEntropyLoss(reduction=reduction, chunk_rows=20)
+    for fn in (lambda *a, **o: linear_cross_entropy(*a, **o, chunk_rows=20), module):
+        launched.clear()
+        loss, grads = loss_and_grads(fn, hidden, weight, target, bias, grad_loss,
+                                     **({} if fn is module else {"reduction": reduction}))
+        assert launched == [20, 20, 5] * passes
+        assert_close(loss, loss64, torch.float32, what="loss")
+        assert_grads_close(grads, grads64, torch.float32)
+    assert "chunk_rows=20" in repr(module)
+
 def test_chunk_buffer_is_bounded_at_the_llama3_8b_head():
     vocab = 128256
     bf16_rows = lce_module.rows_per_chunk(vocab, 2)
@@ -361,6 +389,9 @@ def test_bad_arguments():
         ("reduction", dict(reduction="avg")),
         ("label_smoothing", dict(label_smoothing=1.5)),
         ("ignore_index", dict(ignore_index=-100.0)),
+        ("chunk_rows is 0", dict(chunk_rows=0)),
+        ("chunk_rows is 2.0", dict(chunk_rows=2.0)),
+        ("chunk_rows is True", dict(chunk_rows=True)),
     ]
     for message, override in cases:
         args = dict(hidden=hidden, weight=weight, target=target, bias=bias) | override
@@ -368,3 +399,5 @@ def test_bad_arguments():
             linear_cross_entropy(**args)
     with pytest.raises(ValueError, match="reduction"):
         LinearCrossEntropyLoss(reduction="batchmean")
+    with pytest.raises(ValueError, match="chunk_rows is -1"):
+        LinearCrossEntropyLoss(chunk_rows=-1)

@@ -165,6 +165,33 @@ def test_mixtral_aux_loss_and_its_gradient_match_transformers():
         assert hf_grad.norm() > 0 and rel_error(grad, hf_grad) < FLOAT32_TOL
 
 
+def test_loss_chunk_rows_reach_the_fused_loss(monkeypatch):
+    """model.loss_chunk_rows is the fused loss's chunk_rows (None: its own budget); the loss and the
+    head's gradient are the same either way."""
+    from ligerzoo.models import transformer as transformer_module
+
+    asked = []
+    real_loss = transformer_module.linear_cross_entropy
+
+    def spy(*args, **kwargs):
+        asked.append(kwargs.get("chunk_rows"))
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(transformer_module, "linear_cross_entropy", spy)
+    model = our_model(make_hf_model("llama2_mha"))
+    input_ids, labels = batch()
+    results = []
+    for rows in (None, 5):
+        model.loss_chunk_rows = rows
+        model.zero_grad()
+        loss = model(input_ids, labels=labels).loss
+        loss.backward()
+        results.append((loss.detach(), model.lm_head.weight.grad.clone()))
+    assert asked == [None, 5]
+    (loss, grad), (chunked_loss, chunked_grad) = results
+    assert abs(chunked_loss.item() - loss.item()) < FLOAT32_TOL * loss.item()
+    assert rel_error(chunked_grad, grad) < FLOAT32_TOL
+
 @pytest.mark.parametrize("name", ["llama31_rope_scaling_tied", "attention_and_mlp_bias", "mixtral_top2_of_4"])
 def test_hf_tensor_map_names_what_transformers_saves(name, tmp_path):
     hf_model = make_hf_model(name)

@@ -113,11 +113,12 @@ def test_one_rank_and_two_ranks_give_the_same_loss_curve(reference_run, tmp_path
         assert losses(tmp_path)[step] == pytest.approx(loss, rel=1e-4), step  # float32, other reduction order
 
 
-def test_fsdp_prefetch_and_keeping_blocks_gathered_give_the_same_losses(reference_run, tmp_path):
-    """When the all-gathers start and whether a block's parameters are freed between its forward
-    and backward change speed and memory, never the numbers."""
+def test_fsdp_prefetch_keeping_blocks_gathered_and_loss_chunks_give_the_same_losses(reference_run, tmp_path):
+    """When the all-gathers start, whether a block's parameters are freed between its forward and
+    backward, and how many rows the fused loss takes at a time change speed and memory, never the
+    numbers (beyond float32 sums in another order)."""
     run_train(tmp_path, "--max_steps", "4", "--checkpoint_every", "0", "--train.fsdp_prefetch", "2",
-              "--train.fsdp_reshard_after_forward", "false")
+              "--train.fsdp_reshard_after_forward", "false", "--train.loss_chunk_rows", "48")
     reference = losses(reference_run)
     for step, loss in losses(tmp_path).items():
         assert loss == pytest.approx(reference[step], rel=1e-5), step

@@ -53,6 +53,7 @@ def unbroken_run(tmp_path_factory):
     ("--train.lr", "nan", "--train.lr nan: a positive learning rate"),
     ("--output_dir", "", "--train.output_dir '': a directory"),
     ("--train.keep_checkpoints", "-2", "--train.keep_checkpoints -2"),
+    ("--train.loss_chunk_rows", "-1", "--train.loss_chunk_rows -1: a positive number of rows, or 0"),
     ("--model.num_key_value_heads", "3", "--model.num_key_value_heads 3: a divisor of"),
 ])
 def test_out_of_range_setting_is_refused_naming_the_flag(flag, value, message):

@@ -25,6 +25,15 @@ takes twice as long as its flops (0.70 ms of traffic for 0.36 ms of math). 512-r
 (125 MiB) move 67 GB (22 ms) and put the dweight update at the ridge (0.70 ms for 0.72 ms).
 Fewer chunks also mean fewer bf16 roundings of the accumulating dweight. So the buffer gets
 CHUNK_BUFFER_BYTES, and a chunk the most rows, a multiple of 128 (cuBLAS tiles), that fit.
+
+Where memory allows, `chunk_rows` asks for more. At the Llama-3.2-1B head (N 16384, H 2048, V
+128256) each 512-row chunk's dweight update moves 1 GB (0.35 ms at 3 TB/s) for 269 GFLOP (0.38
+ms): at the ridge, and inside a training step, where other kernels share the memory, it ran at
+526 TFLOP/s against 660-780 for the other two products. An FP8 training step without activation
+checkpointing (H100, benchmarks/RESULTS.md) ran at 74.7k tokens/s with 512-row chunks, 76.7k
+with 1,024, 78.0k with 2,048 (a 501 MiB buffer) and 77.4k with 4,096. With checkpointing the
+step's peak is in the backward, so 2,048 rows cost no memory there (full 64.1k -> 65.4k tokens/s,
+keep-attention 66.7k -> 67.7k, in separate runs).
 """
 
 import torch
@@ -143,12 +152,13 @@ def _(hidden, weight, target, bias, grad_scale, ignore_index, label_smoothing, c
 
 class _LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, target, bias, ignore_index, label_smoothing, reduction, grad_enabled):
+    def forward(ctx, hidden, weight, target, bias, ignore_index, label_smoothing, reduction, chunk_rows,
+                grad_enabled):
         hidden2 = as_rows(hidden)
         target1 = target.reshape(-1)
         # needs_input_grad ignores torch.no_grad(), hence grad_enabled from the caller.
         ctx.wants = tuple(grad_enabled and ctx.needs_input_grad[i] for i in (0, 1, 3))
-        ctx.options = (ignore_index, label_smoothing, rows_per_chunk(weight.shape[0], hidden.element_size()))
+        ctx.options = (ignore_index, label_smoothing, chunk_rows)
         ctx.reduction = reduction
         ctx.hidden_shape = hidden.shape
         scale, counted = gradient_scale(target1, ignore_index, reduction)
@@ -189,7 +199,7 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
             grad_weight if want_weight else None,
             None,
             grad_bias if want_bias else None,
-            None, None, None, None,
+            None, None, None, None, None,
         )
 
 
@@ -218,25 +228,52 @@ def linear_cross_entropy(
     ignore_index: int = IGNORE_INDEX,
     label_smoothing: float = 0.0,
     reduction: str = "mean",
+    chunk_rows: int | None = None,
 ) -> torch.Tensor:
     """cross_entropy(hidden @ weight.T + bias, target) without materialising the logits.
 
     hidden: [..., H] float; weight: [V, H] and bias: [V] of hidden's dtype; target: [...] int64
     or int32 class indices. Options as torch.nn.functional.cross_entropy. A target outside
     [0, V) that is not ignore_index fails an asynchronous assert. The loss is float32.
+    chunk_rows: the rows of logits made at a time (a [chunk_rows, V] buffer in hidden's dtype);
+    None: as many as CHUNK_BUFFER_BYTES hold. More rows are faster where the memory is there
+    (module docstring); only dweight's accumulation, a chunk at a time in its dtype, rounds
+    differently.
     """
     _check(hidden, weight, target, bias)
     check_loss_options(ignore_index, label_smoothing, reduction)
+    check_chunk_rows(chunk_rows)
+    rows = chunk_rows if chunk_rows is not None else rows_per_chunk(weight.shape[0], hidden.element_size())
     return _LinearCrossEntropyFunction.apply(
-        hidden, weight, target, bias, ignore_index, float(label_smoothing), reduction, torch.is_grad_enabled()
+        hidden, weight, target, bias, ignore_index, float(label_smoothing), reduction, rows,
+        torch.is_grad_enabled(),
     )
 
 
+def check_chunk_rows(chunk_rows: int | None) -> None:
+    """chunk_rows is None or a positive int."""
+    if chunk_rows is None:
+        return
+    if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
+        raise ValueError(f"chunk_rows is {chunk_rows!r}: expected a positive number of rows, or None for "
+                         f"as many as {CHUNK_BUFFER_BYTES >> 20} MiB of logits hold")
+
+
 class LinearCrossEntropyLoss(LossOptions):
+    def __init__(self, ignore_index: int = IGNORE_INDEX, label_smoothing: float = 0.0,
+                 reduction: str = "mean", chunk_rows: int | None = None):
+        super().__init__(ignore_index, label_smoothing, reduction)
+        check_chunk_rows(chunk_rows)
+        self.chunk_rows = chunk_rows
+
     def forward(self, hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
                 bias: torch.Tensor | None = None) -> torch.Tensor:
         """linear_cross_entropy(hidden [..., H], weight [V, H], target [...], bias [V]) with
         this module's options."""
         return linear_cross_entropy(
-            hidden, weight, target, bias, self.ignore_index, self.label_smoothing, self.reduction
+            hidden, weight, target, bias, self.ignore_index, self.label_smoothing, self.reduction,
+            self.chunk_rows,
         )
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", chunk_rows={self.chunk_rows}"

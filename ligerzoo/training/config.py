@@ -64,6 +64,11 @@ class TrainSection:
     # either) multiply in FP8 (models/float8.py); weights, optimizer state, checkpoints and the
     # export keep their dtype.
     float8: str = "off"
+    # Rows of logits the fused loss makes at a time, a [rows, vocab] buffer (0: as many as 126 MiB
+    # hold, 512 of a 128,256-entry vocabulary in bf16). More rows pass over the head's weight
+    # gradient fewer times: 2048 made an FP8 Llama-3.2-1B step 2-4% faster, for 375 MiB more at
+    # the peak without activation checkpointing and none with it (benchmarks/RESULTS.md).
+    loss_chunk_rows: int = 0
     dtype: str = "bfloat16"  # parameter and compute dtype on the GPU (CPU runs in float32)
     # The sharded weights AdamW updates, and its state, on the GPU: float32 (master weights, 16
     # bytes a parameter with the gradient and AdamW state) or bfloat16 (8 bytes: leaner, less exact).
@@ -166,6 +171,8 @@ def config_problems(config: Config) -> list[str]:
     require(train.activation_checkpointing in ("off", "full", "keep-attention", "selective"),
             "train.activation_checkpointing", "'off', 'full', 'keep-attention' or 'selective'")
     require(train.float8 in ("off", "rowwise", "tensorwise"), "train.float8", "'off', 'rowwise' or 'tensorwise'")
+    require(train.loss_chunk_rows >= 0, "train.loss_chunk_rows", "a positive number of rows, or 0 for the "
+            "default (as many as 126 MiB of logits hold)")
     for name in ("dtype", "master_dtype"):
         require(getattr(train, name) in ("float32", "bfloat16", "float16"), f"train.{name}",
                 "'float32', 'bfloat16' or 'float16'")

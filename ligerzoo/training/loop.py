@@ -70,6 +70,7 @@ def _train_locked(config: Config, rank: int, world_size: int, device: torch.devi
     # Build: the same weights on every rank (same seed or same checkpoint), then sharded.
     model, tokenizer, model_dir = _build_model_and_tokenizer(config, rank)
     run = run_record(config, model.config.to_dict(), tokenizer_fingerprint(tokenizer), world_size)
+    model.loss_chunk_rows = train_cfg.loss_chunk_rows or None
     medusa = config.medusa.num_heads > 0
     if medusa:
         model = with_medusa_heads(model, config.medusa)
