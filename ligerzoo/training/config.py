@@ -66,7 +66,7 @@ class TrainSection:
     float8: str = "off"
     # Rows of logits the fused loss makes at a time, a [rows, vocab] buffer (0: as many as 126 MiB
     # hold, 512 of a 128,256-entry vocabulary in bf16). More rows pass over the head's weight
-    # gradient fewer times: 2048 made an FP8 Llama-3.2-1B step 2-4% faster, for 375 MiB more at
+    # gradient fewer times: 2048 made an FP8 Llama-3.2-1B step 4% faster, for 375 MiB more at
     # the peak without activation checkpointing and none with it (benchmarks/RESULTS.md).
     loss_chunk_rows: int = 0
     dtype: str = "bfloat16"  # parameter and compute dtype on the GPU (CPU runs in float32)
