@@ -39,6 +39,7 @@ from device_timeline import (  # beside this script
 )
 
 from ligerzoo.models import ModelConfig, build_model
+from ligerzoo.models.float8_weight_rows import keep_weight_rows
 from ligerzoo.models.presets import LLAMA_3_1_8B, LLAMA_3_2_1B, MIXTRAL_8X7B_2_LAYERS, TINY_LLAMA
 from ligerzoo.training.blocks import CHECKPOINTING_MODES, prepare_blocks
 from ligerzoo.training.metrics import flops_per_token, peak_flops
@@ -112,6 +113,9 @@ def main() -> None:
     parser.add_argument("--loss-chunk-rows", type=int, metavar="ROWS", help="ligerzoo's fused loss makes "
                         "this many rows of logits at a time (--train.loss_chunk_rows; default: as many as "
                         "126 MiB hold)")
+    parser.add_argument("--float8-keep-weight-rows", action="store_true", help="the ligerzoo-fp8-rowwise "
+                        "peers cast their weights' FP8 rows once a step and keep them "
+                        "(--train.float8_keep_weight_rows)")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cpu (with --shape tiny, "
                         "gloo ranks, the kernels' PyTorch path): checks the plumbing, not speed")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # a child process: one JSON-encoded run
@@ -142,6 +146,8 @@ def main() -> None:
         wrapping = (f", all-gathers {ahead}, blocks {'kept gathered' if args.fsdp_keep_gathered else 'resharded'} "
                     f"after the forward")
     chunks = f", ligerzoo's loss in chunks of {args.loss_chunk_rows} rows" if args.loss_chunk_rows else ""
+    if args.float8_keep_weight_rows:
+        chunks += ", rowwise FP8 weight rows kept from step to step"
     print(f"{where}, torch {torch.__version__}, shape {args.shape}, seq {args.seq} x batch {args.batch}, "
           f"{args.steps} steps ({UNTIMED_STEPS} untimed){wrapping}{chunks}\n", flush=True)
     print("| run | checkpointing | GPUs | tokens/s per GPU | MFU | peak memory per GPU (GiB) | "
@@ -157,6 +163,7 @@ def main() -> None:
                 run = dict(peer=peer, shape=args.shape, seq=args.seq, batch=args.batch,
                            checkpointing=checkpointing, steps=args.steps, profile=args.profile, memory=args.memory,
                            loss_chunk_rows=args.loss_chunk_rows,
+                           float8_keep_weight_rows=args.float8_keep_weight_rows,
                            shard=args.gpus is not None,
                            fsdp=dict(prefetch=args.fsdp_prefetch, reshard_after_forward=not args.fsdp_keep_gathered))
                 result = _in_child(run, args.device, gpus if args.gpus else None)
@@ -205,7 +212,7 @@ def _in_child(run: dict, device: str, gpus: int | None = None) -> dict:
 
 def run_one(peer: str, shape: str, seq: int, batch: int, checkpointing: str, steps: int, shard: bool, fsdp: dict,
             profile: str | None = None, memory: str | None = None,
-            loss_chunk_rows: int | None = None) -> dict:
+            loss_chunk_rows: int | None = None, float8_keep_weight_rows: bool = False) -> dict:
     rank, world_size, device = init_distributed()
     torch.manual_seed(rank)  # each rank its own tokens, as a data-parallel run has
     if peer.startswith("ligerzoo"):
@@ -221,6 +228,11 @@ def run_one(peer: str, shape: str, seq: int, batch: int, checkpointing: str, ste
     if on_gpu:
         torch.cuda.reset_peak_memory_stats()  # from here: the weights and what training adds
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=on_gpu)
+    # As train.py does, on one rank (several gather FP8 rows already).
+    if float8_keep_weight_rows and peer.startswith("ligerzoo-fp8-rowwise") and world_size == 1:
+        cast_weight_rows = keep_weight_rows(model, torch.bfloat16 if on_gpu else torch.float32)
+        cast_weight_rows()
+        optimizer.register_step_post_hook(lambda *_: cast_weight_rows())
     vocab = SHAPES[shape]["vocab_size"]
     input_ids = torch.randint(0, vocab, (batch, seq), device=device)
 

@@ -91,6 +91,15 @@ def test_collectives_benchmark_times_a_blocks_all_gather_and_reduce_scatter():
         assert float(row["ms"]) > 0
 
 
+def test_training_benchmark_keeps_fp8_weight_rows_when_asked():
+    result = run_benchmark("--checkpointing", "full", "--peers", "ligerzoo-fp8-rowwise-bf16-master",
+                           "--float8-keep-weight-rows")
+    assert result.returncode == 0, result.stdout + result.stderr[-6000:]
+    assert "rowwise FP8 weight rows kept from step to step" in result.stdout.splitlines()[0]
+    (row,) = table_rows(result.stdout)
+    assert abs(float(row["loss at the last step"]) - math.log(TINY_VOCAB)) < 0.3, row
+
+
 def test_profile_and_fsdp_settings_on_two_ranks(tmp_path):
     result = run_benchmark("--gpus", "2", "--checkpointing", "off", "--peers", "ligerzoo", "hf",
                            "--fsdp-prefetch", "1", "--fsdp-keep-gathered", "--profile", str(tmp_path))

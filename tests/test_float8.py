@@ -21,6 +21,7 @@ from ligerzoo.kernels.float8 import (
     quantize_tensor,
     scaled_mm,
 )
+from ligerzoo.kernels.float8_columns import quantize_columns
 from ligerzoo.kernels.float8_linear import Float8Weight, float8_linear, quantize_weight
 
 # The module itself: the package exports a function of the same name.
@@ -334,10 +335,25 @@ def test_precast_input_and_weight_give_the_same_results(recipe):
         assert torch.equal(g, e), what
 
 
+def test_weight_rows_alone_stand_for_the_weight_with_columns_made_from_them():
+    """Rowwise, weight_fp8 may be W's rows alone (kept once a step, or gathered by FSDP2): the
+    backward makes W's columns from them, bit for bit what Float8Weight with those columns gives."""
+    x, weight, b, dy = make_layer(torch.bfloat16)
+    rows = quantize_rows(weight)
+    both = Float8Weight(rows, Float8Rows(*quantize_columns(rows.data, rows.scale)))
+    expected = run_layer(float8_linear, x, weight, b, dy, weight_fp8=both)
+    got = run_layer(float8_linear, x, weight, b, dy, weight_fp8=rows)
+    for what, g, e in zip(("y", "dx", "dW", "db"), got, expected):
+        assert torch.equal(g, e), what
+    plain = run_layer(float8_linear, x, weight, b, dy)
+    assert torch.equal(got[0], plain[0]) and torch.equal(got[2], plain[2])  # the same forward and dW
+
+
 def saved_dtypes(recipe, cast_weight=False):
     x, weight, _, _ = make_layer(torch.bfloat16, bias=False)
     x.requires_grad_(); weight.requires_grad_()
-    weight_fp8 = quantize_weight(weight, recipe) if cast_weight else None
+    casts = {False: None, True: quantize_weight(weight, recipe), "rows": quantize_rows(weight)}
+    weight_fp8 = casts[cast_weight]
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append((t.dtype, tuple(t.shape))) or t,
                                                   lambda t: t):
@@ -355,6 +371,9 @@ def test_saved_tensors_are_what_the_backward_reads():
     # A weight cast once a step: its columns' cast, not the parameter.
     assert saved_dtypes("rowwise", cast_weight=True) == \
         sorted([(E4M3, (m, k)), (torch.float32, (m, 1)), (E4M3, (k, n)), (torch.float32, (k, 1))], key=str)
+    # Its rows alone: those, whose columns the backward makes.
+    assert saved_dtypes("rowwise", cast_weight="rows") == \
+        sorted([(E4M3, (m, k)), (torch.float32, (m, 1)), (E4M3, (n, k)), (torch.float32, (n, 1))], key=str)
 
 
 @pytest.mark.parametrize("lead,k,n", [((5, 3), 64, 48), ((32,), 40, 48), ((32,), 64, 24), ((0,), 64, 48)])
@@ -419,8 +438,12 @@ def test_float8_linear_errors_say_what_was_wrong():
         float8_linear(x, weight, x_fp8=quantize_tensor(x))
     with pytest.raises(ValueError, match=r"x_fp8.data is torch.float8_e5m2"):
         float8_linear(x, weight, recipe="tensorwise", x_fp8=quantize_tensor(x, E5M2))
-    with pytest.raises(TypeError, match="expected a Float8Weight"):
-        float8_linear(x, weight, weight_fp8=quantize_rows(weight))
+    with pytest.raises(TypeError, match=r"expected a Float8Weight \(from quantize_weight\) or, rowwise"):
+        float8_linear(x, weight, weight_fp8=(weight, weight))
+    with pytest.raises(TypeError, match=r"expected a Float8Weight \(from quantize_weight\)$"):
+        float8_linear(x, weight, recipe="tensorwise", weight_fp8=quantize_rows(weight))
+    with pytest.raises(ValueError, match=r"weight_fp8.data is torch.float8_e4m3fn \(47, 64\)"):
+        float8_linear(x, weight, weight_fp8=quantize_rows(weight[:47]))
     with pytest.raises(ValueError, match=r"weight_fp8.rows.scale .* expected torch.float32 \(\)"):
         float8_linear(x, weight, recipe="tensorwise", weight_fp8=quantize_weight(weight, "rowwise"))
     with pytest.raises(ValueError, match="last dimension of 1 or more"):

@@ -22,7 +22,10 @@ subnormal spacing: measured on 4096 x 512 Gaussian rows, 0.005% of the elements,
 of the largest. Saving x would make it the cast of x exactly, for twice the bytes; casting x
 along M in the forward would cost a pass that activation checkpointing throws away and repeats.
 The weight: the parameter itself (no memory), its columns cast in the backward; or, given
-`weight_fp8` (cast once a step by `quantize_weight`, shared by the micro-batches), its columns.
+`weight_fp8` (cast once a step by `quantize_weight`, shared by the micro-batches), its columns;
+or, given rowwise W's rows alone (`quantize_rows(weight)`, 1 byte an element kept instead of 2),
+those rows, from which the backward makes W's columns as it makes x's (dequantized exactly, cast
+again along N: FSDP2's FP8 all-gather and the kept casts of models/float8.py hand rows over).
 
 Error bound, each element, against the exact product of the unrounded operands (tests/test_float8.py
 checks it): an operand's cast errs by at most u|v| + eta (u = 2**-4 for e4m3, 2**-3 for e5m2: half
@@ -190,22 +193,30 @@ class _Float8LinearFunction(torch.autograd.Function):
         y = float8_forward_product(x_cast, weight, bias, recipe, w_cast)
         needs_dx, needs_dw = ctx.needs_input_grad[:2]
         x_saved, x_scale_saved = x_cast if needs_dw else (None, None)
-        # What dx reads: the given cast of W's columns, or the parameter, cast in the backward.
-        w_saved, wt_scale_saved = (None, None)
+        # What dx reads: the given cast of W's columns; W's given rows, whose columns the backward
+        # makes; or the parameter, cast in the backward.
+        w_saved, w_scale_saved, ctx.weight_given = None, None, None
         if needs_dx:
             if wt_data is not None:
-                w_saved, wt_scale_saved = wt_data, (wt_scale if wt_scale is not None else w_scale)
+                w_saved, w_scale_saved = wt_data, (wt_scale if wt_scale is not None else w_scale)
+                ctx.weight_given = "columns"
+            elif w_data is not None:
+                w_saved, w_scale_saved, ctx.weight_given = w_data, w_scale, "rows"
             else:
                 w_saved = weight
-        ctx.save_for_backward(x_saved, x_scale_saved, w_saved, wt_scale_saved)
-        ctx.recipe, ctx.has_bias, ctx.weight_given = recipe, bias is not None, wt_data is not None
+        ctx.save_for_backward(x_saved, x_scale_saved, w_saved, w_scale_saved)
+        ctx.recipe, ctx.has_bias = recipe, bias is not None
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x_saved, x_scale_saved, w_saved, wt_scale_saved = ctx.saved_tensors
+        x_saved, x_scale_saved, w_saved, w_scale_saved = ctx.saved_tensors
         x_cast = Float8Rows(x_saved, x_scale_saved) if x_saved is not None else None
-        weight = Float8Rows(w_saved, wt_scale_saved) if ctx.weight_given and w_saved is not None else w_saved
+        weight = w_saved
+        if ctx.weight_given == "columns":
+            weight = Float8Rows(w_saved, w_scale_saved)
+        elif ctx.weight_given == "rows":
+            weight = Float8Rows(*quantize_columns(w_saved, w_scale_saved))
         dx, dw, db = float8_backward_products(dy, x_cast, weight, ctx.recipe,
                                               bias_grad=ctx.has_bias and ctx.needs_input_grad[2])
         return dx, dw, db, None, None, None, None, None, None, None
@@ -242,24 +253,28 @@ def _check(x, weight, bias, recipe, x_fp8, weight_fp8) -> None:
     rowwise = recipe == "rowwise"
     if x_fp8 is not None:
         _check_cast("x_fp8", x_fp8, tuple(x.shape), tuple(x.shape[:-1]) + (1,) if rowwise else ())
-    if weight_fp8 is not None:
-        if not isinstance(weight_fp8, Float8Weight):
-            raise TypeError(f"weight_fp8 is a {type(weight_fp8).__name__}, expected a Float8Weight "
-                            f"(from quantize_weight)")
+    if isinstance(weight_fp8, Float8Weight):
         _check_cast("weight_fp8.rows", weight_fp8.rows, (n, k), (n, 1) if rowwise else ())
         _check_cast("weight_fp8.cols", weight_fp8.cols, (k, n), (k, 1) if rowwise else ())
+    elif weight_fp8 is not None:
+        if not rowwise or not isinstance(weight_fp8, Float8Rows):
+            rows = " or, rowwise, quantize_rows(weight)" if rowwise else ""
+            raise TypeError(f"weight_fp8 is a {type(weight_fp8).__name__}, expected a Float8Weight "
+                            f"(from quantize_weight){rows}")
+        _check_cast("weight_fp8", weight_fp8, (n, k), (n, 1))
 
 
 def float8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                   recipe: str = "rowwise", *, x_fp8: Float8Rows | None = None,
-                  weight_fp8: Float8Weight | None = None) -> torch.Tensor:
+                  weight_fp8: Float8Weight | Float8Rows | None = None) -> torch.Tensor:
     """`F.linear(x, weight, bias)` with the forward, input-gradient and weight-gradient products in FP8.
 
     x: [..., K]; weight: [N, K]; bias: [N]; one float dtype for all, the outputs' and gradients'.
     recipe: "rowwise" or "tensorwise" (float8.py).
     x_fp8: x already cast by its producer, `quantize_rows(x)` (rowwise) or `quantize_tensor(x)`.
-    weight_fp8: `quantize_weight(weight, recipe)`, made once for several calls; the gradient still
-    goes to `weight`.
+    weight_fp8: `quantize_weight(weight, recipe)`, made once for several calls; or, rowwise, W's
+    rows alone, `quantize_rows(weight)`, whose columns the backward makes from them. The gradient
+    still goes to `weight`.
     """
     _check(x, weight, bias, recipe, x_fp8, weight_fp8)
     *lead, k = x.shape
@@ -271,7 +286,9 @@ def float8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     if x_fp8 is not None:
         x_data = x_fp8.data.reshape(m, k)
         x_scale = x_fp8.scale.reshape(m, 1) if recipe == "rowwise" else x_fp8.scale
-    if weight_fp8 is not None:
+    if isinstance(weight_fp8, Float8Rows):
+        w_data, w_scale = weight_fp8
+    elif weight_fp8 is not None:
         (w_data, w_scale), (wt_data, wt_scale) = weight_fp8
         if recipe == "tensorwise":
             # One scale serves both layouts, and torch.compile refuses a tensor passed twice.

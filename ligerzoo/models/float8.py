@@ -23,13 +23,16 @@ any element is cast, which a row-per-program producer cannot know in its one pas
 Under FSDP2 the rowwise layers' weights are all-gathered as their FP8 rows (float8_gather.py:
 each rank casts its own rows, half the bytes of bf16 on the wire); Float8Linear and the fused
 functions (`weight_fp8=`) multiply by the gathered rows as they are, so a Float8Block keeps its
-fused path, and a Float8MoE hands its experts' gathered rows to the grouped product.
+fused path, and a Float8MoE hands its experts' gathered rows to the grouped product. On one rank a
+rowwise layer may instead keep its weight's FP8 rows from one optimizer step to the next
+(float8_weight_rows.py), handed over the same way (`Float8Linear.weight_rows`).
 """
 
 import torch
 from torch import nn
 
 from ligerzoo.kernels import swiglu_packed
+from ligerzoo.kernels.float8 import Float8Rows
 from ligerzoo.kernels.float8_fused import add_rms_norm_linear, add_rms_norm_mlp, rms_norm_linear
 from ligerzoo.kernels.float8_grouped import GROUP_ALIGNMENT, float8_grouped_linear, runs_grouped_fp8
 from ligerzoo.kernels.float8_linear import RECIPES, float8_linear
@@ -44,6 +47,13 @@ class Float8Linear(nn.Linear):
 
     recipe: str
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # The weight's FP8 rows where they are kept from one optimizer step to the next
+        # (float8_weight_rows.py); None: the weight is cast at each use.
+        self.register_buffer("kept_rows_data", None, persistent=False)
+        self.register_buffer("kept_rows_scale", None, persistent=False)
+
     @classmethod
     def from_linear(cls, linear: nn.Linear, recipe: str) -> "Float8Linear":
         """The same parameters (not copies), now multiplied in FP8."""
@@ -54,10 +64,18 @@ class Float8Linear(nn.Linear):
         layer.weight, layer.bias, layer.recipe = linear.weight, linear.bias, recipe
         return layer
 
+    def weight_rows(self) -> Float8Rows | None:
+        """The weight's FP8 rows cast already: FSDP2's gathered ones, or the kept ones; None where
+        the products cast the weight themselves."""
+        gathered = gathered_rows(self.weight)
+        if gathered is not None or self.kept_rows_data is None:
+            return gathered
+        return Float8Rows(self.kept_rows_data, self.kept_rows_scale)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if isinstance(self.weight, Float8GatheredWeight):  # FSDP2 gathered its FP8 rows: cast already
             return gathered_float8_linear(x, self.weight, self.bias)
-        return float8_linear(x, self.weight, self.bias, self.recipe)
+        return float8_linear(x, self.weight, self.bias, self.recipe, weight_fp8=self.weight_rows())
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, recipe={self.recipe}"
@@ -115,7 +133,7 @@ class Float8Block(nn.Module):
     def forward(self, x, residual, cos, sin, mask: AttentionMask, cache: LayerCache | None = None):
         """As `Block.forward`."""
         norm, wqkv = self.attention_norm, self.attention.wqkv
-        rows = gathered_rows(wqkv.weight)
+        rows = wqkv.weight_rows()
         if residual is None:
             qkv = rms_norm_linear(x, norm.weight, norm.eps, wqkv.weight, wqkv.bias, weight_fp8=rows)
             residual = x
@@ -130,8 +148,8 @@ class Float8Block(nn.Module):
             return out, residual, router_stats
         w13, w2 = mlp.w13, mlp.w2
         out, residual = add_rms_norm_mlp(h, residual, norm.weight, norm.eps, w13.weight, w2.weight,
-                                         w13.bias, w2.bias, w13_fp8=gathered_rows(w13.weight),
-                                         w2_fp8=gathered_rows(w2.weight))
+                                         w13.bias, w2.bias, w13_fp8=w13.weight_rows(),
+                                         w2_fp8=w2.weight_rows())
         return out, residual, None
 
 

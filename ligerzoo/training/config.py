@@ -64,6 +64,10 @@ class TrainSection:
     # either) multiply in FP8 (models/float8.py); weights, optimizer state, checkpoints and the
     # export keep their dtype.
     float8: str = "off"
+    # Rowwise on one rank: cast each block weight to its FP8 rows once after every optimizer step and
+    # keep them (1 byte a block parameter, all the time), instead of at every forward, recomputation
+    # and backward (models/float8_weight_rows.py). Several ranks gather FP8 rows instead.
+    float8_keep_weight_rows: bool = False
     # Rows of logits the fused loss makes at a time, a [rows, vocab] buffer (0: as many as 126 MiB
     # hold, 512 of a 128,256-entry vocabulary in bf16). More rows pass over the head's weight
     # gradient fewer times: 2048 made an FP8 Llama-3.2-1B step 4% faster, for 375 MiB more at
@@ -171,6 +175,8 @@ def config_problems(config: Config) -> list[str]:
     require(train.activation_checkpointing in ("off", "full", "keep-attention", "selective"),
             "train.activation_checkpointing", "'off', 'full', 'keep-attention' or 'selective'")
     require(train.float8 in ("off", "rowwise", "tensorwise"), "train.float8", "'off', 'rowwise' or 'tensorwise'")
+    require(not train.float8_keep_weight_rows or train.float8 == "rowwise", "train.float8_keep_weight_rows",
+            "false unless --train.float8 is rowwise (it keeps the rowwise casts)")
     require(train.loss_chunk_rows >= 0, "train.loss_chunk_rows", "a positive number of rows, or 0 for the "
             "default (as many as 126 MiB of logits hold)")
     for name in ("dtype", "master_dtype"):
