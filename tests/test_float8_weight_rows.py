@@ -15,7 +15,7 @@ from test_float8_train import CONFIG, model_pair
 from test_train import losses, run_train
 
 from ligerzoo.kernels.float8 import E4M3, quantize_rows
-from ligerzoo.models import ModelConfig, build_model
+from ligerzoo.models import ModelConfig, build_model, float8_weight_rows
 from ligerzoo.models.float8 import Float8Linear, convert_to_float8
 from ligerzoo.models.float8_weight_rows import keep_weight_rows
 from ligerzoo.training.blocks import prepare_blocks
@@ -104,6 +104,20 @@ def test_compiled_checkpointed_blocks_multiply_by_the_kept_rows():
     assert torch.equal(loss_and_grads(model)[0], kept_loss)
     cast()
     assert not torch.equal(loss_and_grads(model)[0], kept_loss)
+
+
+def test_the_compiled_cast_the_gpu_runs_is_the_cast():
+    """On the GPU the rows are cast by `_cast_into` compiled, a graph a weight shape; compiled on
+    the CPU here, the same bits as quantize_rows."""
+    torch._dynamo.reset()
+    cast_into = torch.compile(float8_weight_rows._cast_into, dynamic=False)
+    for shape in ((96, 64), (64, 128), (96, 64)):
+        weight = torch.randn(shape, dtype=torch.bfloat16)
+        data, scale = torch.empty(shape, dtype=E4M3), torch.empty(shape[0], 1)
+        cast_into(weight, data, scale)
+        rows = quantize_rows(weight)
+        assert torch.equal(data.view(torch.uint8), rows.data.view(torch.uint8))
+        assert torch.equal(scale, rows.scale)
 
 
 def test_the_kept_rows_stay_out_of_the_state_dict():
