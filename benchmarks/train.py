@@ -39,7 +39,7 @@ from device_timeline import (  # beside this script
 )
 
 from ligerzoo.models import ModelConfig, build_model
-from ligerzoo.models.float8_weight_rows import keep_weight_rows
+from ligerzoo.models.float8_weight_rows import keep_weight_rows_through_steps
 from ligerzoo.models.presets import LLAMA_3_1_8B, LLAMA_3_2_1B, MIXTRAL_8X7B_2_LAYERS, TINY_LLAMA
 from ligerzoo.training.blocks import CHECKPOINTING_MODES, prepare_blocks
 from ligerzoo.training.metrics import flops_per_token, peak_flops
@@ -230,9 +230,7 @@ def run_one(peer: str, shape: str, seq: int, batch: int, checkpointing: str, ste
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=on_gpu)
     # As train.py does, on one rank (several gather FP8 rows already).
     if float8_keep_weight_rows and peer.startswith("ligerzoo-fp8-rowwise") and world_size == 1:
-        cast_weight_rows = keep_weight_rows(model, torch.bfloat16 if on_gpu else torch.float32)
-        cast_weight_rows()
-        optimizer.register_step_post_hook(lambda *_: cast_weight_rows())
+        keep_weight_rows_through_steps(model, optimizer, torch.bfloat16 if on_gpu else torch.float32)
     vocab = SHAPES[shape]["vocab_size"]
     input_ids = torch.randint(0, vocab, (batch, seq), device=device)
 

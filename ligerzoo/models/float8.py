@@ -38,7 +38,7 @@ from ligerzoo.kernels.float8_grouped import GROUP_ALIGNMENT, float8_grouped_line
 from ligerzoo.kernels.float8_linear import RECIPES, float8_linear
 from ligerzoo.models.attention import AttentionMask
 from ligerzoo.models.cache import LayerCache
-from ligerzoo.models.float8_gather import Float8GatheredWeight, gathered_float8_linear, gathered_rows
+from ligerzoo.models.float8_gather import gathered_rows
 from ligerzoo.models.transformer import MLP, Attention, Block, MoE, Transformer
 
 
@@ -73,8 +73,6 @@ class Float8Linear(nn.Linear):
         return Float8Rows(self.kept_rows_data, self.kept_rows_scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if isinstance(self.weight, Float8GatheredWeight):  # FSDP2 gathered its FP8 rows: cast already
-            return gathered_float8_linear(x, self.weight, self.bias)
         return float8_linear(x, self.weight, self.bias, self.recipe, weight_fp8=self.weight_rows())
 
     def extra_repr(self) -> str:

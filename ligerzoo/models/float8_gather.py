@@ -32,9 +32,9 @@ Two tensor subclasses carry it:
                           would bf16 W's. It is a traceable
                           wrapper subclass (__tensor_flatten__ / __tensor_unflatten__), so a
                           compiled block takes it as an input with no graph break.
-`Float8Linear` recognises a gathered weight and multiplies by its rows as they are
-(`gathered_float8_linear`), as Float8MoE hands its experts' gathered rows to the grouped product
-(`weight_fp8=`, kernels/float8_grouped.py); anything else done with it (an op of a shape the FP8
+`Float8Linear` hands a gathered weight's rows to `float8_linear` (`weight_fp8=`, W's rows alone),
+which multiplies by them as they are, as Float8MoE hands its experts' gathered rows to the grouped
+product (kernels/float8_grouped.py); anything else done with it (an op of a shape the FP8
 product cannot take) sees W dequantized: the values the gathered FP8 rows hold, not the bf16 ones.
 
 A `Float8Block` keeps its fused path (kernels/float8_fused.py): it hands each gathered weight's
@@ -55,15 +55,11 @@ do not).
 """
 
 import torch
-import torch.nn.functional as F
 import torch.utils._pytree as pytree
 
 from ligerzoo.kernels.float8 import E4M3, Float8Rows, quantize_rows
-from ligerzoo.kernels.float8_columns import quantize_columns
-from ligerzoo.kernels.float8_linear import float8_backward_products, float8_forward_product, takes_fp8_product
 
 aten = torch.ops.aten
-RECIPE = "rowwise"  # a scale per row is what a rank can compute from its rows alone
 
 # The ops FSDP2 applies to a parameter while sharding, padding and moving it: their results stay
 # sharded weights (the local tensor FSDP2 keeps, and calls the hooks on). Any other op returns plain
@@ -160,54 +156,6 @@ class Float8GatheredWeight(torch.Tensor):
 
 def _is_whole(weight: torch.Tensor, size, stride, storage_offset=0) -> bool:
     return tuple(size) == tuple(weight.shape) and tuple(stride) == weight.stride() and not storage_offset
-
-
-class _GatheredFloat8LinearFunction(torch.autograd.Function):
-    """x [M, K], weight W [N, K] (a Float8GatheredWeight: its gradient's shape and dtype), bias [N]
-    or None, W's gathered rows: w_data [N, K] e4m3 and w_scale [N, 1]."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, w_data, w_scale):
-        x_cast = quantize_rows(x, E4M3)
-        y = float8_forward_product(x_cast, weight, bias, RECIPE, Float8Rows(w_data, w_scale))
-        needs_dx, needs_dw = ctx.needs_input_grad[:2]
-        # The gathered rows, not W's columns: FSDP2 frees them after the forward and gathers them
-        # again for the backward, so keeping them costs nothing; the columns come from them there.
-        ctx.save_for_backward(*(x_cast if needs_dw else (None, None)),
-                              *((w_data, w_scale) if needs_dx else (None, None)))
-        ctx.has_bias = bias is not None
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        x_data, x_scale, w_data, w_scale = ctx.saved_tensors
-        x_cast = Float8Rows(x_data, x_scale) if x_data is not None else None
-        w_cols = Float8Rows(*quantize_columns(w_data, w_scale)) if w_data is not None else None
-        dx, dw, db = float8_backward_products(dy, x_cast, w_cols, RECIPE,
-                                              bias_grad=ctx.has_bias and ctx.needs_input_grad[2])
-        return dx, dw, db, None, None
-
-
-def gathered_float8_linear(x: torch.Tensor, weight: Float8GatheredWeight,
-                           bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`float8_linear(x, weight, bias, "rowwise")` for a weight FSDP2 gathered as FP8 rows, which
-    it multiplies by as they are: the same bits as float8_linear given the gathered bf16 weight.
-
-    x: [..., K] in weight's dtype; bias: [N]. Shapes the FP8 product cannot take run `F.linear`
-    with the dequantized weight."""
-    if not isinstance(weight, Float8GatheredWeight):
-        raise TypeError(f"weight is a {type(weight).__name__}, expected a Float8GatheredWeight "
-                        f"(FSDP2's all-gather of a Float8ShardedWeight)")
-    if x.dim() == 0 or x.shape[-1] != weight.shape[1] or x.dtype != weight.dtype:
-        raise ValueError(f"x is {x.dtype} {tuple(x.shape)} and weight {weight.dtype} {tuple(weight.shape)}: "
-                         f"expected x [..., K] and weight [N, K] of one dtype")
-    *lead, k = x.shape
-    n = weight.shape[0]
-    m = x.numel() // k if k else 0
-    if not takes_fp8_product(m, k, n):
-        return F.linear(x, weight, bias)
-    y = _GatheredFloat8LinearFunction.apply(x.reshape(m, k), weight, bias, weight.rows, weight.scale)
-    return y.reshape(*lead, n)
 
 
 def gathered_rows(weight: torch.Tensor) -> Float8Rows | None:

@@ -16,8 +16,9 @@ a value lies in both casts' normal range (float8_gather.py, whose FP8 all-gather
 path): they differ only in values under 2**-14 of their row's or column's largest.
 
 Stale rows would multiply by old weights without a word, so `keep_weight_rows` returns the cast as
-a function to run after every change to the weights: train.py runs it once the weights are built
-or resumed and after each optimizer step (a step post-hook).
+a function to run after every change to the weights; `keep_weight_rows_through_steps` runs it now
+(the weights built or resumed) and after each optimizer step (a step post-hook), for train.py and
+the training benchmark.
 
 Not kept: weights FSDP2 shards over several ranks (float8_gather.py gathers them as FP8 rows, cast
 at each gather), Mixtral's experts, tensorwise layers.
@@ -55,6 +56,14 @@ def keep_weight_rows(model: nn.Module, compute_dtype: torch.dtype) -> Callable[[
             cast_into(_whole(layer.weight).to(compute_dtype), layer.kept_rows_data, layer.kept_rows_scale)
 
     return cast
+
+
+def keep_weight_rows_through_steps(model: nn.Module, optimizer: torch.optim.Optimizer,
+                                   compute_dtype: torch.dtype) -> None:
+    """`keep_weight_rows`, its rows cast now and after every `optimizer.step()`."""
+    cast = keep_weight_rows(model, compute_dtype)
+    cast()
+    optimizer.register_step_post_hook(lambda *_: cast())
 
 
 def _cast_into(weight: torch.Tensor, data: torch.Tensor, scale: torch.Tensor) -> None:

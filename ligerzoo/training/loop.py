@@ -15,7 +15,7 @@ from ligerzoo.hf.hub import resolve_model_dir
 from ligerzoo.hf.pretrained import from_pretrained
 from ligerzoo.kernels import IGNORE_INDEX
 from ligerzoo.models import ModelConfig, build_model
-from ligerzoo.models.float8_weight_rows import keep_weight_rows
+from ligerzoo.models.float8_weight_rows import keep_weight_rows_through_steps
 from ligerzoo.tokenizer import ByteTokenizer, load_tokenizer, tokenizer_fingerprint
 from ligerzoo.training.blocks import prepare_blocks
 from ligerzoo.training.checkpoints import complete_checkpoints, export_hf, resume_latest, save_checkpoint
@@ -115,11 +115,8 @@ def _train_locked(config: Config, rank: int, world_size: int, device: torch.devi
             _warn(rank, "--train.float8_keep_weight_rows is for one rank: on several, FSDP2 gathers the "
                   "weights as FP8 rows already; ignored")
         else:
-            # Cast now, from the built or resumed weights, and again whenever AdamW changes them.
             compute_dtype = getattr(torch, train_cfg.dtype) if device.type == "cuda" else torch.float32
-            cast_weight_rows = keep_weight_rows(model, compute_dtype)
-            cast_weight_rows()
-            optimizer.register_step_post_hook(lambda *_: cast_weight_rows())
+            keep_weight_rows_through_steps(model, optimizer, compute_dtype)
     metrics = MetricsLog(train_cfg.output_dir, train_cfg.max_steps, start_step, enabled=rank == 0)
     peak = peak_flops(device)
     kill_after = int(os.environ.get(KILL_AFTER_STEP_ENV, "0"))
