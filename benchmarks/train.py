@@ -8,7 +8,8 @@
 Every (peer, checkpointing) pair runs in a fresh process on one GPU (with `--gpus N ...`, a torchrun
 of N ranks, one GPU each, every peer sharded with FSDP2, figures per GPU), from random init in bf16, on
 random tokens (one document per row: plain causal attention for everyone), with fused AdamW and
-gradient clipping. ligerzoo is prepared as train.py prepares it (ligerzoo/training/blocks.py:
+gradient clipping (ligerzoo's folded into the AdamW step, as train.py's:
+ligerzoo/training/clipping.py). ligerzoo is prepared as train.py prepares it (ligerzoo/training/blocks.py:
 activation checkpointing, each block compiled) with float32 master weights (FSDP2 over the one GPU casts them
 to bf16 for compute), and again with bfloat16 ones (`--train.master_dtype bfloat16`, no FSDP on
 one GPU unless `--gpus` asks for the same wrapping everywhere), which is what the Hugging Face runs keep: bf16 parameters and AdamW state;
@@ -42,6 +43,7 @@ from ligerzoo.models import ModelConfig, build_model
 from ligerzoo.models.float8_weight_rows import keep_weight_rows_through_steps
 from ligerzoo.models.presets import LLAMA_3_1_8B, LLAMA_3_2_1B, MIXTRAL_8X7B_2_LAYERS, TINY_LLAMA
 from ligerzoo.training.blocks import CHECKPOINTING_MODES, prepare_blocks
+from ligerzoo.training.clipping import clip_grad_norm
 from ligerzoo.training.metrics import flops_per_token, peak_flops
 from ligerzoo.training.parallel import MULTICAST_OFF, apply_fsdp, init_distributed, shard_blocks
 
@@ -237,7 +239,10 @@ def run_one(peer: str, shape: str, seq: int, batch: int, checkpointing: str, ste
     def step() -> torch.Tensor:
         loss = model(input_ids, labels=input_ids).loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        if peer.startswith("ligerzoo"):  # clipped in the fused AdamW step, as train.py does
+            clip_grad_norm(optimizer, list(model.parameters()), 1.0)
+        else:  # as Hugging Face's Trainer does
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return loss.detach()

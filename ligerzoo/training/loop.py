@@ -19,6 +19,7 @@ from ligerzoo.models.float8_weight_rows import keep_weight_rows_through_steps
 from ligerzoo.tokenizer import ByteTokenizer, load_tokenizer, tokenizer_fingerprint
 from ligerzoo.training.blocks import prepare_blocks
 from ligerzoo.training.checkpoints import complete_checkpoints, export_hf, resume_latest, save_checkpoint
+from ligerzoo.training.clipping import clip_grad_norm
 from ligerzoo.training.config import Config, config_warnings
 from ligerzoo.training.data import build_datasets, describe_datasets
 from ligerzoo.training.evaluate import evaluate
@@ -151,7 +152,8 @@ def _train_locked(config: Config, rank: int, world_size: int, device: torch.devi
                 head_loss_sum += torch.where(count > 0, out.head_losses * count, 0.0)
         dist.all_reduce(loss_sum)
         step_loss = (loss_sum / total).item()
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, train_cfg.max_grad_norm)
+        # Clipped in the fused AdamW step where there is one (clipping.py).
+        grad_norm = clip_grad_norm(optimizer, trainable, train_cfg.max_grad_norm)
         grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
         # A step that is not finite is never applied, so the weights, and every checkpoint, stay
         # as they were after the last good step.
