@@ -13,9 +13,13 @@ import torch.multiprocessing as mp
 from ligerzoo.training.clipping import clip_grad_norm, folds_into_step
 
 
-def _model(dtype):
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def _model(dtype, device="cpu"):
     torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(32, 48), torch.nn.GELU(), torch.nn.Linear(48, 8)).to(dtype)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 48), torch.nn.GELU(), torch.nn.Linear(48, 8))
+    return model.to(device, dtype)
 
 
 def _train(model, optimizer, fold, max_norm, steps=4):
@@ -24,7 +28,8 @@ def _train(model, optimizer, fold, max_norm, steps=4):
     norms, untouched = [], []
     for step in range(steps):
         torch.manual_seed(100 + step)
-        x = torch.randn(16, 32, dtype=next(model.parameters()).dtype)
+        weight = next(model.parameters())
+        x = torch.randn(16, 32, dtype=weight.dtype).to(weight.device)
         (model(x).float().square().sum() * 10).backward()
         params = list(model.parameters())
         grads = [p.grad.clone() for p in params]
@@ -50,11 +55,12 @@ def _adamw(model, fused=True):
     return torch.optim.AdamW(model.parameters(), lr=1e-2, eps=1.0, weight_decay=0.1, fused=fused)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_adamw_clips_in_its_step_as_clip_grad_norm_then_step(dtype):
+def test_fused_adamw_clips_in_its_step_as_clip_grad_norm_then_step(dtype, device):
     runs = {}
     for fold, max_norm in ((False, 1.0), (True, 1.0), (False, float("inf"))):
-        model = _model(dtype)
+        model = _model(dtype, device)
         optimizer = _adamw(model)
         assert folds_into_step(optimizer)
         norms, untouched = _train(model, optimizer, fold, max_norm)
