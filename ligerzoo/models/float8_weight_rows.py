@@ -7,8 +7,9 @@ and an e4m3 write for the rows; the columns take two passes). Kept, the rows are
 each optimizer step into two buffers the layer holds; every forward, recomputation and micro-batch
 multiplies by them, and the backward makes W's columns from them (float8_linear.py: an e4m3 read
 twice and written once), 6 bytes an element a step in all. The price is memory, all the time: 1
-byte a block parameter and a float32 scale a row (Llama-3.1-8B: 7 GB); so it is an option, for
-runs with memory to spare (`--train.float8_keep_weight_rows`).
+byte a block parameter and a float32 scale a row (Llama-3.1-8B: 6.5 GiB, for 1.6% more tokens a
+second on an H100 with keep-attention checkpointing; benchmarks/RESULTS.md); so it is an option,
+for runs with memory to spare (`--train.float8_keep_weight_rows`).
 
 The kept rows are the bits the layer would cast, `quantize_rows` of W in the compute dtype, so the
 forward is unchanged bit for bit; W's columns made from them are the cast of W's columns wherever
