@@ -1,17 +1,12 @@
 """Gradient clipping folded into the fused AdamW step (ligerzoo/training/clipping.py) against
 clip_grad_norm_ and then the step; PyTorch's fused AdamW runs on the CPU too."""
 
-import gc
-import os
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from gloo_ranks import on_gloo_ranks
 
 from ligerzoo.training.clipping import clip_grad_norm, folds_into_step
-
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -99,6 +94,10 @@ def test_an_optimizer_that_cannot_fold_gets_its_gradients_clipped_now():
         assert not hasattr(optimizer, "grad_scale")
 
 
+def _sharded_runs():
+    return {fold: _sharded_run(fold) for fold in (False, True)}
+
+
 def _sharded_run(fold):
     """The model sharded by FSDP2 over the gloo ranks (DTensor gradients), trained 4 steps."""
     from torch.distributed.device_mesh import init_device_mesh
@@ -112,25 +111,8 @@ def _sharded_run(fold):
     return norms, _weights(model)
 
 
-def _rank_main(rank, world_size, port, result):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    out = {fold: _sharded_run(fold) for fold in (False, True)}
-    if rank == 0:
-        torch.save(out, result)
-    gc.collect()
-    dist.barrier()
-    dist.destroy_process_group()
-
-
 def test_sharded_gradients_clip_in_the_step_as_clip_grad_norm_then_step(tmp_path):
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    result = tmp_path / "result.pt"
-    mp.start_processes(_rank_main, args=(2, port, result), nprocs=2, start_method="spawn")
-    out = torch.load(result, weights_only=False)
+    out = on_gloo_ranks(2, _sharded_runs, tmp_path)
     (norms, weights), (folded_norms, folded_weights) = out[False], out[True]
     assert min(norms) > 10
     assert folded_norms == pytest.approx(norms, rel=1e-5)

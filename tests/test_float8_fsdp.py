@@ -8,16 +8,13 @@ what Inductor would (Dynamo, then AOTAutograd taking the subclass apart) without
 
 import contextlib
 import functools
-import gc
-import os
 import shutil
-import socket
 from unittest import mock
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from gloo_ranks import on_gloo_ranks
 from safetensors import safe_open
 from test_train import losses, run_train
 
@@ -43,26 +40,7 @@ def torch_path(monkeypatch):
 
 def spawn(worker, tmp_path, *args):
     """worker(*args) on 2 gloo ranks; rank 0's return value."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    result = tmp_path / "result.pt"
-    mp.start_processes(_rank_main, args=(port, result, worker, args), nprocs=WORLD_SIZE, start_method="spawn")
-    return torch.load(result, weights_only=False)
-
-
-def _rank_main(rank, port, result, worker, args):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), TRITON_INTERPRET="0")
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE)
-    out = worker(*args)
-    if rank == 0:
-        torch.save(out, result)
-    # Every rank leaves together, once the collectives' work objects that FSDP's reference cycles
-    # keep are gone (a gloo rank torn down under another aborts it: training/loop.py).
-    gc.collect()
-    dist.barrier()
-    dist.destroy_process_group()
+    return on_gloo_ranks(WORLD_SIZE, worker, tmp_path, *args)
 
 
 def _mesh():

@@ -3,14 +3,11 @@
 cast it would make; the backward makes W's columns from them; a cast after each optimizer step
 and after a resume keeps them current; nothing of them reaches the state dict."""
 
-import gc
-import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from gloo_ranks import on_gloo_ranks
 from test_float8_train import CONFIG, model_pair
 from test_train import losses, run_train
 
@@ -162,29 +159,6 @@ def test_training_with_kept_rows_and_a_resume_tracks_the_run_that_casts_at_every
         assert keeping[step] == pytest.approx(casting[step], rel=1e-3), step
 
 
-def _on_ranks(world_size, worker, tmp_path):
-    """worker() on `world_size` gloo ranks; rank 0's return value."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    result = tmp_path / "result.pt"
-    mp.start_processes(_rank_main, args=(world_size, port, result, worker), nprocs=world_size,
-                       start_method="spawn")
-    return torch.load(result, weights_only=False)
-
-
-def _rank_main(rank, world_size, port, result, worker):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), TRITON_INTERPRET="0")
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    out = worker()
-    if rank == 0:
-        torch.save(out, result)
-    gc.collect()
-    dist.barrier()
-    dist.destroy_process_group()
-
-
 def _sharded_model(keep):
     """The tiny rowwise model as train.py wraps float32 master weights on the GPU: each block and
     the root sharded by FSDP2, gathered and computed in bf16; (its loss, whether rows were kept)."""
@@ -227,10 +201,10 @@ def _two_ranks():
 def test_one_ranks_fsdp2_shards_are_whole_weights_whose_rows_are_kept(tmp_path):
     """Under FSDP2 on one rank (float32 master weights) the rows are cast from the shard, which is the
     whole weight, in the compute dtype: the loss of the gathered bf16 weights' own casts, bit for bit."""
-    loss, kept_loss, kept_loss_after_the_shards_changed = _on_ranks(1, _one_rank, tmp_path)
+    loss, kept_loss, kept_loss_after_the_shards_changed = on_gloo_ranks(1, _one_rank, tmp_path)
     assert torch.equal(kept_loss, loss)
     assert torch.equal(kept_loss_after_the_shards_changed, kept_loss)
 
 
 def test_weights_sharded_over_several_ranks_are_refused(tmp_path):
-    assert "sharded over several ranks" in _on_ranks(2, _two_ranks, tmp_path)
+    assert "sharded over several ranks" in on_gloo_ranks(2, _two_ranks, tmp_path)
