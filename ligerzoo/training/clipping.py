@@ -23,14 +23,17 @@ def folds_into_step(optimizer: torch.optim.Optimizer) -> bool:
 def clip_grad_norm(optimizer: torch.optim.Optimizer, params: list[torch.Tensor],
                    max_norm: float) -> torch.Tensor:
     """Clip the gradients of params to a total 2-norm of max_norm for the optimizer's next step;
-    return the norm before clipping (a DTensor for sharded gradients, as clip_grad_norm_'s).
+    return the norm before clipping, a plain tensor (whole, for gradients sharded as DTensors).
 
     A fused Adam/AdamW divides the gradients in its step (module docstring), so they are clipped
     there, and every step must come after a call to this; any other optimizer gets them scaled now.
     """
     if not folds_into_step(optimizer):
-        return torch.nn.utils.clip_grad_norm_(params, max_norm)
-    norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-    whole = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-    optimizer.grad_scale = ((whole.float() + 1e-6) / max_norm).clamp(min=1.0)
+        return _whole(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    norm = _whole(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
+    optimizer.grad_scale = ((norm.float() + 1e-6) / max_norm).clamp(min=1.0)
     return norm
+
+
+def _whole(norm: torch.Tensor) -> torch.Tensor:
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm

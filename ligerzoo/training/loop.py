@@ -153,8 +153,7 @@ def _train_locked(config: Config, rank: int, world_size: int, device: torch.devi
         dist.all_reduce(loss_sum)
         step_loss = (loss_sum / total).item()
         # Clipped in the fused AdamW step where there is one (clipping.py).
-        grad_norm = clip_grad_norm(optimizer, trainable, train_cfg.max_grad_norm)
-        grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
+        grad_norm = clip_grad_norm(optimizer, trainable, train_cfg.max_grad_norm).item()
         # A step that is not finite is never applied, so the weights, and every checkpoint, stay
         # as they were after the last good step.
         if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
