@@ -7,9 +7,10 @@
 
 Every (peer, checkpointing) pair runs in a fresh process on one GPU (with `--gpus N ...`, a torchrun
 of N ranks, one GPU each, every peer sharded with FSDP2, figures per GPU), from random init in bf16, on
-random tokens (one document per row: plain causal attention for everyone), with fused AdamW and
-gradient clipping (ligerzoo's folded into the AdamW step, as train.py's:
-ligerzoo/training/clipping.py). ligerzoo is prepared as train.py prepares it (ligerzoo/training/blocks.py:
+random tokens (one document per row: plain causal attention for everyone), with AdamW and
+gradient clipping: the Hugging Face peers torch's fused AdamW and `clip_grad_norm_`, ligerzoo its
+own AdamW kernel with the clipping folded into it, as train.py's (ligerzoo/training/adamw.py,
+clipping.py). ligerzoo is prepared as train.py prepares it (ligerzoo/training/blocks.py:
 activation checkpointing, each block compiled) with float32 master weights (FSDP2 over the one GPU casts them
 to bf16 for compute), and again with bfloat16 ones (`--train.master_dtype bfloat16`, no FSDP on
 one GPU unless `--gpus` asks for the same wrapping everywhere), which is what the Hugging Face runs keep: bf16 parameters and AdamW state;
@@ -42,6 +43,7 @@ from device_timeline import (  # beside this script
 from ligerzoo.models import ModelConfig, build_model
 from ligerzoo.models.float8_weight_rows import keep_weight_rows_through_steps
 from ligerzoo.models.presets import LLAMA_3_1_8B, LLAMA_3_2_1B, MIXTRAL_8X7B_2_LAYERS, TINY_LLAMA
+from ligerzoo.training.adamw import AdamW
 from ligerzoo.training.blocks import CHECKPOINTING_MODES, prepare_blocks
 from ligerzoo.training.clipping import clip_grad_norm
 from ligerzoo.training.metrics import flops_per_token, peak_flops
@@ -229,7 +231,10 @@ def run_one(peer: str, shape: str, seq: int, batch: int, checkpointing: str, ste
     on_gpu = device.type == "cuda"
     if on_gpu:
         torch.cuda.reset_peak_memory_stats()  # from here: the weights and what training adds
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=on_gpu)
+    if peer.startswith("ligerzoo"):  # as train.py makes it
+        optimizer = AdamW(model.parameters(), lr=1e-4)
+    else:  # as Hugging Face's Trainer makes it with `optim="adamw_torch_fused"`
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=on_gpu)
     # As train.py does, on one rank (several gather FP8 rows already).
     if float8_keep_weight_rows and peer.startswith("ligerzoo-fp8-rowwise") and world_size == 1:
         keep_weight_rows_through_steps(model, optimizer, torch.bfloat16 if on_gpu else torch.float32)
@@ -239,7 +244,7 @@ def run_one(peer: str, shape: str, seq: int, batch: int, checkpointing: str, ste
     def step() -> torch.Tensor:
         loss = model(input_ids, labels=input_ids).loss
         loss.backward()
-        if peer.startswith("ligerzoo"):  # clipped in the fused AdamW step, as train.py does
+        if peer.startswith("ligerzoo"):  # clipped in the AdamW step, as train.py does
             clip_grad_norm(optimizer, list(model.parameters()), 1.0)
         else:  # as Hugging Face's Trainer does
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -1,11 +1,13 @@
-"""Gradient clipping folded into the fused AdamW step (ligerzoo/training/clipping.py) against
-clip_grad_norm_ and then the step; PyTorch's fused AdamW runs on the CPU too."""
+"""Gradient clipping folded into the AdamW step (ligerzoo/training/clipping.py) against
+clip_grad_norm_ and then the step: ligerzoo's AdamW, and PyTorch's fused one (which runs on the
+CPU too)."""
 
 import pytest
 import torch
 import torch.distributed as dist
 from gloo_ranks import on_gloo_ranks
 
+from ligerzoo.training.adamw import AdamW
 from ligerzoo.training.clipping import clip_grad_norm, folds_into_step
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -44,19 +46,23 @@ def _weights(model):
             for p in model.parameters()]
 
 
-def _adamw(model, fused=True):
+def _adamw(model, kind="ligerzoo"):
     # A large eps: the update then follows the gradient's size, so clipping shows in the weights
     # (Adam's update is otherwise nearly the same for any scale of the gradients).
+    if kind == "ligerzoo":
+        return AdamW(model.parameters(), lr=1e-2, eps=1.0, weight_decay=0.1)
+    fused = kind == "torch-fused"
     return torch.optim.AdamW(model.parameters(), lr=1e-2, eps=1.0, weight_decay=0.1, fused=fused)
 
 
+@pytest.mark.parametrize("kind", ["ligerzoo", "torch-fused"])
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_adamw_clips_in_its_step_as_clip_grad_norm_then_step(dtype, device):
+def test_adamw_clips_in_its_step_as_clip_grad_norm_then_step(dtype, device, kind):
     runs = {}
     for fold, max_norm in ((False, 1.0), (True, 1.0), (False, float("inf"))):
         model = _model(dtype, device)
-        optimizer = _adamw(model)
+        optimizer = _adamw(model, kind)
         assert folds_into_step(optimizer)
         norms, untouched = _train(model, optimizer, fold, max_norm)
         runs[fold, max_norm] = norms, untouched, _weights(model)
@@ -84,7 +90,7 @@ def test_a_norm_under_the_limit_changes_nothing():
 
 
 def test_an_optimizer_that_cannot_fold_gets_its_gradients_clipped_now():
-    for make in (lambda model: _adamw(model, fused=False),
+    for make in (lambda model: _adamw(model, "torch-foreach"),
                  lambda model: torch.optim.SGD(model.parameters(), lr=1e-2)):
         model = _model(torch.float32)
         optimizer = make(model)

@@ -17,6 +17,7 @@ from ligerzoo.kernels import IGNORE_INDEX
 from ligerzoo.models import ModelConfig, build_model
 from ligerzoo.models.float8_weight_rows import keep_weight_rows_through_steps
 from ligerzoo.tokenizer import ByteTokenizer, load_tokenizer, tokenizer_fingerprint
+from ligerzoo.training.adamw import AdamW
 from ligerzoo.training.blocks import prepare_blocks
 from ligerzoo.training.checkpoints import complete_checkpoints, export_hf, resume_latest, save_checkpoint
 from ligerzoo.training.clipping import clip_grad_norm
@@ -82,8 +83,7 @@ def _train_locked(config: Config, rank: int, world_size: int, device: torch.devi
                          prefetch=train_cfg.fsdp_prefetch, reshard_after_forward=train_cfg.fsdp_reshard_after_forward)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=train_cfg.lr, betas=train_cfg.betas,
-                                  weight_decay=train_cfg.weight_decay, fused=device.type == "cuda")
+    optimizer = AdamW(trainable, lr=train_cfg.lr, betas=train_cfg.betas, weight_decay=train_cfg.weight_decay)
     data, val_data, data_stats = build_datasets(data_cfg, tokenizer, train_cfg.seed)
     _say(rank, describe_datasets(data_stats))
 
@@ -152,7 +152,7 @@ def _train_locked(config: Config, rank: int, world_size: int, device: torch.devi
                 head_loss_sum += torch.where(count > 0, out.head_losses * count, 0.0)
         dist.all_reduce(loss_sum)
         step_loss = (loss_sum / total).item()
-        # Clipped in the fused AdamW step where there is one (clipping.py).
+        # Clipped in the AdamW step (clipping.py).
         grad_norm = clip_grad_norm(optimizer, trainable, train_cfg.max_grad_norm).item()
         # A step that is not finite is never applied, so the weights, and every checkpoint, stay
         # as they were after the last good step.
