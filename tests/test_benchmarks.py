@@ -280,6 +280,13 @@ def test_kernel_benchmark_dry_run():
     for cells in per_peer:
         errors = [part.split()[-1] for part in cells[-2].split(", ")]
         assert all(error == "0.0e+00" for error in errors), cells
+    # AdamW's update of one parameter, both shapes, both peers: within bf16's rounding of float64.
+    lines = (line.split(" | ") for line in result.stdout.splitlines() if line.startswith("| AdamW"))
+    adamw = [cells for cells in lines if cells[3] in ("eager", "ligerzoo")]  # the "every peer" table
+    assert sorted(cells[3] for cells in adamw) == ["eager", "eager", "ligerzoo", "ligerzoo"], adamw
+    for cells in adamw:
+        errors = [float(part.split()[-1]) for part in cells[-2].split(", ")]
+        assert len(errors) == 3 and max(errors) < 4e-3, cells
 
 
 def test_float8_layers_benchmark_dry_run_runs_each_layer_each_way():

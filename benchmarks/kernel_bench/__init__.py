@@ -7,6 +7,7 @@ report.py (the markdown tables).
 """
 
 from . import (
+    adamw,
     add_rms_norm,
     cross_entropy,
     float8_columns,
@@ -20,7 +21,7 @@ from . import (
 from .case import Case
 
 CASE_MODULES = (rms_norm, add_rms_norm, swiglu, rope, cross_entropy, linear_cross_entropy, float8_outputs,
-                float8_columns, float8_group_columns)
+                float8_columns, float8_group_columns, adamw)
 
 
 def build_cases(small: bool) -> list[Case]:
