@@ -6,8 +6,9 @@
     exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * g * g
     param     -= lr / (1 - beta1**step) * exp_avg / (sqrt(exp_avg_sq) / sqrt(1 - beta2**step) + eps)
 
-as `torch.optim.AdamW` computes it (its fused CUDA kernel's order of operations), in float32
-whatever the tensors' dtype, each stored back rounded to its own. `step` is the step's count
+the formulas of `torch.optim.AdamW`'s fused CUDA kernel, in float32 whatever the tensors' dtype,
+each stored back rounded to its own (the weight decay as a product, where torch subtracts
+lr * weight_decay * param: the two differ by a rounding). `step` is the step's count
 after this update, a float32 tensor on the parameter's device, so nothing waits on the host.
 
 Purely memory bound: 8 bytes an element read and 6 written for bf16 tensors. torch's fused AdamW
