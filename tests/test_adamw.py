@@ -9,6 +9,7 @@ from conftest import DEVICE
 
 from ligerzoo.kernels import adamw as adamw_kernels
 from ligerzoo.kernels.adamw import adamw_step_
+from ligerzoo.kernels.float8 import E4M3, Float8Rows, quantize_rows
 from ligerzoo.training.adamw import AdamW
 
 HYPER = dict(lr=3e-3, beta1=0.9, beta2=0.95, eps=1e-6, weight_decay=0.1)
@@ -65,6 +66,45 @@ def test_bf16_update_rounds_each_value_once(kernel_path):
     adamw_step_(param, grad, exp_avg, exp_avg_sq, torch.tensor(3.0, device=DEVICE), None, **HYPER)
     units = (param.view(torch.int16).int() - expected.view(torch.int16).int()).abs()
     assert units.max() <= 1 and (units == 0).float().mean() > 0.95
+
+
+@pytest.mark.parametrize("dtype, rows_from", [(torch.bfloat16, None), (torch.float32, torch.bfloat16),
+                                              (torch.float32, None)])
+@pytest.mark.parametrize("shape", [(3, 1), (5, 100), (4, 300)])
+def test_update_writes_the_fp8_rows_of_the_updated_param(kernel_path, monkeypatch, dtype, rows_from, shape):
+    """The rows written in the update's pass are `quantize_rows` of the param it stored (rounded to
+    rows_from), bit for bit, over rows of several slices, the last partial; the update itself is
+    the same bits as without rows. A row of zeros has the smallest scale's rows."""
+    monkeypatch.setattr(adamw_kernels, "ROW_BLOCK", 128)
+    operands = list(_operands(shape[0] * shape[1], dtype, seed=shape[1]))
+    operands = [t.reshape(shape) for t in operands]
+    operands[0][1] = 0.0
+    operands[1][1] = 0.0
+    operands[2][1] = 0.0
+    step = torch.tensor(2.0, device=DEVICE)
+    plain = [t.clone() for t in operands]
+    adamw_step_(*plain, step, None, **HYPER)
+    rows = Float8Rows(torch.full(shape, float("nan"), device=DEVICE).to(E4M3),
+                      torch.full((shape[0], 1), float("nan"), device=DEVICE))
+    adamw_step_(*operands, step, None, **HYPER, rows=rows, rows_from=rows_from)
+    for got, want in zip(operands, plain):
+        assert torch.equal(got, want)
+    expected = quantize_rows(operands[0].to(rows_from or dtype))
+    assert torch.equal(rows.data.view(torch.uint8), expected.data.view(torch.uint8))
+    assert torch.equal(rows.scale, expected.scale)
+
+
+def test_bad_rows_are_refused():
+    param, grad, exp_avg, exp_avg_sq = (t.reshape(4, 2) for t in _operands(8, torch.float32, seed=0))
+    step = torch.tensor(1.0, device=DEVICE)
+    data, scale = quantize_rows(param)
+    for rows, rows_from, message in (
+        (Float8Rows(data.float(), scale), None, "the rows' data is torch.float32"),
+        (Float8Rows(data, scale.reshape(4)), None, r"the rows' scale is torch.float32 \(4,\)"),
+        (Float8Rows(data, scale), torch.float16, "rows from torch.float16"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            adamw_step_(param, grad, exp_avg, exp_avg_sq, step, None, **HYPER, rows=rows, rows_from=rows_from)
 
 
 def test_bad_operands_are_refused():
@@ -152,3 +192,11 @@ def test_what_it_does_not_support_is_refused():
     optimizer.param_groups[0]["amsgrad"] = True  # as loading a torch AdamW's amsgrad state would
     with pytest.raises(ValueError, match="neither amsgrad nor maximize"):
         _train(model, optimizer, steps=1)
+
+
+def test_fp8_rows_are_written_only_for_a_parameter_it_steps():
+    model = _model()
+    optimizer = AdamW(model[0].parameters())
+    rows = quantize_rows(model[2].weight.detach())
+    with pytest.raises(ValueError, match="not one this optimizer steps"):
+        optimizer.write_fp8_rows(model[2].weight, rows, torch.float32)

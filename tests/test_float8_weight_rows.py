@@ -14,7 +14,8 @@ from test_train import losses, run_train
 from ligerzoo.kernels.float8 import E4M3, quantize_rows
 from ligerzoo.models import ModelConfig, build_model, float8_weight_rows
 from ligerzoo.models.float8 import Float8Linear, convert_to_float8
-from ligerzoo.models.float8_weight_rows import keep_weight_rows
+from ligerzoo.models.float8_weight_rows import keep_weight_rows, keep_weight_rows_through_steps
+from ligerzoo.training.adamw import AdamW
 from ligerzoo.training.blocks import prepare_blocks
 from ligerzoo.training.config import load_config
 
@@ -138,6 +139,28 @@ def test_the_setting_needs_the_rowwise_recipe():
     with pytest.raises(ValueError, match="keep_weight_rows True: false unless --train.float8 is rowwise"):
         load_config([*flag, "--train.float8", "tensorwise"])
     assert load_config([*flag, "--train.float8", "rowwise"]).train.float8_keep_weight_rows
+
+
+@pytest.mark.parametrize("optimizer_kind", ["ligerzoo", "torch"])
+def test_the_rows_are_cast_again_by_each_step(optimizer_kind):
+    """ligerzoo's AdamW writes the rows in the pass that updates each weight; torch's gets the cast
+    as a step post-hook. Either way the rows after a step are the cast of the weights it made."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(**CONFIG))
+    convert_to_float8(model, "rowwise")
+    params = list(model.parameters())
+    optimizer = AdamW(params, lr=1e-2) if optimizer_kind == "ligerzoo" else torch.optim.AdamW(params, lr=1e-2)
+    keep_weight_rows_through_steps(model, optimizer, torch.float32)
+    assert bool(optimizer._optimizer_step_post_hooks) == (optimizer_kind == "torch")
+    first = [layer.kept_rows_data.clone() for layer in layers(model)]
+    for _ in range(2):
+        loss_and_grads(model)
+        optimizer.step()
+    for layer, before in zip(layers(model), first):
+        expected = quantize_rows(layer.weight.detach())
+        assert torch.equal(layer.kept_rows_data.view(torch.uint8), expected.data.view(torch.uint8))
+        assert torch.equal(layer.kept_rows_scale, expected.scale)
+        assert not torch.equal(layer.kept_rows_data.view(torch.uint8), before.view(torch.uint8))
 
 
 def test_training_with_kept_rows_and_a_resume_tracks_the_run_that_casts_at_every_use(tmp_path):

@@ -18,8 +18,10 @@ path): they differ only in values under 2**-14 of their row's or column's larges
 
 Stale rows would multiply by old weights without a word, so `keep_weight_rows` returns the cast as
 a function to run after every change to the weights; `keep_weight_rows_through_steps` runs it now
-(the weights built or resumed) and after each optimizer step (a step post-hook), for train.py and
-the training benchmark.
+(the weights built or resumed) and after each optimizer step, for train.py and the training
+benchmark: ligerzoo's AdamW (training/adamw.py) writes the rows in the pass that updates each
+weight, so the weight is not read again to be cast; any other optimizer gets the cast as a step
+post-hook.
 
 Not kept: weights FSDP2 shards over several ranks (float8_gather.py gathers them as FP8 rows, cast
 at each gather), Mixtral's experts, tensorwise layers.
@@ -31,7 +33,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from ligerzoo.kernels.float8 import E4M3, quantize_rows
+from ligerzoo.kernels.float8 import E4M3, Float8Rows, quantize_rows
 from ligerzoo.models.float8 import Float8Linear
 
 
@@ -40,7 +42,7 @@ def keep_weight_rows(model: nn.Module, compute_dtype: torch.dtype) -> Callable[[
     forward then multiplies by; returns `cast()`, which casts each weight (in compute_dtype, the
     dtype the forward sees it in) into them: run it before the first forward and after every change
     to the weights."""
-    layers = [m for m in model.modules() if isinstance(m, Float8Linear) and m.recipe == "rowwise"]
+    layers = _rowwise_layers(model)
     if not layers:
         raise ValueError("the model has no rowwise FP8 layer: convert it with convert_to_float8(model, "
                          "'rowwise') (--train.float8 rowwise) first")
@@ -61,10 +63,24 @@ def keep_weight_rows(model: nn.Module, compute_dtype: torch.dtype) -> Callable[[
 
 def keep_weight_rows_through_steps(model: nn.Module, optimizer: torch.optim.Optimizer,
                                    compute_dtype: torch.dtype) -> None:
-    """`keep_weight_rows`, its rows cast now and after every `optimizer.step()`."""
+    """`keep_weight_rows`, its rows cast now and after every `optimizer.step()`: by the step
+    itself, in the pass that updates each weight, where the optimizer can (`write_fp8_rows`:
+    ligerzoo's AdamW), otherwise by a step post-hook. A weight the optimizer does not step never
+    changes, so its rows stay as cast now."""
     cast = keep_weight_rows(model, compute_dtype)
     cast()
-    optimizer.register_step_post_hook(lambda *_: cast())
+    if not hasattr(optimizer, "write_fp8_rows"):
+        optimizer.register_step_post_hook(lambda *_: cast())
+        return
+    stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    for layer in _rowwise_layers(model):
+        if id(layer.weight) in stepped:
+            rows = Float8Rows(layer.kept_rows_data, layer.kept_rows_scale)
+            optimizer.write_fp8_rows(layer.weight, rows, compute_dtype)
+
+
+def _rowwise_layers(model: nn.Module) -> list[Float8Linear]:
+    return [m for m in model.modules() if isinstance(m, Float8Linear) and m.recipe == "rowwise"]
 
 
 def _cast_into(weight: torch.Tensor, data: torch.Tensor, scale: torch.Tensor) -> None:

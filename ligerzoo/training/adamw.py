@@ -6,7 +6,9 @@ checkpoints move between the two either way and torch.distributed.checkpoint han
 handles AdamW. The step updates each parameter with one kernel launch (parameters sharded by
 FSDP2 as DTensors: their local shards), and divides the gradients by `grad_scale` where one is
 set (clipping.py) as it reads them, writing nothing back to them. The step counts live on the
-parameters' device (as torch's fused AdamW keeps them), so a step never waits on the host.
+parameters' device (as torch's fused AdamW keeps them), so a step never waits on the host. A
+weight whose FP8 rows a layer keeps (`write_fp8_rows`) gets them written in its update's pass,
+rather than read again by a cast after the step.
 
 Not supported: amsgrad, maximize, sparse or complex gradients (refused with a reason).
 """
@@ -15,6 +17,7 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from ligerzoo.kernels.adamw import adamw_step_
+from ligerzoo.kernels.float8 import Float8Rows
 
 
 class AdamW(torch.optim.AdamW):
@@ -26,6 +29,15 @@ class AdamW(torch.optim.AdamW):
                  weight_decay: float = 1e-2):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         self.grad_scale: torch.Tensor | None = None
+        self._fp8_rows: dict[torch.Tensor, tuple[Float8Rows, torch.dtype]] = {}
+
+    def write_fp8_rows(self, param: torch.Tensor, rows: Float8Rows, rows_from: torch.dtype) -> None:
+        """From now on, every step that updates param [N, K] (its local tensor: a whole weight)
+        also writes `quantize_rows(param.to(rows_from))` into rows (data and scale buffers), in
+        the pass that updates it: models/float8_weight_rows.py's kept rows."""
+        if not any(param is p for group in self.param_groups for p in group["params"]):
+            raise ValueError("write_fp8_rows: the parameter is not one this optimizer steps")
+        self._fp8_rows[param] = (rows, rows_from)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -46,9 +58,10 @@ class AdamW(torch.optim.AdamW):
             lr, (beta1, beta2) = float(group["lr"]), group["betas"]
             for p in params:
                 state = self.state[p]
+                rows, rows_from = self._fp8_rows.get(p, (None, None))
                 adamw_step_(_local(p), _local(p.grad), _local(state["exp_avg"]), _local(state["exp_avg_sq"]),
                             state["step"], self._grad_scale_on(p.device), lr, float(beta1), float(beta2),
-                            group["eps"], group["weight_decay"])
+                            group["eps"], group["weight_decay"], rows, rows_from)
         return loss
 
     def _grad_scale_on(self, device: torch.device) -> torch.Tensor | None:
