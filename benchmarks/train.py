@@ -48,6 +48,7 @@ from ligerzoo.training.blocks import CHECKPOINTING_MODES, prepare_blocks
 from ligerzoo.training.clipping import clip_grad_norm
 from ligerzoo.training.metrics import flops_per_token, peak_flops
 from ligerzoo.training.parallel import MULTICAST_OFF, apply_fsdp, init_distributed, shard_blocks
+from ligerzoo.training.tied_embedding import tied_lookup_gradient_as_rows
 
 # The shapes' names on the command line (multi_gpu.sh and RESULTS.md use them), from the presets.
 SHAPES = {"llama-1b": LLAMA_3_2_1B, "llama-8b": LLAMA_3_1_8B, "mixtral-2l": MIXTRAL_8X7B_2_LAYERS, "tiny": TINY_LLAMA}
@@ -396,6 +397,7 @@ def ligerzoo_model(shape: str, checkpointing: str, device: torch.device, bf16_ma
         shard_blocks(model, model.layers, device, torch.bfloat16, **fsdp)
     else:
         apply_fsdp(model, device, torch.bfloat16, master_dtype, **fsdp)
+    tied_lookup_gradient_as_rows(model)
     model.train()
     return model
 

@@ -29,6 +29,7 @@ from ligerzoo.training.metrics import MetricsLog, flops_per_token, peak_flops
 from ligerzoo.training.output_dir import OutputDirError, claim_output_dir
 from ligerzoo.training.parallel import apply_fsdp, init_distributed
 from ligerzoo.training.run_record import resume_differences, run_record
+from ligerzoo.training.tied_embedding import tied_lookup_gradient_as_rows
 
 # Test hook: the process SIGKILLs itself after this step (simulates a crash at the worst moment).
 KILL_AFTER_STEP_ENV = "LIGERZOO_KILL_AFTER_STEP"
@@ -81,6 +82,7 @@ def _train_locked(config: Config, rank: int, world_size: int, device: torch.devi
     prepare_blocks(model, train_cfg.activation_checkpointing, train_cfg.compile, train_cfg.float8)
     sharded = apply_fsdp(model, device, getattr(torch, train_cfg.dtype), getattr(torch, train_cfg.master_dtype),
                          prefetch=train_cfg.fsdp_prefetch, reshard_after_forward=train_cfg.fsdp_reshard_after_forward)
+    tied_lookup_gradient_as_rows(model)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = AdamW(trainable, lr=train_cfg.lr, betas=train_cfg.betas, weight_decay=train_cfg.weight_decay)
