@@ -69,7 +69,10 @@ def keep_weight_rows_through_steps(model: nn.Module, optimizer: torch.optim.Opti
     changes, so its rows stay as cast now."""
     cast = keep_weight_rows(model, compute_dtype)
     cast()
-    if not hasattr(optimizer, "write_fp8_rows"):
+    # The optimizer's pass casts a weight as it is or rounded to bf16 (kernels/adamw.py), not to float16.
+    in_step = hasattr(optimizer, "write_fp8_rows") and all(
+        compute_dtype in (layer.weight.dtype, torch.bfloat16) for layer in _rowwise_layers(model))
+    if not in_step:
         optimizer.register_step_post_hook(lambda *_: cast())
         return
     stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
